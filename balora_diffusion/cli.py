@@ -1,0 +1,58 @@
+"""The single `balora` command.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and
+`run(args) -> int | None`. Modules are imported only when their command runs,
+so `balora --help` stays fast and a heavy import never slows the others down.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from balora_diffusion.errors import UserError
+
+# command words -> (module, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("bench", "synthetic"): ("balora_diffusion.bench.synthetic",
+                             "the BaLoRA paper's one- and two-layer synthetic benchmark, every method"),
+    ("bench", "overhead"): ("balora_diffusion.bench.overhead",
+                            "optimizer-step time of each method relative to plain AdamW on SD 1.5 LoRA shapes"),
+    ("bench", "base-model"): ("balora_diffusion.bench.base_model",
+                              "prompt-following accuracy of a base model on the procedural world"),
+}
+
+
+def _usage(prefix: tuple[str, ...]) -> str:
+    rows = [(" ".join(words[len(prefix):]), help_text)
+            for words, (_, help_text) in COMMANDS.items() if words[: len(prefix)] == prefix]
+    width = max(len(w) for w, _ in rows)
+    head = "usage: balora " + " ".join(prefix + ("COMMAND",)) + " [--help]\n\n"
+    intro = ("LoRA concept training for Stable Diffusion 1.x with balanced / preconditioned\n"
+             "update rules (BaLoRA, iLoRA, piLoRA, scaled LoRA, LoRA+).\n\ncommands:\n")
+    return head + intro + "\n".join(f"  {w.ljust(width)}  {h}" for w, h in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words: tuple[str, ...] = ()
+    while words not in COMMANDS:
+        nxt = words + (argv[0],) if argv else None
+        if nxt is None or not any(k[: len(nxt)] == nxt for k in COMMANDS):
+            print(_usage(words), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+            return 0 if argv and argv[0] in ("-h", "--help") else 2
+        words, argv = nxt, argv[1:]
+    module_name, help_text = COMMANDS[words]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog="balora " + " ".join(words), description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(module.run(args) or 0)
+    except UserError as exc:
+        print(f"balora: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Stable Diffusion 1.x as ONE original-layout (CompVis / LDM key names) .safetensors file, offline.
+
+Reading goes through diffusers' `from_single_file` with a local config folder (default: the SD 1.5
+component configs shipped in assets/sd15-config): without one, diffusers silently tries to download
+the configs (diffusers issue 8752). Writing is our own diffusers -> LDM key mapping, the reverse of
+what `from_single_file` does, so a pipeline (e.g. with a LoRA fused in) can go to A1111 / ComfyUI.
+Pickled checkpoints (.ckpt, .pt, .bin) are never opened: unpickling runs arbitrary code.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from balora_diffusion.atomic import atomic_path
+from balora_diffusion.devices import pick_device
+from balora_diffusion.errors import UserError
+from balora_diffusion.models import check_model_dir, resolve_dtype
+
+DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "assets" / "sd15-config"
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
+                "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+               "conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+# --- diffusers -> LDM names ------------------------------------------------------------------
+
+def _unet_name(name: str, config) -> str:
+    """LDM's UNet is flat lists of modules: `input_blocks` has, per level, one slot per resnet (with
+    its attention at index 1) plus a slot for the downsampler; `output_blocks` has one slot per resnet
+    (attention at 1, the upsampler after them in the level's last slot)."""
+    module, leaf = name.rsplit(".", 1)
+    if module in _UNET_FIXED:
+        return f"{_UNET_FIXED[module]}.{leaf}"
+    parts = module.split(".")
+    slots = int(config["layers_per_block"]) + 1
+
+    def inner(kind: str, sub: list[str]) -> str:
+        return ".".join([_UNET_RESNET[sub[0]], *sub[1:]] if kind == "resnets" else sub)
+
+    if parts[0] == "mid_block":
+        kind, index, sub = parts[1], int(parts[2]), parts[3:]
+        return f"middle_block.{2 * index if kind == 'resnets' else 1}.{inner(kind, sub)}.{leaf}"
+    side, block, kind, index, sub = parts[0], int(parts[1]), parts[2], int(parts[3]), parts[4:]
+    if side == "down_blocks":
+        first = 1 + block * slots
+        if kind == "downsamplers":
+            return f"input_blocks.{first + slots - 1}.0.op.{leaf}"
+        return f"input_blocks.{first + index}.{0 if kind == 'resnets' else 1}.{inner(kind, sub)}.{leaf}"
+    if side != "up_blocks":
+        raise KeyError(name)
+    first = block * slots
+    if kind == "upsamplers":
+        after_attention = "CrossAttn" in config["up_block_types"][block]
+        return f"output_blocks.{first + slots - 1}.{2 if after_attention else 1}.conv.{leaf}"
+    return f"output_blocks.{first + index}.{0 if kind == 'resnets' else 1}.{inner(kind, sub)}.{leaf}"
+
+
+def _vae_name(name: str, config) -> str:
+    """LDM numbers the decoder's levels from the lowest resolution up, diffusers in call order."""
+    module, leaf = name.rsplit(".", 1)
+    if module in ("quant_conv", "post_quant_conv", "encoder.conv_in", "encoder.conv_out",
+                  "decoder.conv_in", "decoder.conv_out"):
+        return name
+    side, rest = module.split(".", 1)
+    if rest == "conv_norm_out":
+        return f"{side}.norm_out.{leaf}"
+    parts = rest.split(".")
+    if parts[0] == "mid_block":
+        if parts[1] == "resnets":
+            return f"{side}.mid.block_{int(parts[2]) + 1}.{_VAE_RESNET[parts[3]]}.{leaf}"
+        return f"{side}.mid.attn_1.{_VAE_ATTENTION['.'.join(parts[3:])]}.{leaf}"
+    block, kind = int(parts[1]), parts[2]
+    if parts[0] == "down_blocks":
+        level, word = f"down.{block}", "downsample"
+    elif parts[0] == "up_blocks":
+        level, word = f"up.{len(config['up_block_types']) - 1 - block}", "upsample"
+    else:
+        raise KeyError(name)
+    if kind in ("downsamplers", "upsamplers"):
+        return f"{side}.{level}.{word}.conv.{leaf}"
+    return f"{side}.{level}.block.{parts[3]}.{_VAE_RESNET[parts[4]]}.{leaf}"
+
+
+def _mapped(module: torch.nn.Module, prefix: str, rename) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in module.state_dict().items():
+        try:
+            out[prefix + rename(name)] = tensor
+        except (KeyError, IndexError, ValueError):
+            raise UserError(f"{type(module).__name__} weight {name!r} has no place in an SD 1.x checkpoint "
+                            "(not a Stable Diffusion 1.x architecture?)") from None
+    return out
+
+
+def to_original_layout(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
+    """The pipeline's weights under their original SD 1.x names (tensors shared, not copied).
+
+    Works on meta-device models too, which is how `load_single_file` knows the names and shapes a
+    config expects without building real weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in (unet, vae, text_encoder):
+        if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            raise UserError(f"the {type(model).__name__} still holds LoRA layers: fuse them into the weights "
+                            "(pipe.fuse_lora(); pipe.unload_lora_weights()) before saving a checkpoint")
+    tensors = _mapped(unet, UNET_PREFIX, lambda n: _unet_name(n, unet.config))
+    for key, tensor in _mapped(vae, VAE_PREFIX, lambda n: _vae_name(n, vae.config)).items():
+        # the VAE's attention projections are 1x1 convolutions in LDM, linear layers in diffusers
+        is_projection = ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2
+        tensors[key] = tensor[:, :, None, None] if is_projection else tensor
+    # transformers >= 5.6 dropped CLIPTextModel's `.text_model` child; older versions still have it
+    tensors.update(_mapped(getattr(text_encoder, "text_model", text_encoder), TEXT_PREFIX, lambda n: n))
+    return tensors
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+def save_single_file(pipe, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the pipeline's UNet, VAE and text encoder as one original-layout SD 1.x .safetensors file
+    (floating-point tensors cast to `dtype`), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors":
+        raise UserError(f"{path}: a single-file checkpoint is written as .safetensors")
+    tensors = {key: (t.to("cpu", dtype) if t.is_floating_point() else t.to("cpu")).contiguous()
+               for key, t in to_original_layout(pipe.unet, pipe.vae, pipe.text_encoder).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    return path
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def _checked_path(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(f"{path}: pickled checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run code when opened "
+                        "and are not read; convert it to .safetensors first")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; a single-file checkpoint is one .safetensors file")
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors header (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path} is not a readable .safetensors file: {str(exc).splitlines()[0]}") from None
+
+
+def _expected_shapes(config_dir: Path) -> dict[str, tuple[int, ...]]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
+    return {key: tuple(t.shape) for key, t in to_original_layout(unet, vae, text_encoder).items()}
+
+
+def _as_linear(shape: tuple[int, ...]) -> tuple[int, ...]:
+    # checkpoints store the VAE attention projections either as 1x1 convs or as linear weights
+    return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
+
+
+def check_fits(path: Path, config_dir: Path) -> None:
+    """UserError unless every tensor the config's models need is in the file with the right shape.
+
+    diffusers would otherwise leave missing weights uninitialised on the meta device and only warn."""
+    found, expected = _file_shapes(path), _expected_shapes(config_dir)
+    missing = [key for key in expected if key not in found]
+    if len(missing) == len(expected):
+        raise UserError(f"{path} holds no Stable Diffusion 1.x model: none of the {len(found)} tensors has an "
+                        f"original SD 1.x name such as {UNET_PREFIX}..., {VAE_PREFIX}..., {TEXT_PREFIX}...")
+    wrong = [key for key in expected if key in found and _as_linear(found[key]) != _as_linear(expected[key])]
+    if missing or wrong:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+        if wrong:
+            key = wrong[0]
+            details.append(f"{len(wrong)} of another shape, e.g. {key} is {list(found[key])}, "
+                           f"expected {list(expected[key])}")
+        raise UserError(f"{path} does not fit the model config in {config_dir} ({'; '.join(details)}); "
+                        "is it a Stable Diffusion 1.x checkpoint?")
+
+
+@contextmanager
+def _diffusers_errors_only():
+    # diffusers 0.42 warns about "modules that should be kept in float32: []" on every dtype cast
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
+
+
+def load_single_file(path: str | Path, *, config: str | Path | None = None,
+                     device: str | torch.device = "auto", dtype: torch.dtype | str | None = None):
+    """StableDiffusionPipeline from one original-layout SD 1.x .safetensors file, never the hub.
+
+    `config` is a local diffusers folder giving the component configs, tokenizer and scheduler
+    (default: SD 1.5's, shipped in assets/sd15-config); the file's weights must fit it."""
+    from diffusers import StableDiffusionPipeline
+
+    path = _checked_path(path)
+    config_dir = check_model_dir(Path(config) if config is not None else DEFAULT_CONFIG_DIR)
+    torch_device = device if isinstance(device, torch.device) else pick_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    check_fits(path, config_dir)
+    try:
+        with _diffusers_errors_only():
+            # diffusers wants the config folder as a str: its model loaders refuse a Path
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch_dtype,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    return pipe.to(torch_device)

@@ -14,6 +14,10 @@ from balora_diffusion.errors import UserError
 
 # command words -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("train",): ("balora_diffusion.commands.train",
+                 "train a concept LoRA on the UNet and text encoder with any update rule"),
+    ("demo",): ("balora_diffusion.commands.demo",
+                "train the shipped demo concept on the shipped model (BaLoRA) and draw it in new contexts"),
     ("bench", "synthetic"): ("balora_diffusion.bench.synthetic",
                              "the BaLoRA paper's one- and two-layer synthetic benchmark, every method"),
     ("bench", "overhead"): ("balora_diffusion.bench.overhead",

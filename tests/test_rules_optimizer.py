@@ -15,15 +15,6 @@ from balora_diffusion.rules.scaled_reference import precondition_grads_reference
 RANK = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is faster, and the suite shares two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyNet(nn.Module):
     """fc2 and fc3 share a shape, so their pairs go through the rules in one batch."""
 

@@ -22,15 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the models here are tiny: with the CPU shared, extra threads only add contention (10x slower)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Every test here runs with sockets disabled: reaching a hub would raise."""

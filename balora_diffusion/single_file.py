@@ -8,8 +8,6 @@ Pickled checkpoints (.ckpt, .pt, .bin) are never opened: unpickling runs arbitra
 """
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,7 +15,7 @@ import torch
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.devices import pick_device
 from balora_diffusion.errors import UserError
-from balora_diffusion.models import check_model_dir, resolve_dtype
+from balora_diffusion.models import check_model_dir, quiet_diffusers, resolve_dtype
 
 DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "assets" / "sd15-config"
 
@@ -206,19 +204,6 @@ def check_fits(path: Path, config_dir: Path) -> None:
                         "is it a Stable Diffusion 1.x checkpoint?")
 
 
-@contextmanager
-def _diffusers_errors_only():
-    # diffusers 0.42 warns about "modules that should be kept in float32: []" on every dtype cast
-    from diffusers.utils import logging as diffusers_logging
-
-    previous = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(logging.ERROR)
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(previous)
-
-
 def load_single_file(path: str | Path, *, config: str | Path | None = None,
                      device: str | torch.device = "auto", dtype: torch.dtype | str | None = None):
     """StableDiffusionPipeline from one original-layout SD 1.x .safetensors file, never the hub.
@@ -233,10 +218,10 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None,
     torch_dtype = resolve_dtype(dtype, torch_device)
     check_fits(path, config_dir)
     try:
-        with _diffusers_errors_only():
+        with quiet_diffusers():
             # diffusers wants the config folder as a str: its model loaders refuse a Path
             pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config_dir), local_files_only=True, torch_dtype=torch_dtype,
+                str(path), config=str(config_dir), local_files_only=True, dtype=torch_dtype,
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None

@@ -1,0 +1,123 @@
+"""Seeded sampling of prompts x seeds, and labelled image grids.
+
+Each (prompt, seed) image starts from its own CPU generator seeded with `seed`, so it is the
+same image whatever the batch it is drawn in and whatever the device, and two prompts drawn
+with one seed start from the same noise (what makes a grid's columns comparable).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+from balora_diffusion.atomic import atomic_path
+
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 5.0
+
+
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = DEFAULT_STEPS,
+             guidance_scale: float = DEFAULT_GUIDANCE, negative_prompt: str | None = None,
+             batch_size: int = 16, progress: bool = True, **call_kwargs: Any) -> list[list[Image.Image]]:
+    """images[i][j] is prompts[i] drawn with seeds[j]; extra keyword arguments go to the pipeline
+    call (e.g. cross_attention_kwargs={"scale": 0.7} for a LoRA's strength)."""
+    jobs = [(p, s) for p in prompts for s in seeds]
+    flat: list[Image.Image] = []
+    pipe.set_progress_bar_config(disable=True)
+    bar = tqdm(total=len(jobs), desc="sampling", unit="img", disable=not progress)
+    for start in range(0, len(jobs), max(1, batch_size)):
+        chunk = jobs[start:start + batch_size]
+        with torch.no_grad():
+            out = pipe(prompt=[p for p, _ in chunk],
+                       negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
+                       generator=[torch.Generator("cpu").manual_seed(int(s)) for _, s in chunk],
+                       num_inference_steps=steps, guidance_scale=guidance_scale, **call_kwargs)
+        flat.extend(out.images)
+        bar.update(len(chunk))
+    bar.close()
+    return [flat[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """Greedy word wrap to `width` pixels (a single over-long word keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "\n".join(lines)
+
+
+def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] | None = None,
+               col_labels: Sequence[str] | None = None, *, cell: int | None = None,
+               title: str | None = None, font_size: int = 13, pad: int = 4) -> Image.Image:
+    """A grid with one row per entry of `rows`, optional text labels on the left and on top,
+    and an optional title. Cells are resized to `cell` pixels (default: twice the image size,
+    at least 96) with nearest-neighbour, so small images stay crisp."""
+    n_rows = len(rows)
+    n_cols = max((len(r) for r in rows), default=0)
+    if n_rows == 0 or n_cols == 0:
+        raise ValueError("image_grid needs at least one image")
+    if row_labels is not None and len(row_labels) != n_rows:
+        raise ValueError(f"{len(row_labels)} row labels for {n_rows} rows")
+    if col_labels is not None and len(col_labels) != n_cols:
+        raise ValueError(f"{len(col_labels)} column labels for {n_cols} columns")
+    first = next(img for r in rows for img in r)
+    cell = cell or max(96, 2 * first.width)
+    font = _font(font_size)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def extent(text: str) -> tuple[int, int]:
+        """Right and bottom edge of `text` drawn at the origin (glyphs start below it, not at it)."""
+        return scratch.multiline_textbbox((0, 0), text, font=font)[2:]
+
+    rows_text = [str(t) for t in row_labels] if row_labels is not None else []
+    cols_text = [_wrap(scratch, str(t), font, cell) for t in col_labels] if col_labels is not None else []
+    label_w = max((extent(t)[0] for t in rows_text), default=-pad) + 2 * pad
+    header_h = max((extent(t)[1] for t in cols_text), default=-pad) + 2 * pad
+    title_text = _wrap(scratch, title, font, label_w + n_cols * (cell + pad)) if title else ""
+    title_h = extent(title_text)[1] + 2 * pad if title else 0
+
+    width = label_w + n_cols * (cell + pad) + pad
+    height = title_h + header_h + n_rows * (cell + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.multiline_text((pad, pad), title_text, fill="black", font=font)
+    top = title_h + header_h
+    for j, text in enumerate(cols_text):
+        w, h = extent(text)
+        x = label_w + j * (cell + pad) + (cell - w) // 2
+        draw.multiline_text((x, top - h - pad), text, fill="black", font=font, align="center")
+    for i, row in enumerate(rows):
+        y = top + i * (cell + pad)
+        if rows_text:
+            draw.text((pad, y + (cell - extent(rows_text[i])[1]) // 2), rows_text[i], fill="black", font=font)
+        for j, img in enumerate(row):
+            tile = img.convert("RGB").resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (label_w + j * (cell + pad), y))
+    return canvas
+
+
+def save_image(path: str | Path, image: Image.Image) -> Path:
+    """PNG written under a temporary name and renamed: never a half-written file."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+def write_grid(path: str | Path, rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] | None = None,
+               col_labels: Sequence[str] | None = None, **grid_kwargs: Any) -> Path:
+    return save_image(path, image_grid(rows, row_labels, col_labels, **grid_kwargs))

@@ -1,0 +1,92 @@
+"""Loading a Stable Diffusion 1.x base model (a diffusers folder) offline.
+
+The shipped tiny model in assets/tiny-sd is stored in fp16 to stay small; on the CPU it must
+run in fp32 (fp16 matmuls are not implemented there), on CUDA fp16 / bf16 are fine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from balora_diffusion.devices import pick_device
+from balora_diffusion.errors import UserError
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """None means fp32 on the CPU and fp16 on CUDA; half precision on the CPU is refused."""
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))}")
+        dtype = _DTYPES[dtype.lower()]
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu" and dtype != torch.float32:
+        raise UserError(f"{dtype} needs a CUDA device; on the CPU the model runs in float32")
+    return dtype
+
+
+def check_model_dir(path: Path) -> Path:
+    """A diffusers Stable Diffusion folder: model_index.json naming the components, each a subfolder."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"base model folder not found: {path}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{path} is not a diffusers model folder (no model_index.json)")
+    try:
+        listed = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{index} is not valid JSON: {exc}") from None
+    missing = [c for c in _COMPONENTS if c not in listed or not (path / c).is_dir()]
+    if missing:
+        raise UserError(f"{path} lacks the Stable Diffusion component(s) {', '.join(missing)}")
+    return path
+
+
+@contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' info/warning chatter (e.g. "safety checker disabled", fp16-cast notes)
+    that is noise for a model that never had a safety checker."""
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(previous)
+
+
+def load_pipeline(path: str | Path | None = None, device: str | torch.device = "auto",
+                  dtype: torch.dtype | str | None = None, single_file_config: str | Path | None = None):
+    """StableDiffusionPipeline from a local diffusers folder (default: the shipped tiny model) or a
+    single-file SD 1.x checkpoint (see single_file.load_single_file; `single_file_config` names the
+    diffusers folder holding its component configs, default SD 1.5's), never the hub."""
+    from diffusers import StableDiffusionPipeline
+
+    if path is not None and not Path(path).is_dir() and Path(path).suffix:
+        from balora_diffusion.single_file import load_single_file
+
+        return load_single_file(path, config=single_file_config, device=device, dtype=dtype)
+    folder = check_model_dir(Path(path) if path is not None else DEFAULT_MODEL_DIR)
+    torch_device = device if isinstance(device, torch.device) else pick_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        with quiet_diffusers():
+            pipe = StableDiffusionPipeline.from_pretrained(
+                folder, local_files_only=True, dtype=torch_dtype, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"cannot load the model in {folder}: {str(exc).splitlines()[0]}") from None
+    return pipe.to(torch_device)

@@ -20,6 +20,8 @@ class TrainConfig:
 
     # --- base model and LoRA
     base_model: str = field("", "diffusers folder or single-file .safetensors; empty = the shipped tiny model")
+    base_config: str = field("", "for a single-file base model: diffusers folder with its component configs "
+                                 "and tokenizer; empty = SD 1.5's, shipped in assets/sd15-config")
     rank: int = field(4, "LoRA rank of the UNet")
     alpha: float = field(4.0, "LoRA alpha of the UNet (scale = alpha / rank)")
     unet_targets: list[str] = field(["to_q", "to_k", "to_v", "to_out.0"],
@@ -57,6 +59,8 @@ class TrainConfig:
     min_snr_gamma: float = field(0.0, "min-SNR loss weighting gamma; 0 disables it")
     max_grad_norm: float = field(1.0, "gradient clipping norm; 0 disables it")
     seed: int = field(0, "seed of batches, noise and LoRA initialisation")
+    cpu_threads: int = field(0, "torch CPU threads; 0 = torch's default. Small models on a busy CPU often "
+                                "run faster with 1")
 
     # --- evaluation and outputs
     output_dir: str = field("runs/train", "run folder (created; checkpoints, logs, adapter, grids)")

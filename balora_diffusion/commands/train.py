@@ -1,0 +1,23 @@
+"""`balora train`: train a concept LoRA (UNet + text encoder) with any update rule."""
+from __future__ import annotations
+
+import argparse
+
+from balora_diffusion.config import add_config_arguments, config_from_args
+from balora_diffusion.train_config import TrainConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Every option can also be set in a TOML file given with --config (keys are the option "
+                     "names with underscores); flags override the file. Ready configs live in training/configs/. "
+                     "Under `accelerate launch` the same command trains on several processes.")
+    add_config_arguments(parser, TrainConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from balora_diffusion.train import train
+
+    cfg = config_from_args(TrainConfig, args)
+    out = train(cfg)
+    print(f"adapter written to {out / 'adapter'}; grid: {out / 'grid.png'}")
+    return 0

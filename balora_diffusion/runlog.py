@@ -1,0 +1,85 @@
+"""A run's metrics: `metrics.jsonl` (one record per step and metric), TensorBoard, PNG plots.
+
+On resume the JSONL is cut back to the resumed step, so a curve never holds the steps that the
+killed run logged after its last checkpoint twice.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from balora_diffusion.atomic import atomic_path
+
+# Plots written at the end of a run: file name -> (title, metric-name prefixes, log y axis)
+PLOTS = {
+    "loss.png": ("training loss", ("loss",), True),
+    "heldout_loss.png": ("held-out denoising loss (fixed image, noise, timestep triples)", ("heldout_loss",), False),
+    "balance.png": ("balance diagnostics (median over pairs)", ("balance/",), True),
+}
+
+
+class RunLog:
+    def __init__(self, out: Path, enabled: bool = True, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.out = out
+        self.series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.writer = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec["step"] <= resume_step:
+                    kept.append(line)
+                    self.series[rec["name"]].append((rec["step"], rec["value"]))
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(k + "\n" for k in kept))
+        self.file = self.path.open("a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def scalar(self, step: int, name: str, value: float) -> None:
+        if not self.enabled:
+            return
+        self.series[name].append((step, float(value)))
+        self.file.write(json.dumps({"step": step, "name": name, "value": float(value)}) + "\n")
+        self.writer.add_scalar(name, value, step)
+
+    def last_values(self) -> dict[str, float]:
+        return {name: points[-1][1] for name, points in self.series.items() if points}
+
+    def plots(self) -> None:
+        if not self.enabled:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for filename, (title, prefixes, log_y) in PLOTS.items():
+            names = [n for n in sorted(self.series) if n.startswith(prefixes)]
+            if not names:
+                continue
+            fig, ax = plt.subplots(figsize=(6, 3.6))
+            for name in names:
+                steps, values = zip(*self.series[name])
+                ax.plot(steps, values, label=name, marker="." if len(steps) < 30 else None)
+            ax.set_xlabel("step")
+            ax.set_title(title, fontsize=10)
+            if log_y and all(v > 0 for n in names for _, v in self.series[n]):
+                ax.set_yscale("log")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            with atomic_path(self.out / filename) as tmp:
+                fig.savefig(tmp, format="png", dpi=110)
+            plt.close(fig)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.writer.close()

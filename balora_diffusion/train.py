@@ -1,0 +1,380 @@
+"""The concept-training loop: read it top to bottom.
+
+`train(cfg)` takes a TrainConfig and returns the run folder. It runs unchanged under
+`accelerate launch` on several processes: each process draws its own share of every step's batch
+(data.ConceptData is a pure function of the step), DDP averages the gradients, and the update rule
+then sees identical factors and gradients on every replica, so replicas stay identical.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from tqdm.auto import tqdm
+
+from balora_diffusion import checkpoint as ckpt
+from balora_diffusion.data import ConceptData, prepare, read_concept_folder
+from balora_diffusion.embeddings import add_placeholder_tokens
+from balora_diffusion.errors import UserError
+from balora_diffusion.lora import balance_diagnostics, find_lora_pairs, inject_lora
+from balora_diffusion.models import load_pipeline
+from balora_diffusion.rules import build_optimizer
+from balora_diffusion.adapters import save_adapter
+from balora_diffusion.atomic import write_json_atomic
+from balora_diffusion.generate import generate, write_grid
+from balora_diffusion.runlog import RunLog
+from balora_diffusion.train_config import TrainConfig
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss: the run stops, the last good checkpoint stays the latest."""
+
+
+def _step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    # One generator per (step, process): resuming at step k redraws exactly the noise of step k.
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 64 + rank)
+
+
+def diffusion_target(scheduler, latents, noise, timesteps):
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise UserError(f"unsupported prediction_type {kind!r} in the base model's scheduler config")
+
+
+def loss_weights(scheduler, timesteps, gamma: float) -> torch.Tensor | None:
+    """Min-SNR-gamma weights (Hang et al.), in the form that matches the prediction type."""
+    if gamma <= 0:
+        return None
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas).clamp(min=1e-8)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr.clamp(min=1e-8)
+
+
+def denoising_loss(unet, text_encoder, scheduler, latents, noise, timesteps, input_ids, weights=None):
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    cond = text_encoder(input_ids)[0]
+    pred = unet(noisy, timesteps, cond).sample.float()
+    target = diffusion_target(scheduler, latents, noise, timesteps).float()
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+def make_noise(latents: torch.Tensor, gen: torch.Generator, offset: float) -> torch.Tensor:
+    noise = torch.randn(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
+    if offset:
+        noise = noise + offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen,
+                                             device=latents.device, dtype=latents.dtype)
+    return noise
+
+
+def encode_latents(vae, pixels: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """VAE latents scaled like SD's (gen=None: the posterior mean, for deterministic evaluation)."""
+    dist = vae.encode(pixels).latent_dist
+    latents = dist.mean if gen is None else dist.sample(generator=gen)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents.float() - shift) * vae.config.scaling_factor
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def _trainable(module: torch.nn.Module, skip: torch.nn.Module | None = None) -> list[torch.nn.Parameter]:
+    skipped = {id(p) for p in skip.parameters()} if skip is not None else set()
+    return [p for p in module.parameters() if p.requires_grad and id(p) not in skipped]
+
+
+def get_lr_schedule(cfg: TrainConfig, optimizer):
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=cfg.steps)
+
+
+def make_heldout(cfg: TrainConfig, data: ConceptData, vae, tokenizer, scheduler, device) -> dict:
+    """Fixed (image, noise, timestep) triples from `cfg.heldout_seed`, the same for every method and
+    run seed, with timesteps stratified over the schedule so one draw does not dominate."""
+    gen = torch.Generator().manual_seed(cfg.heldout_seed)
+    n, examples = cfg.heldout_size, data.examples
+    pixels = torch.stack([prepare(examples[i % len(examples)].image, data.resolution, gen, False, False)
+                          for i in range(n)])
+    with torch.no_grad():
+        latents = encode_latents(vae, pixels.to(device, vae.dtype), None)
+    T = scheduler.config.num_train_timesteps
+    timesteps = ((torch.arange(n) + torch.rand(n, generator=gen)) * T / n).long().clamp(max=T - 1)
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    ids = tokenize(tokenizer, [examples[i % len(examples)].caption for i in range(n)])
+    return {"latents": latents, "noise": noise, "timesteps": timesteps.to(device), "ids": ids.to(device),
+            "batch": cfg.batch_size}
+
+
+@torch.no_grad()
+def heldout_loss(heldout: dict, accelerator, unet, text_encoder, scheduler) -> float:
+    total, n = 0.0, heldout["latents"].shape[0]
+    for i in range(0, n, heldout["batch"]):
+        sl = slice(i, i + heldout["batch"])
+        with accelerator.autocast():
+            loss = denoising_loss(unet, text_encoder, scheduler, heldout["latents"][sl], heldout["noise"][sl],
+                                  heldout["timesteps"][sl], heldout["ids"][sl])
+        total += loss.item() * heldout["latents"][sl].shape[0]
+    return total / n
+
+
+def evaluate(log: RunLog, step: int, heldout: dict, accelerator, unet, text_encoder, scheduler, pairs) -> None:
+    log.scalar(step, "heldout_loss", heldout_loss(heldout, accelerator, unet, text_encoder, scheduler))
+    diagnostics = balance_diagnostics(pairs)
+    for key in ("imbalance", "ratio_over_rho", "cond_A", "cond_B"):
+        values = sorted(v for v in (_diagnostic(d, key) for d in diagnostics.values()) if math.isfinite(v))
+        if values:
+            log.scalar(step, f"balance/{key}_median", values[len(values) // 2])
+
+
+def _diagnostic(d: dict, key: str) -> float:
+    return d["ratio"] / d["rho"] if key == "ratio_over_rho" else d[key]
+
+
+def validation_grid(path: Path, cfg: TrainConfig, pipe, accelerator) -> None:
+    """Prompts x (fusion coefficient, seed): the LoRA's strength through diffusers' lora scale,
+    which scales the UNet and text-encoder LoRA alike; the new token embedding stays in.
+
+    Under autocast like training: the fp32 LoRA factors turn a half-precision layer's output into
+    fp32, which the next half-precision layer refuses outside autocast."""
+    prompts = cfg.grid_prompts or [cfg.caption_template.format(token=" ".join(cfg.token))]
+    was_training = pipe.unet.training, pipe.text_encoder.training
+    pipe.unet.eval(), pipe.text_encoder.eval()
+    columns = [[] for _ in prompts]
+    for w in cfg.fusion:
+        with accelerator.autocast():
+            images = generate(pipe, prompts, cfg.grid_seeds, steps=cfg.sample_steps,
+                              guidance_scale=cfg.guidance_scale, progress=False, cross_attention_kwargs={"scale": w})
+        for row, imgs in zip(columns, images):
+            row.extend(imgs)
+    pipe.unet.train(was_training[0]), pipe.text_encoder.train(was_training[1])
+    labels = [f"w={w:g} seed {s}" for w in cfg.fusion for s in cfg.grid_seeds]
+    write_grid(path, columns, row_labels=prompts, col_labels=labels,
+               title=f"{cfg.method}: rows = prompts, columns = fusion coefficient x seed")
+
+
+def save_training_state(out: Path, step: int, accelerator, models, optimizer, lr_schedule) -> None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    trainable = {}
+    for prefix, model in zip(("unet", "text_encoder"), models):
+        for name, p in accelerator.unwrap_model(model).named_parameters():
+            if p.requires_grad:
+                trainable[f"{prefix}.{name}"] = p
+    ckpt.write_checkpoint(out / "checkpoints", step, {
+        "trainable": trainable, "optimizer": optimizer.state_dict(),
+        "schedule": lr_schedule.state_dict(), "meta": {"step": step}})
+
+
+def drop_checkpoints_after(out: Path, step: int, accelerator) -> Path | None:
+    """Delete checkpoints of >= `step` updates (their weights gave the non-finite loss) and return
+    the newest one left."""
+    found = ckpt.list_checkpoints(out / "checkpoints")
+    if accelerator.is_main_process:
+        for folder in found:
+            if ckpt.checkpoint_step(folder) >= step:
+                shutil.rmtree(folder)
+    good = [f for f in found if ckpt.checkpoint_step(f) < step]
+    return good[-1] if good else None
+
+
+def resolve_resume(out: Path, resume: str) -> Path:
+    if resume == "latest":
+        found = ckpt.list_checkpoints(out / "checkpoints")
+        if not found:
+            raise UserError(f"--resume latest: no checkpoint in {out / 'checkpoints'}")
+        return found[-1]
+    folder = Path(resume)
+    if not (folder / "meta.json").is_file():
+        raise UserError(f"--resume {resume}: not a checkpoint folder")
+    return folder
+
+
+def load_training_state(folder: Path, accelerator, models, optimizer, lr_schedule) -> int:
+    trainable = ckpt.load_tree(folder, "trainable")
+    with torch.no_grad():
+        for prefix, model in zip(("unet", "text_encoder"), models):
+            for name, p in accelerator.unwrap_model(model).named_parameters():
+                if p.requires_grad:
+                    p.copy_(trainable[f"{prefix}.{name}"])
+    optimizer.load_state_dict(ckpt.load_tree(folder, "optimizer"))
+    lr_schedule.load_state_dict(ckpt.load_tree(folder, "schedule"))
+    return int(ckpt.load_tree(folder, "meta")["step"])
+
+
+def replica_checksums(accelerator, models) -> list[float]:
+    """A float64 fingerprint of the trainable weights on every process. The rules run on each
+    replica separately, so a rule that depended on anything process-local would silently split
+    the replicas; this makes that loud."""
+    weights = [p for m in models for p in accelerator.unwrap_model(m).parameters() if p.requires_grad]
+    local = sum((p.detach().double() * (i + 1)).sum() for i, p in enumerate(weights))
+    gathered = accelerator.gather(torch.as_tensor(local, dtype=torch.float64, device=accelerator.device).reshape(1))
+    values = gathered.tolist()
+    if any(v != values[0] for v in values):
+        raise RuntimeError(f"replicas diverged: trainable-weight checksums {values}")
+    return values
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "balora-diffusion"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def train(cfg: TrainConfig) -> Path:
+    on_gpu = torch.cuda.is_available()
+    # cpu=True is what lets accelerate see a torch.distributed launch on CPUs as MULTI_CPU.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision if on_gpu else "no", cpu=not on_gpu,
+                              step_scheduler_with_optimizer=False)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    out = Path(cfg.output_dir)
+    base_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    if device.type != "cuda":
+        base_dtype = torch.float32
+
+    # ---- data first: a bad folder must fail before minutes of model loading
+    examples = read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template)
+
+    # ---- base model, placeholder tokens, LoRA
+    pipe = load_pipeline(cfg.base_model or None, device=device, dtype=base_dtype,
+                         single_file_config=cfg.base_config or None)
+    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    resolution = cfg.resolution or unet.config.sample_size * pipe.vae_scale_factor
+    data = ConceptData(examples, resolution=resolution, repeats=cfg.repeats, seed=cfg.seed,
+                       random_crop=cfg.random_crop, flip=cfg.flip)
+    for module in (vae, unet, text_encoder):
+        module.requires_grad_(False)
+    embedding = add_placeholder_tokens(tokenizer, text_encoder, cfg.token, cfg.init_word)
+    torch.manual_seed(cfg.seed)
+    inject_lora(unet, text_encoder, cfg)
+    # peft creates the factors in the base's dtype; fp16 factors cannot take AdamW's small steps.
+    cast_training_params([unet, text_encoder], dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable()
+
+    pairs = find_lora_pairs(unet) + find_lora_pairs(text_encoder)
+    groups = [{"name": "unet", "lr": cfg.lr_unet, "params": _trainable(unet)}]
+    if cfg.train_text_encoder:
+        groups.append({"name": "text_encoder", "lr": cfg.lr_text, "params": _trainable(text_encoder, skip=embedding)})
+    if cfg.lr_embedding > 0:
+        groups.append({"name": "token_embedding", "lr": cfg.lr_embedding, "params": [embedding.extra]})
+    else:
+        embedding.extra.requires_grad_(False)
+    optimizer = build_optimizer(
+        cfg.method, groups, pairs, base=cfg.optimizer,
+        base_kwargs={"betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.weight_decay}
+        if cfg.optimizer != "sgd" else {"weight_decay": cfg.weight_decay},
+        loraplus_ratio=cfg.loraplus_ratio, reg=cfg.precond_reg, lam=cfg.ilora_lambda,
+        project_every=cfg.project_every, state=cfg.balora_state)
+    lr_schedule = get_lr_schedule(cfg, optimizer)
+    unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+
+    # ---- resume
+    start_step = 0
+    if cfg.resume:
+        folder = resolve_resume(out, cfg.resume)
+        start_step = load_training_state(folder, accelerator, [unet, text_encoder], optimizer, lr_schedule)
+        accelerator.print(f"resumed from {folder} at step {start_step}")
+
+    log = RunLog(out, enabled=accelerator.is_main_process, resume_step=start_step)
+    if accelerator.is_main_process:
+        write_json_atomic(out / "config.json", asdict(cfg))
+    heldout = make_heldout(cfg, data, vae, tokenizer, scheduler, device)
+
+    # ---- loop
+    if start_step == 0:
+        evaluate(log, 0, heldout, accelerator, unet, text_encoder, scheduler, pairs)
+    text_encoder.train(cfg.train_text_encoder)
+    unet.train()
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
+               disable=not accelerator.is_local_main_process)
+    started = time.perf_counter()
+    for step in bar:
+        pixels, captions = data.batch(step, cfg.batch_size, rank, world)
+        gen = _step_generator(cfg.seed, step, rank, device)
+        with torch.no_grad():
+            latents = encode_latents(vae, pixels.to(device, vae.dtype), gen)
+        noise = make_noise(latents, gen, cfg.noise_offset)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=gen, device=device)
+        ids = tokenize(tokenizer, captions).to(device)
+        with accelerator.autocast():
+            loss = denoising_loss(unet, text_encoder, scheduler, latents, noise, timesteps, ids,
+                                  loss_weights(scheduler, timesteps, cfg.min_snr_gamma))
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at step {step}; stopped. Last good checkpoint: "
+                f"{drop_checkpoints_after(out, step, accelerator) or 'none'}. "
+                "Lower the learning rate, or use mixed_precision bf16 or no.")
+        accelerator.backward(loss)
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        log.scalar(done, "loss", loss_value)
+        for group in optimizer.param_groups:
+            log.scalar(done, f"lr/{group.get('name', 'group')}", group["lr"])
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            evaluate(log, done, heldout, accelerator, unet, text_encoder, scheduler, pairs)
+        if cfg.grid_every and done % cfg.grid_every == 0 and done != cfg.steps and accelerator.is_main_process:
+            validation_grid(out / f"grid-step{done:06d}.png", cfg, pipe, accelerator)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_training_state(out, done, accelerator, [unet, text_encoder], optimizer, lr_schedule)
+    elapsed = time.perf_counter() - started
+
+    # ---- outputs
+    checksums = replica_checksums(accelerator, [unet, text_encoder])
+    if accelerator.is_main_process:
+        unet_u, te_u = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+        save_adapter(out / "adapter", unet_u, te_u if cfg.train_text_encoder else None, embedding, cfg.token)
+        validation_grid(out / "grid.png", cfg, pipe, accelerator)
+        log.plots()
+        run = {
+            "config": asdict(cfg), "method": cfg.method, "seed": cfg.seed,
+            "steps": cfg.steps, "resumed_from": start_step or None,
+            "seconds": elapsed, "steps_per_second": (cfg.steps - start_step) / max(elapsed, 1e-9),
+            "device": str(device), "processes": world, "mixed_precision": accelerator.mixed_precision,
+            "peak_gpu_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None, "replica_checksums": checksums,
+            "final": log.last_values(),
+            "diagnostics": balance_diagnostics(pairs),
+            "versions": library_versions(),
+        }
+        write_json_atomic(out / "run.json", run)
+    log.close()
+    return out

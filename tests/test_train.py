@@ -1,0 +1,181 @@
+"""Concept training end to end on a random-weight SD-architecture pipeline (milliseconds a step)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from balora_diffusion.checkpoint import list_checkpoints, load_tree
+from balora_diffusion.cli import main as cli_main
+from balora_diffusion.train import TrainingDiverged, train
+from balora_diffusion.train_config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONCEPT = REPO / "assets" / "concepts" / "zorb"
+METHODS = ["lora", "loraplus", "scaled", "ilora", "pilora", "balora", "balora+scaled", "hilora"]
+
+
+def _config(model_dir, out, **kw) -> TrainConfig:
+    base = dict(data_dir=str(CONCEPT), base_model=str(model_dir), token=["<zorb>"], init_word="heart",
+                caption_template="a {token}", flip=False, output_dir=str(out), steps=12, batch_size=2,
+                lr_unet=1e-2, lr_text=1e-3, lr_embedding=1e-2, eval_every=12, checkpoint_every=6,
+                heldout_size=8, grid_seeds=[1], fusion=[0.0, 1.0], sample_steps=2, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _heldout(out: Path) -> list[float]:
+    return [json.loads(line)["value"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["name"] == "heldout_loss"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_lowers_the_heldout_loss_and_writes_a_run(method, random_sd_dir, tmp_path):
+    out = train(_config(random_sd_dir, tmp_path / method, method=method, steps=24, eval_every=24))
+    before, after = _heldout(out)
+    assert after < before, f"{method}: held-out loss {before:.4f} -> {after:.4f}"
+    run = json.loads((out / "run.json").read_text())
+    assert run["method"] == method and run["final"]["heldout_loss"] == after
+    adapter = load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("unet.") for k in adapter) and any(k.startswith("text_encoder.") for k in adapter)
+    assert load_file(str(out / "adapter" / "embeddings.safetensors"))["clip_l"].shape == (1, 32)
+    for png in ("grid.png", "loss.png", "heldout_loss.png", "balance.png"):
+        assert (out / png).stat().st_size > 0
+    if method in ("balora", "balora+scaled"):
+        # every trained pair sits on the balanced manifold at the end
+        assert max(d["imbalance"] for d in run["diagnostics"].values()) < 1e-4
+
+
+def test_saved_adapter_reloads_into_a_fresh_pipeline_with_the_same_outputs(random_sd_dir, tmp_path):
+    from balora_diffusion.adapters import load_adapter
+    from balora_diffusion.generate import generate
+    from balora_diffusion.lora import find_lora_pairs
+    from balora_diffusion.models import load_pipeline
+
+    cfg = _config(random_sd_dir, tmp_path / "run", method="balora", alpha=8.0, steps=6)
+    out = train(cfg)
+    fresh = load_pipeline(random_sd_dir, device="cpu")
+    tokens = load_adapter(fresh, out / "adapter")
+    assert tokens == ["<zorb>"]
+    # alpha 8 at rank 4 must come back as scale 2, not diffusers' default alpha = r
+    scaling = {m.scaling["default_0"] if "default_0" in m.scaling else next(iter(m.scaling.values()))
+               for m in fresh.unet.modules() if hasattr(m, "scaling") and m.scaling}
+    assert scaling == {2.0}
+    assert len(find_lora_pairs(fresh.unet)) > 0
+    image = generate(fresh, ["a <zorb>"], [1], steps=2, progress=False)[0][0]
+    assert image.size == (16, 16)
+
+
+def test_trains_from_a_single_file_checkpoint_offline(random_sd_dir, tmp_path):
+    from balora_diffusion.models import load_pipeline
+    from balora_diffusion.single_file import save_single_file
+
+    single = save_single_file(load_pipeline(random_sd_dir, device="cpu"), tmp_path / "model.safetensors",
+                              dtype=torch.float32)
+    out = train(_config(single, tmp_path / "sf", base_config=str(random_sd_dir), method="balora", steps=4,
+                        eval_every=4))
+    from_folder = train(_config(random_sd_dir, tmp_path / "folder", method="balora", steps=4, eval_every=4))
+    # the same weights, so the same run
+    a = load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(from_folder / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(random_sd_dir, tmp_path):
+    # Warm-up from 0 to an absurd learning rate: step 0 changes nothing, step 1 blows the weights
+    # up (they are checkpointed as step 2), and the loss of step 2 is not finite.
+    cfg = _config(random_sd_dir, tmp_path / "nan", method="lora", steps=40, checkpoint_every=1,
+                  lr_unet=1e30, lr_scheduler="constant_with_warmup", warmup_steps=1_000_000_000)
+    with pytest.raises(TrainingDiverged, match="loss became") as info:
+        train(cfg)
+    checkpoints = list_checkpoints(tmp_path / "nan" / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step-0000001"], "only the checkpoint that still gave a finite loss"
+    assert str(checkpoints[-1]) in str(info.value)
+    assert not (tmp_path / "nan" / "adapter").exists(), "no adapter from a diverged run"
+    # and it is a usable checkpoint: finite weights and the optimizer state to resume from
+    trainable = load_tree(checkpoints[-1], "trainable")
+    assert trainable and all(torch.isfinite(t).all() for t in trainable.values())
+    assert load_tree(checkpoints[-1], "meta") == {"step": 1}
+
+
+def test_bad_inputs_exit_2_with_one_line(random_sd_dir, tmp_path, capsys):
+    common = ["train", "--base-model", str(random_sd_dir), "--token", "<zorb>", "--init-word", "heart",
+              "--caption-template", "a {token}", "--output-dir", str(tmp_path / "bad"), "--steps", "1"]
+    cases = [
+        (["--data-dir", str(tmp_path / "missing")], "concept folder not found"),
+        (["--data-dir", str(CONCEPT), "--base-model", str(tmp_path / "nomodel")], "not found"),
+        (["--data-dir", str(CONCEPT), "--rank", "64"], "larger than layer"),
+        (["--data-dir", str(CONCEPT), "--method", "balora+ilora"], "balora"),
+        (["--data-dir", str(CONCEPT), "--token", "<sks>"], "never names <sks>"),
+    ]
+    for extra, message in cases:
+        assert cli_main(common + extra) == 2, extra
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and errors[0].startswith("balora: error: ") and message in errors[0], errors
+    assert not (tmp_path / "bad" / "adapter").exists()
+
+
+def _run_cli(args, **kw):
+    # one thread, like this test process (conftest): float reductions then add up in the same order
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "balora_diffusion.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _flags(cfg: TrainConfig) -> list[str]:
+    from balora_diffusion.config import to_toml
+
+    path = Path(cfg.output_dir).with_suffix(".toml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_toml(cfg))
+    return ["train", "--config", str(path)]
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_adapter(random_sd_dir, tmp_path):
+    cfg = _config(random_sd_dir, tmp_path / "straight", method="balora", steps=30, checkpoint_every=3,
+                  eval_every=10, balora_state="reset_once", lr_scheduler="linear")
+    train(cfg)
+
+    killed = replace(cfg, output_dir=str(tmp_path / "killed"))
+    proc = _run_cli(_flags(killed))
+    deadline = time.time() + 300
+    while not list_checkpoints(tmp_path / "killed" / "checkpoints") and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_done = [int(p.name.split("-")[1]) for p in list_checkpoints(tmp_path / "killed" / "checkpoints")]
+    assert steps_done and max(steps_done) < 30, "the run must have been killed before its end"
+
+    train(replace(killed, resume="latest"))
+    a = load_file(str(tmp_path / "straight" / "adapter" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ea = load_file(str(tmp_path / "straight" / "adapter" / "embeddings.safetensors"))["clip_l"]
+    eb = load_file(str(tmp_path / "killed" / "adapter" / "embeddings.safetensors"))["clip_l"]
+    assert torch.equal(ea, eb)
+
+
+def test_two_processes_keep_identical_replicas(random_sd_dir, tmp_path):
+    pytest.importorskip("accelerate")
+    cfg = _config(random_sd_dir, tmp_path / "ddp", method="balora+scaled", steps=6, batch_size=1)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # accelerate has no multi-CPU flag of its own: --multi_gpu on a machine without GPUs starts
+    # torch.distributed processes that accelerate runs as MULTI_CPU (gloo).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "balora_diffusion.cli", *_flags(cfg)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["processes"] == 2
+    assert len(run["replica_checksums"]) == 2 and run["replica_checksums"][0] == run["replica_checksums"][1]

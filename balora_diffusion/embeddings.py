@@ -17,7 +17,7 @@ class ExtendedEmbedding(nn.Module):
 
     def __init__(self, base: nn.Embedding, extra: torch.Tensor):
         super().__init__()
-        self.base = base
+        self.base = base.requires_grad_(False)
         self.extra = nn.Parameter(extra.detach().clone().float())
 
     @property

@@ -192,3 +192,14 @@ def test_dataset_is_deterministic_in_range_and_follows_the_split():
         a[40]
     with pytest.raises(ValueError):
         world.WorldDataset(split="validation")
+
+
+def test_random_images_are_deterministic_and_leave_the_world_palette():
+    a, b = world.render_random(32, seed=5), world.render_random(32, seed=5)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(world.render_random(32, seed=6)))
+    palette = np.array(list(world.COLOURS.values()) + list(world.BACKGROUNDS.values()), dtype=float)
+    pixels = np.concatenate([np.asarray(world.render_random(32, seed=s)).reshape(-1, 3) for s in range(20)])
+    nearest = np.linalg.norm(pixels[:, None, :].astype(float) - palette[None], axis=-1).min(axis=1)
+    # the VAE must see colours the world never uses: most pixels are far from every world colour
+    assert np.mean(nearest > 40) > 0.5

@@ -179,3 +179,22 @@ def test_two_processes_keep_identical_replicas(random_sd_dir, tmp_path):
     run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert run["processes"] == 2
     assert len(run["replica_checksums"]) == 2 and run["replica_checksums"][0] == run["replica_checksums"][1]
+
+
+def test_demo_trains_then_draws_the_concept_with_and_without_the_adapter(random_sd_dir, tmp_path, capsys):
+    from balora_diffusion.config import read_toml, to_toml
+    from balora_diffusion.commands.demo import DEMO_CONFIG
+
+    cfg = TrainConfig(**read_toml(TrainConfig, DEMO_CONFIG))
+    config = tmp_path / "demo.toml"
+    config.write_text(to_toml(replace(cfg, base_model=str(random_sd_dir), steps=3, eval_every=3, sample_steps=2,
+                                      grid_seeds=[1], fusion=[1.0])))
+    assert cli_main(["demo", "--config", str(config), "--output-dir", str(tmp_path / "demo"), "--seeds", "1"]) == 0
+    printed = capsys.readouterr().out
+    scores = [float(line.split("mean ")[1].split()[0]) for line in printed.splitlines() if line.startswith("fidelity")]
+    assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "demo" / "demo.png")
+    # 6 evaluation prompts x (without, with) rows of 16 px images drawn at least 96 px wide
+    assert grid.height > 12 * 96

@@ -1,7 +1,8 @@
 """Dataclass configs that are at once TOML files and command-line flags.
 
 A field `foo_bar` is the TOML key `foo_bar` and the flag `--foo-bar`; its help text is the
-`help` entry of the field's metadata. Precedence: defaults < `--config FILE` < flags given.
+`help` entry of the field's metadata. Precedence: defaults < `--config FILE` (and the files it
+`extends`) < flags given.
 """
 from __future__ import annotations
 
@@ -83,10 +84,14 @@ def read_toml(cls: type, path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names - {"extends"})
     if unknown:
         raise UserError(f"{path}: unknown option(s) {', '.join(unknown)}")
-    return data
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    # `extends = "other.toml"` (relative to this file): a family of configs differing in a few keys
+    return {**read_toml(cls, Path(path).parent / parent), **data}
 
 
 def to_toml(config: Any) -> str:

@@ -40,3 +40,25 @@ def test_unknown_keys_and_bad_toml_are_user_errors(tmp_path):
         read_toml(TrainConfig, bad)
     with pytest.raises(SystemExit):
         _parse(["--mixed-precision", "fp8"])
+
+
+def test_extends_layers_a_file_over_its_parent(tmp_path):
+    (tmp_path / "base.toml").write_text('method = "lora"\nsteps = 5\nrank = 8\n')
+    (tmp_path / "child.toml").write_text('extends = "base.toml"\nmethod = "balora"\n')
+    values = read_toml(TrainConfig, tmp_path / "child.toml")
+    assert values == {"method": "balora", "steps": 5, "rank": 8}
+
+
+def test_every_shipped_training_config_is_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "training" / "configs").glob("*.toml"))
+    assert len(configs) >= 9
+    methods = set()
+    for path in configs:
+        cfg = TrainConfig(**read_toml(TrainConfig, path))
+        methods.add(cfg.method)
+        if path.name.startswith("mixofshow-"):
+            # the paper's protocol, whatever the rule
+            assert (cfg.rank, cfg.lr_text, cfg.lr_unet, cfg.lr_embedding, cfg.noise_offset) == (4, 1e-5, 1e-4, 1e-3, 0.01)
+    assert {"lora", "loraplus", "scaled", "ilora", "pilora", "balora", "balora+scaled", "hilora"} <= methods

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -30,6 +31,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
+def json_safe(value: Any) -> Any:
+    """Non-finite floats become None: strict JSON has no inf / nan (a fresh LoRA pair's condition
+    number is inf), and other tools refuse Python's `Infinity`."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Strict JSON (non-finite numbers as null), written atomically; returns `path`."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.write_text(json.dumps(json_safe(data), indent=1, default=str, allow_nan=False) + "\n")
+    return Path(path)

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from balora_diffusion import world
-from balora_diffusion.bench.outputs import write_json
+from balora_diffusion.atomic import write_json_atomic
 from balora_diffusion.errors import UserError
 from balora_diffusion.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate, write_grid
 
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
               + " ".join(f"{'-' if a is None else f'{a:.1%}':>{w}}" for a, w in zip(accs, (10, 7, 6))))
     if args.out is not None:
         model = str(args.model) if args.model is not None else str(DEFAULT_MODEL_DIR)
-        write_json(args.out / "base_model.json",
+        write_json_atomic(args.out / "base_model.json",
                    {"model": model, "seeds": seeds, "steps": args.steps, "guidance_scale": args.guidance,
                     "scheduler": type(pipe.scheduler).__name__, **summary, "records": records})
         rows = [i for split, n in (("heldout", GRID_HELDOUT), ("seen", GRID_SEEN))

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from balora_diffusion.bench.methods import METHOD_SPECS, METHODS_HELP
-from balora_diffusion.bench.outputs import write_json
+from balora_diffusion.atomic import write_json_atomic
 from balora_diffusion.bench.sd15_shapes import text_encoder_shapes, unet_shapes
 from balora_diffusion.devices import pick_device
 from balora_diffusion.errors import UserError
@@ -204,5 +204,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"device {report['device']}, {len(shapes)} LoRA pairs, median of {plan['rounds'] * plan['steps_per_round']} "
           f"timed steps per method after {plan['warmup']} warm-up")
     if args.out is not None:
-        print(f"wrote {write_json(Path(args.out) / 'overhead.json', report)}")
+        print(f"wrote {write_json_atomic(Path(args.out) / 'overhead.json', report)}")
     return 0

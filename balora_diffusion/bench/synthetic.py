@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from balora_diffusion.bench import curves as C
 from balora_diffusion.bench.methods import METHOD_SPECS, METHODS_HELP, describe
-from balora_diffusion.bench.outputs import write_json
+from balora_diffusion.atomic import write_json_atomic
 from balora_diffusion.bench.synthetic_problems import OneLayer, TwoLayer
 from balora_diffusion.errors import UserError
 
@@ -179,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     proto = protocol(experiments, labels, n_seeds, args.quick)
     proto["wall_time_s"] = round(elapsed, 1)
-    write_json(out / "synthetic.json", results)
-    write_json(out / "synthetic_protocol.json", proto)
+    write_json_atomic(out / "synthetic.json", results)
+    write_json_atomic(out / "synthetic_protocol.json", proto)
     plot_gap_curves(out / "synthetic.png", results)
     for e in experiments:
         print(format_table(f"{e.name}: {e.steps} steps, {n_seeds} seeds, {len(e.lrs)} learning rates",

@@ -11,13 +11,14 @@ mid-write leaves the previous checkpoint as the latest one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from balora_diffusion.atomic import atomic_path
 
 PREFIX = "step-"
 
@@ -65,15 +66,11 @@ def load_tree(folder: Path, name: str, device: torch.device | str = "cpu") -> An
 
 def write_checkpoint(root: Path, step: int, trees: dict[str, Any], keep: int = 2) -> Path:
     """Write `trees` (name -> state tree) as checkpoint `step` under `root`; keep the newest `keep`."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, tree in trees.items():
-        save_tree(tmp, name, tree)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_path(final) as tmp:  # a dot-name while written: list_checkpoints never sees it
+        tmp.mkdir()
+        for name, tree in trees.items():
+            save_tree(tmp, name, tree)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +50,8 @@ HELDOUT_PAIRS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
     ("shape", "colour"): (("star", "green"), ("triangle", "purple")),
 }
 
+# The parts of a caption that Scene.caption can leave out (the shape is always named).
+CAPTION_ATTRIBUTES: tuple[str, ...] = ("size", "colour", "position", "background")
 _POSITION_WORDS = {"center": "", "left": " on the left", "right": " on the right",
                    "top": " at the top", "bottom": " at the bottom"}
 _SIZE_RADIUS = {"small": 0.12, "large": 0.21}  # as a fraction of the image side
@@ -81,10 +83,20 @@ class Scene:
         if self.colour == self.background:
             raise ValueError(f"a {self.colour} object on a {self.background} background is invisible")
 
-    def caption(self) -> str:
-        """E.g. "a small red star on a blue background", "a large green circle on the left on a white background"."""
-        return (f"a {self.size} {self.colour} {self.shape}{_POSITION_WORDS[self.position]}"
-                f" on a {self.background} background")
+    def caption(self, omit: Collection[str] = ()) -> str:
+        """E.g. "a small red star on a blue background", "a large green circle on the left on a white background".
+
+        `omit` leaves out any of CAPTION_ATTRIBUTES ("a red star on the left" omits size and
+        background): a model trained on such partial captions learns what each word controls on its
+        own, which is what lets it compose pairs it never saw together.
+        """
+        unknown = set(omit) - set(CAPTION_ATTRIBUTES)
+        if unknown:
+            raise ValueError(f"cannot omit {sorted(unknown)}; expected some of {CAPTION_ATTRIBUTES}")
+        words = [w for attr, w in (("size", self.size), ("colour", self.colour)) if attr not in omit]
+        position = "" if "position" in omit else _POSITION_WORDS[self.position]
+        background = "" if "background" in omit else f" on a {self.background} background"
+        return f"a {' '.join(words + [self.shape])}{position}{background}"
 
 
 def is_heldout(scene: Scene) -> bool:

@@ -7,6 +7,7 @@ import math
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,6 +43,7 @@ def test_quick_config_builds_a_loadable_pipeline(tmp_path):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     scale = pipe.vae.config.scaling_factor
     assert math.isfinite(scale) and scale > 0 and scale == info["scaling_factor"]
+    assert all(0.0 <= v <= 1.0 for v in info["vae_roundtrip"].values()) and len(info["vae_roundtrip"]) == 5
     image = generate(pipe, [world.train_scenes()[0].caption()], [0], steps=3, progress=False)[0][0]
     assert image.size == (quick["resolution"],) * 2
 
@@ -98,3 +100,47 @@ def test_lr_factor_warms_up_then_decays_to_a_tenth():
     assert factors[warmup] == pytest.approx(1.0)
     assert all(b <= a for a, b in zip(factors[warmup:], factors[warmup + 1:]))
     assert recipe.lr_factor(total, total, warmup) == pytest.approx(0.1)
+
+
+def test_pool_tokens_hold_every_partial_caption_of_every_scene():
+    from transformers import CLIPTokenizer
+
+    cfg, _ = recipe.parse_args(["--quick", "--pool-size", "12", "--vae-random-fraction", "0"])
+    tokenizer = CLIPTokenizer.from_pretrained(REPO / "assets" / "tokenizer")
+    pool = recipe.render_pool(cfg, tokenizer, torch.device("cpu"))
+    data = world.WorldDataset(resolution=cfg.resolution, seed=cfg.seed, length=cfg.pool_size, split="train")
+    decode = lambda row: tokenizer.decode(row, skip_special_tokens=True).strip()  # noqa: E731
+    assert decode(pool.tokens[-1]) == ""
+    for i in (0, 5, 11):
+        scene = data[i]["scene"]
+        for mask in range(recipe.VARIANTS):
+            row = pool.tokens[int(pool.scene_ids[i]) * recipe.VARIANTS + mask]
+            assert decode(row) == scene.caption(recipe.omit_set(mask))
+    assert recipe.omit_set(0) == () and recipe.omit_set(recipe.VARIANTS - 1) == world.CAPTION_ATTRIBUTES
+
+
+class _IdentityVAE:
+    """Encodes to the image itself: whatever the report measures must survive untouched."""
+    device = torch.device("cpu")
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=z)
+
+
+class _GreyVAE(_IdentityVAE):
+    """Keeps brightness, loses colour: object colours and the concept must be reported lost."""
+
+    def decode(self, z):
+        return SimpleNamespace(sample=z.mean(1, keepdim=True).expand_as(z))
+
+
+def test_vae_roundtrip_report_measures_what_survives():
+    perfect = recipe.vae_roundtrip_report(_IdentityVAE(), 64)
+    assert perfect["world_background_accuracy"] == perfect["world_object_accuracy"] == 1.0
+    assert perfect["world_shape_accuracy"] == 1.0
+    assert perfect["concept_fidelity_roundtrip"] == perfect["concept_fidelity_input"] > 0.9
+    grey = recipe.vae_roundtrip_report(_GreyVAE(), 64)
+    assert grey["world_object_accuracy"] < 0.5 and grey["concept_fidelity_roundtrip"] < 0.1

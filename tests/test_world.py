@@ -158,6 +158,12 @@ def test_captions_name_the_scene_and_are_unique():
     assert world.Scene("star", "red", "blue", "small", "center").caption() == "a small red star on a blue background"
     assert (world.Scene("circle", "green", "white", "large", "left").caption()
             == "a large green circle on the left on a white background")
+    scene = world.Scene("star", "red", "blue", "small", "left")
+    assert scene.caption(("size", "background")) == "a red star on the left"
+    assert scene.caption(("colour", "position")) == "a small star on a blue background"
+    assert scene.caption(world.CAPTION_ATTRIBUTES) == "a star"
+    with pytest.raises(ValueError, match="shape"):
+        scene.caption(("shape",))
     captions = [s.caption() for s in world.all_scenes()]
     assert len(set(captions)) == len(captions)
 

@@ -47,6 +47,7 @@ from balora_diffusion.models import quiet_diffusers
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK_CONFIG = REPO / "training" / "tiny_model_quick.toml"
+DEMO_CONCEPT = REPO / "assets" / "concepts" / "zorb"
 EXIT_STOPPED = 3  # stopped at --time-limit with a checkpoint; rerun with --resume
 # Options that may change between an interrupted build and its resumption.
 RUN_ONLY = {"device", "workers", "time_limit", "out"}
@@ -88,6 +89,8 @@ class BuildConfig:
     unet_lr: float = field(5e-4, "UNet peak learning rate (AdamW, warm-up then cosine decay)")
     text_lr: float = field(5e-4, "text-encoder peak learning rate")
     caption_dropout: float = field(0.1, "fraction of captions replaced by the empty prompt (for guidance)")
+    attribute_dropout: float = field(0.2, "chance that each of size, colour, position and background is left "
+                                     "out of a training caption, independently (teaches each word on its own)")
     ema_decay: float = field(0.999, "EMA decay of the exported UNet / text-encoder weights; 0 exports the raw ones")
     warmup_steps: int = field(200, "linear learning-rate warm-up steps of each stage")
     max_grad_norm: float = field(1.0, "gradient clipping norm")
@@ -99,9 +102,19 @@ class BuildConfig:
 
 # --- models ----------------------------------------------------------------------------------
 
+MIN_CHANNELS_PER_GROUP = 8
+
+
 def _groups(channels: list[int]) -> int:
-    """GroupNorm groups dividing every block width (32 as in SD when the widths allow)."""
-    return gcd(32, *channels)
+    """GroupNorm groups: the most (at most SD's 32) that divide every block width and keep at least
+    MIN_CHANNELS_PER_GROUP channels per group. A group norm removes each group's mean over the
+    image; with one or two channels per group (32 groups of a 32-wide block) that is nearly an
+    instance norm, which on a flat-coloured image erases the absolute colour: the first VAE built
+    that way decoded red and yellow objects as orange."""
+    groups = gcd(32, *channels)
+    while groups > 1 and min(channels) // groups < MIN_CHANNELS_PER_GROUP:
+        groups //= 2
+    return groups
 
 
 def build_vae(cfg: BuildConfig):
@@ -167,17 +180,25 @@ def to_pixels(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Pool:
     images: torch.Tensor       # (N, 3, H, W) uint8
-    caption_ids: torch.Tensor  # (N,) index into `tokens`
-    tokens: torch.Tensor       # (U + 1, 77) token ids of the unique captions; the last row is ""
+    scene_ids: torch.Tensor    # (N,) which of the U unique scenes each image shows
+    tokens: torch.Tensor       # (U * VARIANTS + 1, 77) token ids: row u * VARIANTS + m is scene u's caption
+                               # omitting the attributes in bit mask m (omit_set); the last row is ""
     random_images: torch.Tensor  # (M, 3, H, W) uint8: world.render_random, for the VAE only
 
     def pixels(self, index: torch.Tensor) -> torch.Tensor:
         return to_pixels(self.images, index)
 
 
-def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str]]:
+VARIANTS = 2 ** len(world.CAPTION_ATTRIBUTES)
+
+
+def omit_set(mask: int) -> tuple[str, ...]:
+    return tuple(a for bit, a in enumerate(world.CAPTION_ATTRIBUTES) if mask >> bit & 1)
+
+
+def _collate(items: list[dict]) -> tuple[torch.Tensor, list[world.Scene]]:
     pixels = torch.stack([it["pixel_values"] for it in items])
-    return ((pixels + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8), [it["caption"] for it in items]
+    return ((pixels + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8), [it["scene"] for it in items]
 
 
 class RandomImages(torch.utils.data.Dataset):
@@ -195,20 +216,21 @@ class RandomImages(torch.utils.data.Dataset):
 def render_pool(cfg: BuildConfig, tokenizer, device: torch.device) -> Pool:
     data = world.WorldDataset(resolution=cfg.resolution, seed=cfg.seed, length=cfg.pool_size, split="train")
     loader = torch.utils.data.DataLoader(data, batch_size=256, num_workers=cfg.workers, collate_fn=_collate)
-    images, captions = [], []
-    for pixels, batch_captions in tqdm(loader, desc="rendering world", unit="batch"):
+    images, scenes = [], []
+    for pixels, batch_scenes in tqdm(loader, desc="rendering world", unit="batch"):
         images.append(pixels)
-        captions.extend(batch_captions)
-    unique = sorted(set(captions))
+        scenes.extend(batch_scenes)
+    unique = sorted(set(scenes), key=world.Scene.caption)
     index = {c: i for i, c in enumerate(unique)}
-    tokens = tokenizer(unique + [""], padding="max_length", max_length=tokenizer.model_max_length,
+    captions = [s.caption(omit_set(m)) for s in unique for m in range(VARIANTS)]
+    tokens = tokenizer(captions + [""], padding="max_length", max_length=tokenizer.model_max_length,
                        truncation=True, return_tensors="pt").input_ids
     random_images = torch.zeros((0, 3, cfg.resolution, cfg.resolution), dtype=torch.uint8)
     if cfg.vae_random_fraction > 0 and cfg.random_pool_size > 0:
         loader = torch.utils.data.DataLoader(RandomImages(cfg.resolution, cfg.seed, cfg.random_pool_size),
                                              batch_size=256, num_workers=cfg.workers)
         random_images = torch.cat([b for b in tqdm(loader, desc="rendering random shapes", unit="batch")])
-    return Pool(images=torch.cat(images).to(device), caption_ids=torch.tensor([index[c] for c in captions], device=device),
+    return Pool(images=torch.cat(images).to(device), scene_ids=torch.tensor([index[s] for s in scenes], device=device),
                 tokens=tokens.to(device), random_images=random_images.to(device))
 
 
@@ -246,6 +268,39 @@ def vae_loss(vae, pixels: torch.Tensor, cfg: BuildConfig, generator: torch.Gener
 def ema_update(ema: list[torch.Tensor], live: list[torch.Tensor], decay: float) -> None:
     for e, p in zip(ema, live):
         e.lerp_(p, 1.0 - decay)
+
+
+@torch.no_grad()
+def roundtrip(vae, pixels: torch.Tensor, batch: int = 256) -> list[np.ndarray]:
+    """Encode (posterior mean) and decode uint8 images; (H, W, 3) uint8 arrays back."""
+    out = []
+    for chunk in pixels.split(batch):
+        x = chunk.to(vae.device).float() / 127.5 - 1.0
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
+        out.extend(((y + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return out
+
+
+def vae_roundtrip_report(vae, resolution: int) -> dict[str, float]:
+    """What survives an encode/decode: world.classify accuracies over every scene of the world, and
+    the demo concept's fidelity score before and after. The UNet cannot draw what the VAE loses."""
+    from PIL import Image
+
+    from balora_diffusion.concept import fidelity, load_concept
+
+    scenes = world.all_scenes()
+    pixels = torch.stack([torch.from_numpy(np.asarray(world.render(s, resolution), dtype=np.uint8).copy())
+                          for s in scenes]).permute(0, 3, 1, 2)
+    measured = [world.classify(image) for image in roundtrip(vae, pixels)]
+    report = {f"world_{key}_accuracy": float(np.mean([m[key] == getattr(s, field) for s, m in zip(scenes, measured)]))
+              for key, field in (("background", "background"), ("object", "colour"), ("shape", "shape"))}
+    concept = load_concept(DEMO_CONCEPT)
+    images = [np.asarray(Image.open(p).convert("RGB").resize((resolution,) * 2, Image.Resampling.BICUBIC))
+              for p in sorted(DEMO_CONCEPT.glob("*.png"))]
+    decoded = roundtrip(vae, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
+    report["concept_fidelity_input"] = float(np.mean([fidelity(i, concept) for i in images]))
+    report["concept_fidelity_roundtrip"] = float(np.mean([fidelity(i, concept) for i in decoded]))
+    return report
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -351,7 +406,7 @@ class Build:
         self.opt = self._adamw([(self.unet.parameters(), cfg.unet_lr), (self.text_encoder.parameters(), cfg.text_lr)])
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text_encoder = copy.deepcopy(self.text_encoder).requires_grad_(False)
-        self.meta = {"step": 0, "scaling_factor": None, "vae_loss": [], "unet_loss": [],
+        self.meta = {"step": 0, "scaling_factor": None, "vae_roundtrip": None, "vae_loss": [], "unet_loss": [],
                      "seconds": {"vae": 0.0, "unet": 0.0}, "config": comparable(cfg)}
         self.noise_scheduler = train_scheduler()
 
@@ -395,7 +450,8 @@ class Build:
         unet_steps = max(0, self.meta["step"] - self.cfg.vae_steps)
         return {"complete": complete, "config": dataclasses.asdict(self.cfg),
                 "vae_steps_done": vae_steps, "unet_steps_done": unet_steps,
-                "scaling_factor": self.meta["scaling_factor"], "seconds": self.meta["seconds"],
+                "scaling_factor": self.meta["scaling_factor"], "vae_roundtrip": self.meta["vae_roundtrip"],
+                "seconds": self.meta["seconds"],
                 "seconds_per_step": {"vae": self.meta["seconds"]["vae"] / max(1, vae_steps),
                                      "unet": self.meta["seconds"]["unet"] / max(1, unet_steps)},
                 "parameters": {"vae": count_params(self.vae), "unet": count_params(self.unet),
@@ -462,8 +518,12 @@ class Build:
         b = cfg.unet_batch_size
         index = torch.randint(len(self.pool.images), (b,), generator=self.generator, device=self.device)
         latents = self.latents.sample(index, self.generator)
+        omitted = torch.rand((b, len(world.CAPTION_ATTRIBUTES)), generator=self.generator,
+                             device=self.device) < cfg.attribute_dropout
+        bits = 2 ** torch.arange(len(world.CAPTION_ATTRIBUTES), device=self.device)
+        caption = self.pool.scene_ids[index] * VARIANTS + (omitted.long() * bits).sum(1)
         dropped = torch.rand(b, generator=self.generator, device=self.device) < cfg.caption_dropout
-        caption = torch.where(dropped, len(self.pool.tokens) - 1, self.pool.caption_ids[index])
+        caption = torch.where(dropped, len(self.pool.tokens) - 1, caption)
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=self.generator,
                           device=self.device)
@@ -497,6 +557,9 @@ class Build:
         self.vae.register_to_config(scaling_factor=self.meta["scaling_factor"])
         self.latents = Latents(mean, std, self.meta["scaling_factor"])
         print(f"latent scaling factor {self.meta['scaling_factor']:.5f}")
+        if self.meta["vae_roundtrip"] is None:
+            self.meta["vae_roundtrip"] = vae_roundtrip_report(self.vae, cfg.resolution)
+        print("VAE round trip: " + ", ".join(f"{k} {v:.3f}" for k, v in self.meta["vae_roundtrip"].items()))
         first = self.meta["step"] - cfg.vae_steps
         if first < cfg.unet_steps:
             self.unet.train()

@@ -151,6 +151,30 @@ def _diagnostic(d: dict, key: str) -> float:
     return d["ratio"] / d["rho"] if key == "ratio_over_rho" else d[key]
 
 
+class GpuPeaks:
+    """Peak CUDA memory of the training steps alone and of the whole run: the validation grid
+    (a VAE decode at full resolution) can outgrow a training step and would hide its cost."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device, self.train, self.overall = device, 0, 0
+
+    def step_begins(self) -> None:
+        if self.cuda:
+            self.overall = max(self.overall, torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def step_ends(self) -> None:
+        if self.cuda:
+            self.train = max(self.train, torch.cuda.max_memory_allocated(self.device))
+
+    def summary(self) -> dict[str, float | None]:
+        if not self.cuda:
+            return {"peak_gpu_memory_mib": None, "peak_train_gpu_memory_mib": None}
+        self.step_begins()
+        return {"peak_gpu_memory_mib": self.overall / 2**20, "peak_train_gpu_memory_mib": self.train / 2**20}
+
+
 def validation_grid(path: Path, cfg: TrainConfig, pipe, accelerator) -> None:
     """Prompts x (fusion coefficient, seed): the LoRA's strength through diffusers' lora scale,
     which scales the UNet and text-encoder LoRA alike; the new token embedding stays in.
@@ -320,7 +344,9 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
                disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
+    memory = GpuPeaks(device)
     for step in bar:
+        memory.step_begins()
         pixels, captions = data.batch(step, cfg.batch_size, rank, world)
         gen = _step_generator(cfg.seed, step, rank, device)
         with torch.no_grad():
@@ -343,6 +369,7 @@ def train(cfg: TrainConfig) -> Path:
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        memory.step_ends()
 
         done = step + 1
         loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
@@ -370,7 +397,7 @@ def train(cfg: TrainConfig) -> Path:
             "steps": cfg.steps, "resumed_from": start_step or None,
             "seconds": elapsed, "steps_per_second": (cfg.steps - start_step) / max(elapsed, 1e-9),
             "device": str(device), "processes": world, "mixed_precision": accelerator.mixed_precision,
-            "peak_gpu_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None, "replica_checksums": checksums,
+            **memory.summary(), "replica_checksums": checksums,
             "final": log.last_values(),
             "diagnostics": balance_diagnostics(pairs),
             "versions": library_versions(),

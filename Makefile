@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/balora bench synthetic --out runs/synthetic
+	$(BIN)/balora demo --output-dir runs/demo
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

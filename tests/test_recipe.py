@@ -144,3 +144,23 @@ def test_vae_roundtrip_report_measures_what_survives():
     assert perfect["concept_fidelity_roundtrip"] == perfect["concept_fidelity_input"] > 0.9
     grey = recipe.vae_roundtrip_report(_GreyVAE(), 64)
     assert grey["world_object_accuracy"] < 0.5 and grey["concept_fidelity_roundtrip"] < 0.1
+
+
+def test_partial_captions_omit_only_the_allowed_attributes(tmp_path, capsys):
+    from transformers import CLIPTokenizer
+
+    args = ["--quick", "--pool-size", "16", "--vae-random-fraction", "0", "--attribute-dropout", "1",
+            "--caption-dropout", "0.25", "--dropout-attributes", "size", "background"]
+    cfg, _ = recipe.parse_args(args)
+    build = recipe.Build(cfg)
+    build.pool = recipe.render_pool(cfg, CLIPTokenizer.from_pretrained(REPO / "assets" / "tokenizer"), build.device)
+    index = torch.arange(16).repeat(8)
+    rows = build.caption_rows(index)
+    empty = rows == len(build.pool.tokens) - 1
+    assert 0 < int(empty.sum()) < len(rows)  # some captions dropped for guidance, not all
+    kept = rows[~empty]
+    assert torch.equal(kept // recipe.VARIANTS, build.pool.scene_ids[index][~empty])
+    assert set(recipe.omit_set(int(m)) for m in kept % recipe.VARIANTS) == {("size", "background")}
+    assert recipe.main(["--quick", "--out", str(tmp_path / "m"), "--dropout-attributes", "shape"]) == 2
+    assert not (tmp_path / "m").exists()
+    assert "dropout_attributes" in capsys.readouterr().err

@@ -89,8 +89,10 @@ class BuildConfig:
     unet_lr: float = field(5e-4, "UNet peak learning rate (AdamW, warm-up then cosine decay)")
     text_lr: float = field(5e-4, "text-encoder peak learning rate")
     caption_dropout: float = field(0.1, "fraction of captions replaced by the empty prompt (for guidance)")
-    attribute_dropout: float = field(0.2, "chance that each of size, colour, position and background is left "
-                                     "out of a training caption, independently (teaches each word on its own)")
+    attribute_dropout: float = field(0.2, "chance that each of the dropout_attributes is left out of a training "
+                                     "caption, independently (teaches each word on its own)")
+    dropout_attributes: list[str] = field(list(world.CAPTION_ATTRIBUTES),
+                                          f"which of {', '.join(world.CAPTION_ATTRIBUTES)} attribute_dropout may omit")
     ema_decay: float = field(0.999, "EMA decay of the exported UNet / text-encoder weights; 0 exports the raw ones")
     warmup_steps: int = field(200, "linear learning-rate warm-up steps of each stage")
     max_grad_norm: float = field(1.0, "gradient clipping norm")
@@ -409,6 +411,10 @@ class Build:
         self.meta = {"step": 0, "scaling_factor": None, "vae_roundtrip": None, "vae_loss": [], "unet_loss": [],
                      "seconds": {"vae": 0.0, "unet": 0.0}, "config": comparable(cfg)}
         self.noise_scheduler = train_scheduler()
+        unknown = set(cfg.dropout_attributes) - set(world.CAPTION_ATTRIBUTES)
+        if unknown:
+            raise UserError(f"dropout_attributes: unknown {sorted(unknown)}; expected some of {world.CAPTION_ATTRIBUTES}")
+        self.may_omit = torch.tensor([a in cfg.dropout_attributes for a in world.CAPTION_ATTRIBUTES], device=self.device)
 
     def _adamw(self, groups) -> torch.optim.AdamW:
         return torch.optim.AdamW([{"params": list(p), "lr": lr, "peak_lr": lr} for p, lr in groups],
@@ -512,18 +518,23 @@ class Build:
         self.vae_opt.step()
         return float(loss.detach())
 
+    def caption_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows of pool.tokens for the images `index`: partial captions, some empty (for guidance)."""
+        cfg, b = self.cfg, len(index)
+        omitted = (torch.rand((b, len(world.CAPTION_ATTRIBUTES)), generator=self.generator,
+                              device=self.device) < cfg.attribute_dropout) & self.may_omit
+        bits = 2 ** torch.arange(len(world.CAPTION_ATTRIBUTES), device=self.device)
+        caption = self.pool.scene_ids[index] * VARIANTS + (omitted.long() * bits).sum(1)
+        dropped = torch.rand(b, generator=self.generator, device=self.device) < cfg.caption_dropout
+        return torch.where(dropped, len(self.pool.tokens) - 1, caption)
+
     def unet_step(self, step: int) -> float:
         cfg = self.cfg
         set_lr(self.opt, lr_factor(step, cfg.unet_steps, cfg.warmup_steps))
         b = cfg.unet_batch_size
         index = torch.randint(len(self.pool.images), (b,), generator=self.generator, device=self.device)
         latents = self.latents.sample(index, self.generator)
-        omitted = torch.rand((b, len(world.CAPTION_ATTRIBUTES)), generator=self.generator,
-                             device=self.device) < cfg.attribute_dropout
-        bits = 2 ** torch.arange(len(world.CAPTION_ATTRIBUTES), device=self.device)
-        caption = self.pool.scene_ids[index] * VARIANTS + (omitted.long() * bits).sum(1)
-        dropped = torch.rand(b, generator=self.generator, device=self.device) < cfg.caption_dropout
-        caption = torch.where(dropped, len(self.pool.tokens) - 1, caption)
+        caption = self.caption_rows(index)
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=self.generator,
                           device=self.device)

@@ -2,7 +2,8 @@
 
 The README's main job. It trains with training/configs/demo.toml (BaLoRA by default), then draws
 the concept's evaluation prompts without (w = 0) and with (w = 1) the adapter, and scores both
-with the concept's pixel fidelity, so "did it learn the concept?" has a number, not only a picture.
+with the concept's pixel fidelity (printed, and in demo.json), so "did it learn the concept?" has
+a number, not only a picture.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from balora_diffusion.atomic import write_json_atomic
     from balora_diffusion.concept import fidelity, load_concept
     from balora_diffusion.generate import generate, write_grid
     from balora_diffusion.train import train
@@ -59,8 +61,13 @@ def run(args: argparse.Namespace) -> int:
         labels.extend(f"w={w:g}: {p}" for p in prompts)
     grid = write_grid(out / "demo.png", rows, row_labels=labels, col_labels=[f"seed {s}" for s in args.seeds],
                       title=f"{concept.token} ({cfg.method}, {cfg.steps} steps): top without the adapter, bottom with it")
+    means = {w: sum(vals) / len(vals) for w, vals in scores.items()}
     for w, vals in scores.items():
-        print(f"fidelity at w={w:g}: mean {sum(vals) / len(vals):.3f} over {len(vals)} images")
+        print(f"fidelity at w={w:g}: mean {means[w]:.3f} over {len(vals)} images")
+    write_json_atomic(out / "demo.json", {
+        "method": cfg.method, "steps": cfg.steps, "prompts": prompts, "seeds": list(args.seeds),
+        "fidelity_mean": {f"{w:g}": m for w, m in means.items()},
+        "fidelity": {f"{w:g}": vals for w, vals in scores.items()}})
     print(f"demo grid: {grid}")
     return 0
 

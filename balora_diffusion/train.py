@@ -345,8 +345,10 @@ def train(cfg: TrainConfig) -> Path:
                disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
     memory = GpuPeaks(device)
+    step_seconds = 0.0  # training steps alone: the loop's time also holds evals, grids and checkpoints
     for step in bar:
         memory.step_begins()
+        step_started = time.perf_counter()
         pixels, captions = data.batch(step, cfg.batch_size, rank, world)
         gen = _step_generator(cfg.seed, step, rank, device)
         with torch.no_grad():
@@ -372,7 +374,8 @@ def train(cfg: TrainConfig) -> Path:
         memory.step_ends()
 
         done = step + 1
-        loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+        loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()  # .item() waits for the GPU
+        step_seconds += time.perf_counter() - step_started
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         log.scalar(done, "loss", loss_value)
         for group in optimizer.param_groups:
@@ -396,6 +399,7 @@ def train(cfg: TrainConfig) -> Path:
             "config": asdict(cfg), "method": cfg.method, "seed": cfg.seed,
             "steps": cfg.steps, "resumed_from": start_step or None,
             "seconds": elapsed, "steps_per_second": (cfg.steps - start_step) / max(elapsed, 1e-9),
+            "training_steps_per_second": (cfg.steps - start_step) / max(step_seconds, 1e-9),
             "device": str(device), "processes": world, "mixed_precision": accelerator.mixed_precision,
             **memory.summary(), "replica_checksums": checksums,
             "final": log.last_values(),

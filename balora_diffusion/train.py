@@ -160,6 +160,7 @@ class GpuPeaks:
         self.device, self.train, self.overall = device, 0, 0
 
     def step_begins(self) -> None:
+        """Fold the peak since the last step (its eval or grid included) into the run's, then restart it."""
         if self.cuda:
             self.overall = max(self.overall, torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -171,7 +172,7 @@ class GpuPeaks:
     def summary(self) -> dict[str, float | None]:
         if not self.cuda:
             return {"peak_gpu_memory_mib": None, "peak_train_gpu_memory_mib": None}
-        self.step_begins()
+        self.step_begins()  # the final grid's peak
         return {"peak_gpu_memory_mib": self.overall / 2**20, "peak_train_gpu_memory_mib": self.train / 2**20}
 
 

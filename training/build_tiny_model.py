@@ -179,6 +179,11 @@ def to_pixels(images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return images[index].float() / 127.5 - 1.0
 
 
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> 0..255 uint8, the inverse of to_pixels."""
+    return ((pixels + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 @dataclass
 class Pool:
     images: torch.Tensor       # (N, 3, H, W) uint8
@@ -200,7 +205,7 @@ def omit_set(mask: int) -> tuple[str, ...]:
 
 def _collate(items: list[dict]) -> tuple[torch.Tensor, list[world.Scene]]:
     pixels = torch.stack([it["pixel_values"] for it in items])
-    return ((pixels + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8), [it["scene"] for it in items]
+    return to_uint8(pixels), [it["scene"] for it in items]
 
 
 class RandomImages(torch.utils.data.Dataset):
@@ -223,7 +228,7 @@ def render_pool(cfg: BuildConfig, tokenizer, device: torch.device) -> Pool:
         images.append(pixels)
         scenes.extend(batch_scenes)
     unique = sorted(set(scenes), key=world.Scene.caption)
-    index = {c: i for i, c in enumerate(unique)}
+    index = {s: i for i, s in enumerate(unique)}
     captions = [s.caption(omit_set(m)) for s in unique for m in range(VARIANTS)]
     tokens = tokenizer(captions + [""], padding="max_length", max_length=tokenizer.model_max_length,
                        truncation=True, return_tensors="pt").input_ids
@@ -272,35 +277,37 @@ def ema_update(ema: list[torch.Tensor], live: list[torch.Tensor], decay: float) 
         e.lerp_(p, 1.0 - decay)
 
 
+def as_arrays(pixels: torch.Tensor) -> list[np.ndarray]:
+    """(N, 3, H, W) in [-1, 1] -> N (H, W, 3) uint8 arrays, what world.classify and fidelity read."""
+    return list(to_uint8(pixels).permute(0, 2, 3, 1).cpu().numpy())
+
+
 @torch.no_grad()
 def roundtrip(vae, pixels: torch.Tensor, batch: int = 256) -> list[np.ndarray]:
-    """Encode (posterior mean) and decode uint8 images; (H, W, 3) uint8 arrays back."""
+    """Encode (posterior mean) and decode (N, 3, H, W) images in [-1, 1]; uint8 arrays back."""
     out = []
     for chunk in pixels.split(batch):
-        x = chunk.to(vae.device).float() / 127.5 - 1.0
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
-        out.extend(((y + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+        out.extend(as_arrays(vae.decode(vae.encode(chunk.to(vae.device)).latent_dist.mean).sample.float()))
     return out
 
 
 def vae_roundtrip_report(vae, resolution: int) -> dict[str, float]:
     """What survives an encode/decode: world.classify accuracies over every scene of the world, and
     the demo concept's fidelity score before and after. The UNet cannot draw what the VAE loses."""
-    from PIL import Image
-
     from balora_diffusion.concept import fidelity, load_concept
+    from balora_diffusion.data import load_image, prepare
 
     scenes = world.all_scenes()
-    pixels = torch.stack([torch.from_numpy(np.asarray(world.render(s, resolution), dtype=np.uint8).copy())
-                          for s in scenes]).permute(0, 3, 1, 2)
+    pixels = torch.stack([world.image_to_tensor(world.render(s, resolution)) for s in scenes])
     measured = [world.classify(image) for image in roundtrip(vae, pixels)]
     report = {f"world_{key}_accuracy": float(np.mean([m[key] == getattr(s, field) for s, m in zip(scenes, measured)]))
               for key, field in (("background", "background"), ("object", "colour"), ("shape", "shape"))}
     concept = load_concept(DEMO_CONCEPT)
-    images = [np.asarray(Image.open(p).convert("RGB").resize((resolution,) * 2, Image.Resampling.BICUBIC))
-              for p in sorted(DEMO_CONCEPT.glob("*.png"))]
-    decoded = roundtrip(vae, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
-    report["concept_fidelity_input"] = float(np.mean([fidelity(i, concept) for i in images]))
+    # prepared as concept training prepares them (centre crop, no flip)
+    prepared = torch.stack([prepare(load_image(p), resolution, torch.Generator(), random_crop=False, flip=False)
+                            for p in sorted(DEMO_CONCEPT.glob("*.png"))])
+    decoded = roundtrip(vae, prepared)
+    report["concept_fidelity_input"] = float(np.mean([fidelity(i, concept) for i in as_arrays(prepared)]))
     report["concept_fidelity_roundtrip"] = float(np.mean([fidelity(i, concept) for i in decoded]))
     return report
 

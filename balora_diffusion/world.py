@@ -87,8 +87,9 @@ class Scene:
         """E.g. "a small red star on a blue background", "a large green circle on the left on a white background".
 
         `omit` leaves out any of CAPTION_ATTRIBUTES ("a red star on the left" omits size and
-        background): a model trained on such partial captions learns what each word controls on its
-        own, which is what lets it compose pairs it never saw together.
+        background), for prompts that do not say everything, as a concept's prompts do. Training
+        captions that omit a colour, though, teach which colours were seen together and spoil the
+        held-out pairs (the recipe's dropout_attributes).
         """
         unknown = set(omit) - set(CAPTION_ATTRIBUTES)
         if unknown:

@@ -309,7 +309,7 @@ def vae_roundtrip_report(vae, resolution: int) -> dict[str, float]:
     concept = load_concept(DEMO_CONCEPT)
     # prepared as concept training prepares them (centre crop, no flip)
     prepared = torch.stack([prepare(load_image(p), resolution, torch.Generator(), random_crop=False, flip=False)
-                            for p in sorted(DEMO_CONCEPT.glob("*.png"))])
+                            for p in concept.images])
     decoded = roundtrip(vae, prepared)
     report["concept_fidelity_input"] = float(np.mean([fidelity(i, concept) for i in as_arrays(prepared)]))
     report["concept_fidelity_roundtrip"] = float(np.mean([fidelity(i, concept) for i in decoded]))

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from balora_diffusion.errors import UserError
+from balora_diffusion.versions import check_versions
 
 # command words -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -47,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if argv and argv[0] in ("-h", "--help") else 2
         words, argv = nxt, argv[1:]
     module_name, help_text = COMMANDS[words]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog="balora " + " ".join(words), description=help_text)
-    module.add_arguments(parser)
-    args = parser.parse_args(argv)
     try:
+        # before the command's module: a broken library combination can fail at import time
+        check_versions()
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(prog="balora " + " ".join(words), description=help_text)
+        module.add_arguments(parser)
+        args = parser.parse_args(argv)
         return int(module.run(args) or 0)
     except UserError as exc:
         print(f"balora: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from balora_diffusion.errors import UserError
+from balora_diffusion.paths import config_file
 
 C = TypeVar("C")
 
@@ -77,10 +78,9 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
 
 
 def read_toml(cls: type, path: Path) -> dict[str, Any]:
+    path = config_file(path)
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
     names = {f.name for f in dataclasses.fields(cls)}

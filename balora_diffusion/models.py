@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from balora_diffusion import paths
 from balora_diffusion.devices import pick_device
 from balora_diffusion.errors import UserError
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-sd"
+DEFAULT_MODEL_DIR = paths.TINY_SD
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
+from balora_diffusion import paths
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.devices import pick_device
 from balora_diffusion.errors import UserError
 from balora_diffusion.models import check_model_dir, quiet_diffusers, resolve_dtype
 
-DEFAULT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "assets" / "sd15-config"
+DEFAULT_CONFIG_DIR = paths.SD15_CONFIG
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

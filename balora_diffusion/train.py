@@ -7,7 +7,6 @@ then sees identical factors and gradients on every replica, so replicas stay ide
 """
 from __future__ import annotations
 
-import json
 import math
 import platform
 import shutil

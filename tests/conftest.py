@@ -9,12 +9,13 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from balora_diffusion import paths  # noqa: E402
+
 # Tiny models: a second thread costs more in synchronisation than it saves, and on a shared
 # 2-core machine it makes timings erratic.
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = REPO / "assets" / "tokenizer"
+TOKENIZER_DIR = paths.TOKENIZER
 
 
 def build_random_pipeline(seed: int = 0):

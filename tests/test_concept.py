@@ -7,13 +7,13 @@ import pytest
 from PIL import Image, ImageFilter
 from transformers import CLIPTokenizer
 
-from balora_diffusion import world
+from balora_diffusion import paths, world
 from balora_diffusion.concept import fidelity, fidelity_batch, load_concept
 from balora_diffusion.data import read_concept_folder
 from balora_diffusion.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "assets" / "concepts" / "zorb"
+DEMO = paths.DEMO_CONCEPT
 
 
 def _script():
@@ -59,7 +59,7 @@ def test_demo_concept_folder(demo):
 
 
 def test_demo_token_is_new_and_its_words_are_real(demo):
-    tokenizer = CLIPTokenizer.from_pretrained(REPO / "assets" / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(paths.TOKENIZER)
     assert len(tokenizer(demo.token, add_special_tokens=False).input_ids) > 1
     for word in (demo.initializer, demo.class_word):
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1

@@ -1,14 +1,14 @@
 """Placeholder tokens: old ids keep the frozen table, new ids read the trainable rows."""
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from balora_diffusion import paths
 from balora_diffusion.embeddings import ExtendedEmbedding, add_placeholder_tokens
 from balora_diffusion.errors import UserError
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
+TOKENIZER = paths.TOKENIZER
 
 
 def _encoder():

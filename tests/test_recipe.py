@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from balora_diffusion import world
+from balora_diffusion import paths, world
 from balora_diffusion.generate import generate
 from balora_diffusion.models import load_pipeline
 
@@ -106,7 +106,7 @@ def test_pool_tokens_hold_every_partial_caption_of_every_scene():
     from transformers import CLIPTokenizer
 
     cfg, _ = recipe.parse_args(["--quick", "--pool-size", "12", "--vae-random-fraction", "0"])
-    tokenizer = CLIPTokenizer.from_pretrained(REPO / "assets" / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(paths.TOKENIZER)
     pool = recipe.render_pool(cfg, tokenizer, torch.device("cpu"))
     data = world.WorldDataset(resolution=cfg.resolution, seed=cfg.seed, length=cfg.pool_size, split="train")
     decode = lambda row: tokenizer.decode(row, skip_special_tokens=True).strip()  # noqa: E731
@@ -153,7 +153,7 @@ def test_partial_captions_omit_only_the_allowed_attributes(tmp_path, capsys):
             "--caption-dropout", "0.25", "--dropout-attributes", "size", "background"]
     cfg, _ = recipe.parse_args(args)
     build = recipe.Build(cfg)
-    build.pool = recipe.render_pool(cfg, CLIPTokenizer.from_pretrained(REPO / "assets" / "tokenizer"), build.device)
+    build.pool = recipe.render_pool(cfg, CLIPTokenizer.from_pretrained(paths.TOKENIZER), build.device)
     index = torch.arange(16).repeat(8)
     rows = build.caption_rows(index)
     empty = rows == len(build.pool.tokens) - 1

@@ -14,11 +14,11 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from balora_diffusion import paths
 from balora_diffusion.errors import UserError
 from balora_diffusion.single_file import (DEFAULT_CONFIG_DIR, load_single_file, save_single_file,
                                           to_original_layout)
 
-REPO = Path(__file__).resolve().parents[1]
 PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
 
 
@@ -56,7 +56,7 @@ def _tiny_pipeline():
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(
         vae=_perturb(vae), text_encoder=_perturb(text_encoder), unet=_perturb(unet), scheduler=scheduler,
-        tokenizer=CLIPTokenizer.from_pretrained(REPO / "assets" / "tokenizer"),
+        tokenizer=CLIPTokenizer.from_pretrained(paths.TOKENIZER),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 

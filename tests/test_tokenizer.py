@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, CLIPTokenizer
 
-from balora_diffusion import world
+from balora_diffusion import paths, world
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO / "assets" / "tokenizer"
+TOKENIZER = paths.TOKENIZER
 
 
 @pytest.fixture(scope="module")

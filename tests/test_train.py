@@ -12,13 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from balora_diffusion import paths
 from balora_diffusion.checkpoint import list_checkpoints, load_tree
 from balora_diffusion.cli import main as cli_main
 from balora_diffusion.train import TrainingDiverged, train
 from balora_diffusion.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CONCEPT = REPO / "assets" / "concepts" / "zorb"
+CONCEPT = paths.DEMO_CONCEPT
 METHODS = ["lora", "loraplus", "scaled", "ilora", "pilora", "balora", "balora+scaled", "hilora"]
 
 
@@ -186,9 +187,7 @@ def test_two_processes_keep_identical_replicas(random_sd_dir, tmp_path):
 
 def test_demo_trains_then_draws_the_concept_with_and_without_the_adapter(random_sd_dir, tmp_path, capsys):
     from balora_diffusion.config import read_toml, to_toml
-    from balora_diffusion.commands.demo import DEMO_CONFIG
-
-    cfg = TrainConfig(**read_toml(TrainConfig, DEMO_CONFIG))
+    cfg = TrainConfig(**read_toml(TrainConfig, paths.config_file("demo")))
     config = tmp_path / "demo.toml"
     config.write_text(to_toml(replace(cfg, base_model=str(random_sd_dir), steps=3, eval_every=3, sample_steps=2,
                                       grid_seeds=[1], fusion=[1.0])))

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from balora_diffusion import world
+from balora_diffusion import paths, world
 from balora_diffusion.checkpoint import checkpoint_step, list_checkpoints, load_tree, write_checkpoint
 from balora_diffusion.config import add_config_arguments, config_from_args, field
 from balora_diffusion.devices import pick_device
@@ -47,7 +47,6 @@ from balora_diffusion.models import quiet_diffusers
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK_CONFIG = REPO / "training" / "tiny_model_quick.toml"
-DEMO_CONCEPT = REPO / "assets" / "concepts" / "zorb"
 EXIT_STOPPED = 3  # stopped at --time-limit with a checkpoint; rerun with --resume
 # Options that may change between an interrupted build and its resumption.
 RUN_ONLY = {"device", "workers", "time_limit", "out"}
@@ -306,7 +305,7 @@ def vae_roundtrip_report(vae, resolution: int) -> dict[str, float]:
     measured = [world.classify(image) for image in roundtrip(vae, pixels)]
     report = {f"world_{key}_accuracy": float(np.mean([m[key] == getattr(s, field) for s, m in zip(scenes, measured)]))
               for key, field in (("background", "background"), ("object", "colour"), ("shape", "shape"))}
-    concept = load_concept(DEMO_CONCEPT)
+    concept = load_concept(paths.DEMO_CONCEPT)
     # prepared as concept training prepares them (centre crop, no flip)
     prepared = torch.stack([prepare(load_image(p), resolution, torch.Generator(), random_crop=False, flip=False)
                             for p in concept.images])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import sys
 import zipfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from balora_diffusion import paths  # noqa: E402
 from balora_diffusion.atomic import atomic_path, write_json_atomic  # noqa: E402
 from balora_diffusion.errors import UserError  # noqa: E402
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path,
                         help=f"an open-clip-torch or clip-anytorch wheel (.whl) holding {BPE_NAME}, or that .gz file")
-    parser.add_argument("--out", type=Path, default=REPO / "assets" / "tokenizer",
+    parser.add_argument("--out", type=Path, default=paths.TOKENIZER,
                         help="folder to write the tokenizer files into (default: assets/tokenizer)")
     args = parser.parse_args(argv)
     try:

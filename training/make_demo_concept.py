@@ -22,7 +22,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from balora_diffusion import world  # noqa: E402
+from balora_diffusion import paths, world  # noqa: E402
 from balora_diffusion.atomic import atomic_path  # noqa: E402
 
 TOKEN = "<zorb>"
@@ -81,7 +81,7 @@ def concept_toml() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=REPO / "assets" / "concepts" / "zorb",
+    parser.add_argument("--out", type=Path, default=paths.DEMO_CONCEPT,
                         help="concept folder to (re)write as a whole (default: assets/concepts/zorb)")
     parser.add_argument("--resolution", type=int, default=128, help="side of the square images in pixels (default: 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image position/size/rotation jitter")

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "assets" / "sd15-config"
+from balora_diffusion.paths import SD15_CONFIG as CONFIG
 
 
 def main(argv: list[str] | None = None) -> int:

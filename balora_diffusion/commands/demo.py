@@ -1,6 +1,6 @@
 """`balora demo`: train the shipped demo concept on the shipped model, then show it in new contexts.
 
-The README's main job. It trains with training/configs/demo.toml (BaLoRA by default), then draws
+The README's main job. It trains with the shipped demo config (BaLoRA by default), then draws
 the concept's evaluation prompts without (w = 0) and with (w = 1) the adapter, and scores both
 with the concept's pixel fidelity (printed, and in demo.json), so "did it learn the concept?" has
 a number, not only a picture.
@@ -11,11 +11,9 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from balora_diffusion import paths
 from balora_diffusion.config import read_toml
 from balora_diffusion.train_config import TrainConfig
-
-REPO = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO / "training" / "configs" / "demo.toml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=None, help="update rule (default: the config's, balora)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3], help="sampling seeds of the final grid")
-    parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help=f"training config (default: {DEMO_CONFIG})")
+    parser.add_argument("--config", type=Path, default=Path("demo"),
+                        help="training config: a TOML file or a shipped config's name (default: demo); "
+                             "without a data_dir it trains the shipped concept")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["method"] = args.method
     if args.steps:
         overrides["steps"] = args.steps
-    cfg = replace(cfg, data_dir=str(_resolve(cfg.data_dir)), **overrides)
+    cfg = replace(cfg, data_dir=cfg.data_dir or str(paths.DEMO_CONCEPT), **overrides)
     concept = load_concept(cfg.data_dir)
     cfg = replace(cfg, token=[concept.token], init_word=concept.initializer,
                   grid_prompts=cfg.grid_prompts or list(concept.eval_prompts[:3]))
@@ -70,8 +70,3 @@ def run(args: argparse.Namespace) -> int:
         "fidelity": {f"{w:g}": vals for w, vals in scores.items()}})
     print(f"demo grid: {grid}")
     return 0
-
-
-def _resolve(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO / p

@@ -1,0 +1,1 @@
+"""The shipped training configs, as package data: use balora_diffusion.paths to find them."""

@@ -40,8 +40,8 @@ test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 # A fresh venv with the newest releases pyproject allows (no lock), except torch: which torch a
-# machine gets is a choice (CPU wheel or a CUDA build), so it stays TORCH_SPEC. Prints what is
-# newer than the lock, then runs the suite.
+# machine gets is a choice (CPU wheel or a CUDA build), so it stays TORCH_SPEC. Prints what differs
+# from the lock and which newer releases pyproject's upper bounds hold back, then runs the suite.
 test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
@@ -49,10 +49,7 @@ test-latest:
 	$(LATEST)/bin/$(PIP) $(TORCH_SPEC)
 	$(LATEST)/bin/$(PIP) -e ".[dev]"
 	$(LATEST)/bin/python -m pip freeze --all --exclude-editable > $(LATEST)/freeze.txt
-	@echo "releases newer than $(LOCK) (locked -> latest):"
-	@sed -E '/^#/d; s/\+[^ ]*$$//; s/==/ /' $(LOCK) | sort > $(LATEST)/locked.txt
-	@sed -E 's/\+[^ ]*$$//; s/==/ /' $(LATEST)/freeze.txt | sort > $(LATEST)/latest.txt
-	@join -a1 -a2 -e - -o 0,1.2,2.2 $(LATEST)/locked.txt $(LATEST)/latest.txt | awk '$$2 != $$3 {print "  " $$1 ": " $$2 " -> " $$3; n++} END {if (!n) print "  (none)"}'
+	$(LATEST)/bin/python -m balora_diffusion.versions --lock $(LOCK)
 	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q -p no:cacheprovider
 
 # The lock is written only from an environment the whole suite has just passed in: a freeze of it

@@ -9,9 +9,14 @@ versions and the fix instead of a traceback from deep inside a library. Two sour
 """
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -82,3 +87,71 @@ def check_versions() -> None:
     found = problems()
     if found:
         raise UserError(found[0])
+
+
+# --- the drift report of `make test-latest` --------------------------------------------------
+
+def read_lock(path: Path) -> dict[str, str]:
+    """name -> version of a `pip freeze` file; local version tags (+cpu) dropped."""
+    pins = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            pins[_canonical(name)] = version.split("+")[0].strip()
+    return pins
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def changed_since_lock(locked: dict[str, str], installed: dict[str, str]) -> list[str]:
+    """'name: locked -> installed' for every package whose version differs ('-' = absent)."""
+    return [f"{name}: {locked.get(name, '-')} -> {installed.get(name, '-')}"
+            for name in sorted(set(locked) | set(installed)) if locked.get(name) != installed.get(name)]
+
+
+def installed_distributions() -> dict[str, str]:
+    return {_canonical(d.metadata["Name"]): d.version.split("+")[0]
+            for d in metadata.distributions() if d.metadata["Name"] and _canonical(d.metadata["Name"]) != DISTRIBUTION}
+
+
+def newest_release(name: str) -> str | None:
+    """The newest release on the configured index (`pip index versions`), None when unreachable."""
+    result = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "--json", name],
+                            capture_output=True, text=True)
+    return json.loads(result.stdout)["latest"] if result.returncode == 0 else None
+
+
+def held_back(requirements: Iterable[Requirement], newest: Callable[[str], str | None] = newest_release) -> list[str]:
+    """Requirements whose newest release lies outside their range: an upper bound or exclusion
+    that a fixed release may let us lift."""
+    lines = []
+    for req in requirements:
+        if not any(spec.operator in ("<", "<=", "!=", "==", "~=") for spec in req.specifier):
+            continue
+        latest = newest(req.name)
+        if latest is not None and not req.specifier.contains(latest, prereleases=True):
+            lines.append(f"{req.name} {latest} (pyproject: {req})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m balora_diffusion.versions",
+                                     description="This environment against the lock of tested versions.")
+    parser.add_argument("--lock", type=Path, required=True, help="the lock file (a pip freeze)")
+    args = parser.parse_args(argv)
+    sections = {
+        f"releases that differ from {args.lock} (locked -> installed)":
+            changed_since_lock(read_lock(args.lock), installed_distributions()),
+        "newest releases outside pyproject's ranges (not installed)": held_back(own_requirements()),
+        "known-broken combinations and ranges": problems(),
+    }
+    for title, lines in sections.items():
+        print(title + ":")
+        print("\n".join(f"  {line}" for line in lines) if lines else "  (none)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

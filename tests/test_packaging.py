@@ -11,7 +11,7 @@ from packaging.requirements import Requirement
 
 from balora_diffusion import paths
 from balora_diffusion.errors import UserError
-from balora_diffusion.versions import KNOWN_BROKEN, problems
+from balora_diffusion.versions import KNOWN_BROKEN, changed_since_lock, held_back, problems, read_lock
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements.lock"
@@ -50,17 +50,26 @@ def test_config_file_takes_a_path_or_a_shipped_name(tmp_path, monkeypatch):
 
 
 def test_lock_pins_every_direct_dependency_inside_pyprojects_ranges():
-    locked = {}
-    for line in LOCK.read_text(encoding="utf-8").splitlines():
-        if line and not line.startswith("#"):
-            name, version = line.split("==")
-            locked[name.lower().replace("_", "-")] = version
-    assert "+" not in locked["torch"], "torch is locked by version only, so a CUDA build fits"
+    assert "torch==2" in LOCK.read_text() and "torch==2.13.0+" not in LOCK.read_text(), \
+        "torch is locked by version only, so a CUDA build fits"
+    locked = read_lock(LOCK)
     for text in PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["dev"]:
         req = Requirement(text)
         assert req.name in locked, f"{req.name} is not in the lock"
         assert req.specifier.contains(locked[req.name]), f"lock has {req.name} {locked[req.name]}, pyproject {req}"
     assert problems(version_of=locked.get, requirements=[]) == [], "the lock holds a known-broken combination"
+
+
+def test_drift_report_lists_changed_and_held_back_releases(tmp_path):
+    lock = tmp_path / "lock.txt"
+    lock.write_text("# header\ntorch==2.13.0\nPyYAML==6.0.1\nsix==1.16.0\n")
+    assert read_lock(lock) == {"torch": "2.13.0", "pyyaml": "6.0.1", "six": "1.16.0"}
+    installed = {"torch": "2.13.0", "pyyaml": "6.0.2", "tqdm": "4.70.1"}
+    assert changed_since_lock(read_lock(lock), installed) == ["pyyaml: 6.0.1 -> 6.0.2", "six: 1.16.0 -> -",
+                                                              "tqdm: - -> 4.70.1"]
+    reqs = [Requirement("transformers>=5.0,<5.24"), Requirement("numpy>=1.26"), Requirement("peft!=0.21.0")]
+    newest = {"transformers": "5.24.0", "numpy": "9.0", "peft": "0.21.2"}.get
+    assert held_back(reqs, newest=newest) == ["transformers 5.24.0 (pyproject: transformers<5.24,>=5.0)"]
 
 
 def test_version_guard_names_the_broken_combination_and_the_fix():

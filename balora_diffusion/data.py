@@ -1,7 +1,10 @@
 """Concept datasets: a folder of images with optional same-name `.txt` captions.
 
 Everything a user can get wrong about the folder is checked when the dataset is built, before the
-model is even loaded: a training run must never die at step 300 on an unreadable file.
+model is even loaded: a training run must never die at step 300 on an unreadable file. Two checks
+need the model and run as soon as it is there, still before any training: a placeholder token must
+fall inside the text encoder's window (`check_caption_tokens`, once the tokenizer knows the token)
+and images must not be far smaller than the training resolution (`check_image_sizes`).
 
 Batches are a pure function of (seed, step): the image order is a per-epoch permutation and every
 crop / flip draws from a generator seeded by (seed, step, slot). A resumed run therefore sees
@@ -9,16 +12,27 @@ exactly the batches an uninterrupted one would, without saving any data-loader s
 """
 from __future__ import annotations
 
+import codecs
+import math
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from balora_diffusion.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# The byte-order marks editors write (Notepad's "Unicode" is UTF-16-LE with one); without one a
+# caption must be UTF-8, since a legacy 8-bit encoding cannot be told apart from another reliably.
+CAPTION_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+# An image whose shorter side is below this share of the training resolution is refused: upscaled
+# more than 4x, each training pixel is interpolated from a sliver of a source pixel and the adapter
+# learns the blur as part of the concept. Milder upscaling only softens the images: a warning.
+MIN_SIDE_SHARE = 1 / 4
 
 
 def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
@@ -39,12 +53,42 @@ def to_rgb(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
 
 
 def load_image(path: Path) -> Image.Image:
+    """An image file as upright RGB: phones store the sensor's pixels with an EXIF Orientation tag.
+
+    PIL checks the size in the header, before decoding anything: past twice Image.MAX_IMAGE_PIXELS
+    it raises DecompressionBombError, refused here. Between the limit and twice it PIL only warns;
+    that range holds real photos (100-megapixel phone and camera modes), so they are accepted and
+    the warning, which Python would print as two lines of noise, is silenced.
+    """
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"image {path} is too large to train on, downscale it: {exc}") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise UserError(f"cannot read image {path}: {exc}") from exc
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text: UTF-8 with or without a byte-order mark, or UTF-16 with one."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read caption file {path}: {exc.strerror}") from None
+    encoding = next((name for bom, name in CAPTION_BOMS if raw.startswith(bom)), "utf-8")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        offset = exc.start + len(raw) - len(exc.object)  # utf-8-sig reports offsets past its BOM
+        problem = f"is not {exc.encoding.upper()} text ({exc.reason}: byte {raw[offset]:#04x} at offset {offset})"
+    else:
+        if "\0" not in text:
+            return text.strip()
+        # UTF-16 without a byte-order mark is valid UTF-8 with a NUL beside each ASCII character.
+        problem = "holds NUL characters (UTF-16 without a byte-order mark?)"
+    raise UserError(f"caption file {path} {problem}: save it as UTF-8")
 
 
 @dataclass
@@ -52,6 +96,11 @@ class Example:
     path: Path
     image: Image.Image
     caption: str
+    caption_file: Path | None  # None: the caption template
+
+    @property
+    def caption_source(self) -> str:
+        return str(self.caption_file) if self.caption_file else "the caption template"
 
 
 def read_concept_folder(folder: str | Path, tokens: list[str], caption_template: str) -> list[Example]:
@@ -71,15 +120,51 @@ def read_concept_folder(folder: str | Path, tokens: list[str], caption_template:
     for path in paths:
         caption_file = path.with_suffix(".txt")
         if caption_file.is_file():
-            caption = caption_file.read_text(encoding="utf-8").strip()
+            caption = read_caption(caption_file)
         else:
-            caption = caption_template.format(token=" ".join(tokens))
-        missing = [t for t in tokens if t not in caption]
+            caption, caption_file = caption_template.format(token=" ".join(tokens)), None
+        example = Example(path, load_image(path), caption, caption_file)
+        missing = [t for t in tokens if t not in example.caption]
         if missing:
-            source = caption_file if caption_file.is_file() else "the caption template"
-            raise UserError(f"caption of {path.name} ({source}) never names {', '.join(missing)}: {caption!r}")
-        examples.append(Example(path, load_image(path), caption))
+            raise UserError(f"caption of {path.name} ({example.caption_source}) never names {', '.join(missing)}: "
+                            f"{example.caption!r}")
+        examples.append(example)
     return examples
+
+
+def check_caption_tokens(examples: list[Example], tokenizer, tokens: list[str]) -> None:
+    """Every placeholder token must be among the ids the text encoder reads: training truncates a
+    caption to tokenizer.model_max_length ids (start and end tokens included), and a token cut off
+    there would silently never be trained. Needs the tokenizer with `tokens` added."""
+    window = tokenizer.model_max_length
+    token_ids = dict(zip(tokens, tokenizer.convert_tokens_to_ids(tokens)))
+    for ex in examples:
+        kept = tokenizer(ex.caption, truncation=True, max_length=window).input_ids
+        missing = [t for t, i in token_ids.items() if i not in kept]
+        if missing:
+            # verbose=False: the untruncated count is wanted here, not the tokenizer's warning about it
+            total = len(tokenizer(ex.caption, verbose=False).input_ids)
+            raise UserError(f"caption of {ex.path.name} ({ex.caption_source}) is {total} tokens and "
+                            f"{', '.join(missing)} falls past the text encoder's first {window} (start and end "
+                            "included), so it would never be trained: shorten the caption or name the token earlier")
+
+
+def check_image_sizes(examples: list[Example], resolution: int, quiet: bool = False) -> None:
+    """Refuse an image whose shorter side is below MIN_SIDE_SHARE of the training resolution; warn,
+    in one line on stderr unless `quiet`, about the ones that are upscaled less than that."""
+    small = sorted((ex for ex in examples if min(ex.image.size) < resolution), key=lambda ex: min(ex.image.size))
+    if not small:
+        return
+    smallest = small[0]
+    w, h = smallest.image.size
+    floor = math.ceil(resolution * MIN_SIDE_SHARE)
+    if min(w, h) < floor:
+        raise UserError(f"image {smallest.path} is {w}x{h}: its shorter side must be at least {floor} px "
+                        f"({MIN_SIDE_SHARE:.0%} of the {resolution} px training resolution), or the adapter "
+                        "learns upscaling blur")
+    if not quiet:
+        print(f"balora: warning: {len(small)} image(s) below the {resolution} px training resolution are upscaled "
+              f"and train soft; the smallest is {smallest.path} ({w}x{h})", file=sys.stderr)
 
 
 def _crop_box(w: int, h: int, side: int, gen: torch.Generator, random_crop: bool) -> tuple[int, int, int, int]:

@@ -23,7 +23,8 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 from balora_diffusion import checkpoint as ckpt
-from balora_diffusion.data import ConceptData, prepare, read_concept_folder
+from balora_diffusion.data import (ConceptData, check_caption_tokens, check_image_sizes, prepare,
+                                   read_concept_folder)
 from balora_diffusion.embeddings import add_placeholder_tokens
 from balora_diffusion.errors import UserError
 from balora_diffusion.lora import balance_diagnostics, find_lora_pairs, inject_lora
@@ -294,11 +295,13 @@ def train(cfg: TrainConfig) -> Path:
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     resolution = cfg.resolution or unet.config.sample_size * pipe.vae_scale_factor
+    check_image_sizes(examples, resolution, quiet=not accelerator.is_main_process)
     data = ConceptData(examples, resolution=resolution, repeats=cfg.repeats, seed=cfg.seed,
                        random_crop=cfg.random_crop, flip=cfg.flip)
     for module in (vae, unet, text_encoder):
         module.requires_grad_(False)
     embedding = add_placeholder_tokens(tokenizer, text_encoder, cfg.token, cfg.init_word)
+    check_caption_tokens(examples, tokenizer, cfg.token)
     torch.manual_seed(cfg.seed)
     inject_lora(unet, text_encoder, cfg)
     # peft creates the factors in the base's dtype; fp16 factors cannot take AdamW's small steps.

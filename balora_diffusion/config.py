@@ -196,6 +196,8 @@ def read_toml(cls: type, path: Path, _extended_by: tuple[Path, ...] = ()) -> dic
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 by definition
+        raise UserError(f"config file {path} is not UTF-8 ({exc.reason} at byte {exc.start}): save it as UTF-8") from None
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields) - {"extends"})
     if unknown:

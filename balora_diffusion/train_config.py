@@ -75,3 +75,5 @@ class TrainConfig:
     sample_steps: int = field(20, "sampling steps of the validation grid")
     guidance_scale: float = field(5.0, "classifier-free guidance of the validation grid")
     resume: str = field("", "'latest' or a checkpoint folder to continue from")
+    overwrite: bool = field(False, "start over in an output_dir that holds a run: its checkpoints, metrics, "
+                                   "adapter, run.json and grids are deleted first (other files stay)")

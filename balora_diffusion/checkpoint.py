@@ -6,10 +6,13 @@ tree with each tensor replaced by a reference, with key and container types kept
 `load_state_dict` sees exactly what `state_dict` gave.
 
 A checkpoint folder is written under a temporary name and renamed when complete, so a run killed
-mid-write leaves the previous checkpoint as the latest one.
+mid-write leaves the previous checkpoint as the latest one. Its manifest records the size and
+SHA-256 of every file, so that a checkpoint damaged afterwards (a disk that filled, a file cut
+short by a copy) is recognised before anything is loaded from it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from balora_diffusion.atomic import atomic_path
 
 PREFIX = "step-"
+MANIFEST = "manifest.json"
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -71,6 +75,7 @@ def write_checkpoint(root: Path, step: int, trees: dict[str, Any], keep: int = 2
         tmp.mkdir()
         for name, tree in trees.items():
             save_tree(tmp, name, tree)
+        (tmp / MANIFEST).write_text(json.dumps({f.name: _fingerprint(f) for f in sorted(tmp.iterdir())}))
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -84,3 +89,41 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def checkpoint_step(folder: Path) -> int:
     return int(folder.name[len(PREFIX):])
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with checkpoint `folder` (a missing, cut or altered file), or None if it is
+    exactly what `write_checkpoint` wrote."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (OSError, ValueError) as exc:
+        return f"unreadable {MANIFEST}: {exc}"
+    for name, written in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        found = _fingerprint(path)
+        if found["bytes"] != written["bytes"]:
+            return f"{name} has {found['bytes']} of its {written['bytes']} bytes"
+        if found != written:
+            return f"{name} differs from what was written"
+    return None
+
+
+def newest_intact(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint under `root` that `damage` finds nothing wrong with (None if there is
+    none), and a note "step-N (what is wrong)" on each newer one it passed over."""
+    skipped = []
+    for folder in reversed(list_checkpoints(root)):
+        problem = damage(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(f"{folder.name} ({problem})")
+    return None, skipped

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from balora_diffusion.errors import UserError
@@ -26,6 +27,20 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "base-model"): ("balora_diffusion.bench.base_model",
                               "prompt-following accuracy of a base model on the procedural world"),
 }
+
+
+# Notices that libraries log on stderr about what is so here on purpose, by logger name. They are
+# dropped where they are logged, and only they: everything else those loggers say still shows.
+NOTICES = {
+    # diffusers imports transformers' CLIP and SigLIP image processors, which fall back to PIL
+    # without torchvision; nothing here gives them an image, and torchvision is no dependency.
+    "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",
+    # load_textual_inversion grows the embedding table and then writes the learned vectors into
+    # the new rows, so how transformers fills them first does not matter.
+    "transformers.modeling_utils": "The new embeddings will be initialized from a multivariate normal",
+}
+# one filter object per logger: adding it again (main() called twice in one process) is a no-op
+_NOTICE_FILTERS = {name: (lambda record, text=text: text not in record.getMessage()) for name, text in NOTICES.items()}
 
 
 def _usage(prefix: tuple[str, ...]) -> str:
@@ -48,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if argv and argv[0] in ("-h", "--help") else 2
         words, argv = nxt, argv[1:]
     module_name, help_text = COMMANDS[words]
+    for name, keep in _NOTICE_FILTERS.items():  # before the libraries are imported and log
+        logging.getLogger(name).addFilter(keep)
     try:
         # before the command's module: a broken library combination can fail at import time
         check_versions()
@@ -59,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"balora: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"balora: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130  # 128 + SIGINT: what a shell reports for a program that Ctrl-C ended
 
 
 if __name__ == "__main__":

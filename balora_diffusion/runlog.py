@@ -1,7 +1,9 @@
 """A run's metrics: `metrics.jsonl` (one record per step and metric), TensorBoard, PNG plots.
 
 On resume the JSONL is cut back to the resumed step, so a curve never holds the steps that the
-killed run logged after its last checkpoint twice.
+killed run logged after its last checkpoint twice. The training flushes it every step before a
+checkpoint can name that step, so a kill -9 loses no step a resumed run starts after; a last line
+that the kill cut short is dropped.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from balora_diffusion.atomic import atomic_path
+from balora_diffusion.errors import UserError
 
 # Plots written at the end of a run: file name -> (title, metric-name prefixes, log y axis)
 PLOTS = {
@@ -30,12 +33,10 @@ class RunLog:
             return
         out.mkdir(parents=True, exist_ok=True)
         kept = []
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec["step"] <= resume_step:
-                    kept.append(line)
-                    self.series[rec["name"]].append((rec["step"], rec["value"]))
+        for line, rec in self._records():
+            if rec["step"] <= resume_step:
+                kept.append(line)
+                self.series[rec["name"]].append((rec["step"], rec["value"]))
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(k + "\n" for k in kept))
         self.file = self.path.open("a")
@@ -43,12 +44,32 @@ class RunLog:
 
         self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
+    def _records(self) -> list[tuple[str, dict]]:
+        text = self.path.read_text() if self.path.is_file() else ""
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines.pop()  # every record is written with its newline: this one was cut short by a kill
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append((line, json.loads(line)))
+            except ValueError:
+                raise UserError(f"{self.path} line {number} is not a JSON record; repair or delete the line "
+                                "to resume") from None
+        return records
+
     def scalar(self, step: int, name: str, value: float) -> None:
         if not self.enabled:
             return
         self.series[name].append((step, float(value)))
         self.file.write(json.dumps({"step": step, "name": name, "value": float(value)}) + "\n")
         self.writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        """Hand what was logged to the OS, where a kill of this process cannot lose it."""
+        if self.enabled:
+            self.file.flush()
+            self.writer.flush()
 
     def last_values(self) -> dict[str, float]:
         return {name: points[-1][1] for name, points in self.series.items() if points}

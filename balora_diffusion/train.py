@@ -33,6 +33,7 @@ from balora_diffusion.rules import build_optimizer
 from balora_diffusion.adapters import save_adapter
 from balora_diffusion.atomic import write_json_atomic
 from balora_diffusion.generate import generate, write_grid
+from balora_diffusion.runfolder import RunFolder
 from balora_diffusion.runlog import RunLog
 from balora_diffusion.train_config import TrainConfig
 
@@ -198,7 +199,7 @@ def validation_grid(path: Path, cfg: TrainConfig, pipe, accelerator) -> None:
                title=f"{cfg.method}: rows = prompts, columns = fusion coefficient x seed")
 
 
-def save_training_state(out: Path, step: int, accelerator, models, optimizer, lr_schedule) -> None:
+def save_training_state(out: Path, step: int, accelerator, models, optimizer, lr_schedule, cfg: TrainConfig) -> None:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
@@ -209,12 +210,12 @@ def save_training_state(out: Path, step: int, accelerator, models, optimizer, lr
                 trainable[f"{prefix}.{name}"] = p
     ckpt.write_checkpoint(out / "checkpoints", step, {
         "trainable": trainable, "optimizer": optimizer.state_dict(),
-        "schedule": lr_schedule.state_dict(), "meta": {"step": step}})
+        "schedule": lr_schedule.state_dict(), "meta": {"step": step},
+        "config": asdict(cfg)})  # what a resume must not change (runfolder.check_resumable)
 
 
 def drop_checkpoints_after(out: Path, step: int, accelerator) -> Path | None:
-    """Delete checkpoints of >= `step` updates (their weights gave the non-finite loss) and return
-    the newest one left."""
+    """Delete checkpoints of >= `step` updates and return the newest one left."""
     found = ckpt.list_checkpoints(out / "checkpoints")
     if accelerator.is_main_process:
         for folder in found:
@@ -222,18 +223,6 @@ def drop_checkpoints_after(out: Path, step: int, accelerator) -> Path | None:
                 shutil.rmtree(folder)
     good = [f for f in found if ckpt.checkpoint_step(f) < step]
     return good[-1] if good else None
-
-
-def resolve_resume(out: Path, resume: str) -> Path:
-    if resume == "latest":
-        found = ckpt.list_checkpoints(out / "checkpoints")
-        if not found:
-            raise UserError(f"--resume latest: no checkpoint in {out / 'checkpoints'}")
-        return found[-1]
-    folder = Path(resume)
-    if not (folder / "meta.json").is_file():
-        raise UserError(f"--resume {resume}: not a checkpoint folder")
-    return folder
 
 
 def load_training_state(folder: Path, accelerator, models, optimizer, lr_schedule) -> int:
@@ -278,6 +267,13 @@ def train(cfg: TrainConfig) -> Path:
     # cpu=True is what lets accelerate see a torch.distributed launch on CPUs as MULTI_CPU.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision if on_gpu else "no", cpu=not on_gpu,
                               step_scheduler_with_optimizer=False)
+    # ---- data first: a bad folder must fail before the run folder is touched or the model loaded
+    examples = read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template)
+    with RunFolder(cfg, accelerator) as run_folder:
+        return _train(cfg, accelerator, examples, run_folder)
+
+
+def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Path:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
@@ -285,9 +281,6 @@ def train(cfg: TrainConfig) -> Path:
     base_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     if device.type != "cuda":
         base_dtype = torch.float32
-
-    # ---- data first: a bad folder must fail before minutes of model loading
-    examples = read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template)
 
     # ---- base model, placeholder tokens, LoRA
     pipe = load_pipeline(cfg.base_model or None, device=device, dtype=base_dtype,
@@ -329,12 +322,14 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- resume
     start_step = 0
-    if cfg.resume:
-        folder = resolve_resume(out, cfg.resume)
-        start_step = load_training_state(folder, accelerator, [unet, text_encoder], optimizer, lr_schedule)
-        accelerator.print(f"resumed from {folder} at step {start_step}")
+    if run_folder.resume_from:
+        start_step = load_training_state(run_folder.resume_from, accelerator, [unet, text_encoder], optimizer,
+                                         lr_schedule)
+        # later checkpoints hold steps that this run does again; left, `--resume latest` would pick them
+        drop_checkpoints_after(out, start_step + 1, accelerator)
+        accelerator.print(f"resumed from {run_folder.resume_from} at step {start_step}")
 
-    log = RunLog(out, enabled=accelerator.is_main_process, resume_step=start_step)
+    log = run_folder.closing(RunLog(out, enabled=accelerator.is_main_process, resume_step=start_step))
     if accelerator.is_main_process:
         write_json_atomic(out / "config.json", asdict(cfg))
     heldout = make_heldout(cfg, data, vae, tokenizer, scheduler, device)
@@ -344,8 +339,8 @@ def train(cfg: TrainConfig) -> Path:
         evaluate(log, 0, heldout, accelerator, unet, text_encoder, scheduler, pairs)
     text_encoder.train(cfg.train_text_encoder)
     unet.train()
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
-               disable=not accelerator.is_local_main_process)
+    bar = run_folder.closing(tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
+                                  disable=not accelerator.is_local_main_process))
     started = time.perf_counter()
     memory = GpuPeaks(device)
     step_seconds = 0.0  # training steps alone: the loop's time also holds evals, grids and checkpoints
@@ -364,7 +359,7 @@ def train(cfg: TrainConfig) -> Path:
             loss = denoising_loss(unet, text_encoder, scheduler, latents, noise, timesteps, ids,
                                   loss_weights(scheduler, timesteps, cfg.min_snr_gamma))
         if not torch.isfinite(loss):
-            raise TrainingDiverged(
+            raise TrainingDiverged(  # the checkpoints from `step` on hold the weights that gave this loss
                 f"loss became {loss.item()} at step {step}; stopped. Last good checkpoint: "
                 f"{drop_checkpoints_after(out, step, accelerator) or 'none'}. "
                 "Lower the learning rate, or use mixed_precision bf16 or no.")
@@ -387,8 +382,9 @@ def train(cfg: TrainConfig) -> Path:
             evaluate(log, done, heldout, accelerator, unet, text_encoder, scheduler, pairs)
         if cfg.grid_every and done % cfg.grid_every == 0 and done != cfg.steps and accelerator.is_main_process:
             validation_grid(out / f"grid-step{done:06d}.png", cfg, pipe, accelerator)
+        log.flush()  # before a checkpoint can name this step
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_training_state(out, done, accelerator, [unet, text_encoder], optimizer, lr_schedule)
+            save_training_state(out, done, accelerator, [unet, text_encoder], optimizer, lr_schedule, cfg)
     elapsed = time.perf_counter() - started
 
     # ---- outputs
@@ -410,5 +406,4 @@ def train(cfg: TrainConfig) -> Path:
             "versions": library_versions(),
         }
         write_json_atomic(out / "run.json", run)
-    log.close()
     return out

@@ -124,3 +124,5 @@ class TrainConfig:
     guidance_scale: float = field(5.0, "classifier-free guidance of the validation grid", ge=0)
     resume: str = field("", "'latest' or a checkpoint folder to continue from", path=True,
                         not_paths=["latest"])
+    overwrite: bool = field(False, "start over in an output_dir that holds a run: its checkpoints, metrics, "
+                                   "adapter, run.json and grids are deleted first (other files stay)")

@@ -1,5 +1,6 @@
 """Checkpoints round-trip optimizer state exactly, without pickle, and are written atomically."""
 import json
+import os
 
 import torch
 
@@ -38,3 +39,25 @@ def test_checkpoints_rotate_and_a_partial_write_is_not_listed(tmp_path):
     found = ckpt.list_checkpoints(tmp_path)
     assert [ckpt.checkpoint_step(f) for f in found] == [20, 30]
     assert ckpt.load_tree(found[-1], "meta") == {"step": 30}
+
+
+def test_the_newest_intact_checkpoint_skips_truncated_missing_and_altered_files(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.write_checkpoint(tmp_path, step, {"meta": {"step": step}, "w": {"w": torch.arange(64.0) * step}}, keep=4)
+    one, two, three, four = ckpt.list_checkpoints(tmp_path)
+    assert ckpt.newest_intact(tmp_path) == (four, [])
+
+    weights = four / "w.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    (three / "meta.json").unlink()
+    altered = bytearray((two / "w.safetensors").read_bytes())
+    altered[-1] ^= 0xFF  # the same size, a different last weight
+    (two / "w.safetensors").write_bytes(altered)
+    found, skipped = ckpt.newest_intact(tmp_path)
+    assert found == one
+    assert [note.split()[0] for note in skipped] == [four.name, three.name, two.name]
+    assert "w.safetensors" in skipped[0] and "meta.json" in skipped[1] and "w.safetensors" in skipped[2]
+
+    (one / ckpt.MANIFEST).unlink()
+    found, skipped = ckpt.newest_intact(tmp_path)
+    assert found is None and len(skipped) == 4 and ckpt.MANIFEST in skipped[-1]

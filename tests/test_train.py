@@ -1,6 +1,7 @@
 """Concept training end to end on a random-weight SD-architecture pipeline (milliseconds a step)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from balora_diffusion import paths
 from balora_diffusion.checkpoint import list_checkpoints, load_tree
 from balora_diffusion.cli import main as cli_main
+from balora_diffusion.runfolder import LOCK
 from balora_diffusion.train import TrainingDiverged, train
 from balora_diffusion.train_config import TrainConfig
 
@@ -130,7 +132,23 @@ def _run_cli(args, **kw):
     # one thread, like this test process (conftest): float reductions then add up in the same order
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "balora_diffusion.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+                            **{"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **kw})
+
+
+def _wait_until(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _our_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("balora: ")]
 
 
 def _flags(cfg: TrainConfig) -> list[str]:
@@ -149,24 +167,133 @@ def test_resume_after_a_kill_gives_the_uninterrupted_adapter(random_sd_dir, tmp_
 
     killed = replace(cfg, output_dir=str(tmp_path / "killed"))
     proc = _run_cli(_flags(killed))
-    deadline = time.time() + 300
-    while not list_checkpoints(tmp_path / "killed" / "checkpoints") and time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.05)
+    _wait_until(proc, lambda: list_checkpoints(tmp_path / "killed" / "checkpoints"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     steps_done = [int(p.name.split("-")[1]) for p in list_checkpoints(tmp_path / "killed" / "checkpoints")]
     assert steps_done and max(steps_done) < 30, "the run must have been killed before its end"
 
+    assert (tmp_path / "killed" / LOCK).is_file(), "the killed run's lock file stays; its OS lock died with it"
     train(replace(killed, resume="latest"))
-    a = load_file(str(tmp_path / "straight" / "adapter" / "pytorch_lora_weights.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "adapter" / "pytorch_lora_weights.safetensors"))
+    assert _records(tmp_path / "killed") == _records(tmp_path / "straight"), "every step's metrics, once each"
+    _assert_equal(_adapter(tmp_path / "straight"), _adapter(tmp_path / "killed"))
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return {**load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors")),
+            **load_file(str(out / "adapter" / "embeddings.safetensors"))}
+
+
+def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    ea = load_file(str(tmp_path / "straight" / "adapter" / "embeddings.safetensors"))["clip_l"]
-    eb = load_file(str(tmp_path / "killed" / "adapter" / "embeddings.safetensors"))["clip_l"]
-    assert torch.equal(ea, eb)
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(random_sd_dir, tmp_path, capsys):
+    cfg = _config(random_sd_dir, tmp_path / "run", steps=2, checkpoint_every=1, eval_every=2)
+    out = train(cfg)
+    adapter = _adapter(out)
+    assert cli_main(_flags(replace(cfg, seed=1))) == 2
+    (error,) = _our_lines(capsys.readouterr().err)
+    assert "already holds a run" in error and "--resume latest" in error and "--overwrite true" in error, error
+    _assert_equal(_adapter(out), adapter)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000001", "step-0000002"]
+
+    assert cli_main(_flags(replace(cfg, resume="latest", overwrite=True))) == 2
+    (error,) = _our_lines(capsys.readouterr().err)
+    assert "--resume" in error and "--overwrite" in error, error
+
+    (out / "notes.txt").write_text("mine")
+    again = replace(cfg, seed=1, steps=3, checkpoint_every=3, eval_every=3, overwrite=True)
+    assert cli_main(_flags(again)) == 0
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000003"], "the old run's are gone"
+    assert json.loads((out / "run.json").read_text())["seed"] == 1
+    assert any(not torch.equal(v, adapter[k]) for k, v in _adapter(out).items())
+    assert [r["step"] for r in _records(out) if r["name"] == "heldout_loss"] == [0, 3], "only the new run's metrics"
+    assert (out / "notes.txt").read_text() == "mine", "files that are not the run's stay"
+
+
+def test_a_second_training_into_the_same_folder_is_refused_at_once(random_sd_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = _config(random_sd_dir, out, steps=100_000, checkpoint_every=100_000, eval_every=100_000)
+    with (tmp_path / "first.log").open("w") as log:
+        first = _run_cli(_flags(cfg), stdout=log)
+    try:
+        _wait_until(first, lambda: (out / LOCK).is_file() and (out / LOCK).read_text().strip() == str(first.pid),
+                    timeout=120)
+        leftover = out / ".run.json.tmp4242"  # as if the first run were writing it right now
+        leftover.write_text("{")
+        # a missing base model would be the error if the second run got as far as loading it
+        assert cli_main(_flags(replace(cfg, steps=2, base_model=str(tmp_path / "no-model")))) == 2
+        (error,) = _our_lines(capsys.readouterr().err)
+        assert "another training" in error and str(first.pid) in error, error
+        assert first.poll() is None and leftover.exists(), "the first run and its files are untouched"
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_leftovers_of_interrupted_writes_are_removed_at_the_next_start(random_sd_dir, tmp_path):
+    out = tmp_path / "run"
+    leftovers = [out / ".run.json.tmp4242", out / ".adapter.tmp4242" / "pytorch_lora_weights.safetensors",
+                 out / "checkpoints" / ".step-0000006.tmp4242" / "trainable.safetensors"]
+    kept = [out / ".notes", out / "notes.tmp4242"]
+    for path in leftovers + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    train(_config(random_sd_dir, out, steps=1, checkpoint_every=1, eval_every=1))
+    assert not any(p.exists() for p in (out / ".run.json.tmp4242", out / ".adapter.tmp4242",
+                                         out / "checkpoints" / ".step-0000006.tmp4242"))
+    assert all(p.read_text() == "x" for p in kept)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(random_sd_dir, tmp_path, capsys):
+    cfg = _config(random_sd_dir, tmp_path / "run", steps=4, checkpoint_every=2, eval_every=4)
+    out = train(cfg)
+    adapter = _adapter(out)
+    older, latest = list_checkpoints(out / "checkpoints")
+    weights = latest / "trainable.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    capsys.readouterr()
+
+    train(replace(cfg, resume="latest"))
+    (warning,) = _our_lines(capsys.readouterr().err)
+    assert warning.startswith("balora: warning: ") and latest.name in warning and older.name in warning, warning
+    _assert_equal(_adapter(out), adapter)  # steps 3 and 4 again from step 2: the same adapter
+    assert load_tree(latest, "meta") == {"step": 4}, "and a whole checkpoint of step 4"
+
+    os.truncate(weights, weights.stat().st_size // 2)
+    (older / "optimizer.json").unlink()
+    assert cli_main(_flags(replace(cfg, resume="latest"))) == 2
+    (error,) = _our_lines(capsys.readouterr().err)
+    assert "no intact checkpoint" in error and latest.name in error and older.name in error, error
+
+
+def test_resume_refuses_a_changed_training_option_and_names_it(random_sd_dir, tmp_path, capsys):
+    cfg = _config(random_sd_dir, tmp_path / "run", steps=2, checkpoint_every=2, eval_every=2)
+    train(cfg)
+    for key, value in (("rank", 8), ("method", "lora"), ("init_word", "cat")):
+        assert cli_main(_flags(replace(cfg, resume="latest", **{key: value}))) == 2
+        (error,) = _our_lines(capsys.readouterr().err)
+        assert f"{key} = {getattr(cfg, key)!r}" in error and f"{key} = {value!r}" in error, error
+    # how long to train and what to evaluate or draw may change
+    out = train(replace(cfg, resume="latest", steps=4, eval_every=4, fusion=[1.0]))
+    assert json.loads((out / "run.json").read_text())["resumed_from"] == 2
+
+
+def test_ctrl_c_exits_130_with_one_line_naming_the_checkpoint_and_how_to_resume(random_sd_dir, tmp_path):
+    cfg = _config(random_sd_dir, tmp_path / "run", steps=100_000, checkpoint_every=2, eval_every=100_000)
+    with (tmp_path / "stderr.txt").open("w") as err:
+        proc = _run_cli(_flags(cfg), stdout=subprocess.DEVNULL, stderr=err)
+        _wait_until(proc, lambda: list_checkpoints(tmp_path / "run" / "checkpoints"))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    text = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in text, text[-3000:]
+    (line,) = _our_lines(text)
+    last = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
+    assert str(last) in line and "--resume latest" in line, line
 
 
 def test_two_processes_keep_identical_replicas(random_sd_dir, tmp_path):
@@ -185,13 +312,17 @@ def test_two_processes_keep_identical_replicas(random_sd_dir, tmp_path):
     assert len(run["replica_checksums"]) == 2 and run["replica_checksums"][0] == run["replica_checksums"][1]
 
 
-def test_demo_trains_then_draws_the_concept_with_and_without_the_adapter(random_sd_dir, tmp_path, capsys):
+def _small_demo(model_dir: Path, tmp_path: Path) -> list[str]:
     from balora_diffusion.config import read_toml, to_toml
     cfg = TrainConfig(**read_toml(TrainConfig, paths.config_file("demo")))
     config = tmp_path / "demo.toml"
-    config.write_text(to_toml(replace(cfg, base_model=str(random_sd_dir), steps=3, eval_every=3, sample_steps=2,
+    config.write_text(to_toml(replace(cfg, base_model=str(model_dir), steps=3, eval_every=3, sample_steps=2,
                                       grid_seeds=[1], fusion=[1.0])))
-    assert cli_main(["demo", "--config", str(config), "--output-dir", str(tmp_path / "demo"), "--seeds", "1"]) == 0
+    return ["demo", "--config", str(config), "--output-dir", str(tmp_path / "demo"), "--seeds", "1"]
+
+
+def test_demo_trains_then_draws_the_concept_with_and_without_the_adapter(random_sd_dir, tmp_path, capsys):
+    assert cli_main(_small_demo(random_sd_dir, tmp_path)) == 0
     printed = capsys.readouterr().out
     scores = [float(line.split("mean ")[1].split()[0]) for line in printed.splitlines() if line.startswith("fidelity")]
     assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
@@ -200,6 +331,16 @@ def test_demo_trains_then_draws_the_concept_with_and_without_the_adapter(random_
     grid = Image.open(tmp_path / "demo" / "demo.png")
     # 6 evaluation prompts x (without, with) rows of 16 px images drawn at least 96 px wide
     assert grid.height > 12 * 96
+
+
+def test_a_command_prints_nothing_on_stderr_but_its_own_lines_and_progress_bars(random_sd_dir, tmp_path):
+    proc = _run_cli(_small_demo(random_sd_dir, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    bar = re.compile(r"^.*: *\d+%\|.*\| *\d+/\d+ \[")  # tqdm: "train:  40%|####      | 2/5 [00:01<00:01, ...]"
+    pieces = re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", err))
+    foreign = [p for p in pieces if p.strip() and not bar.match(p) and not p.startswith("balora: ")]
+    assert not foreign, foreign
 
 
 def test_the_shipped_model_learns_the_shipped_concept(tmp_path):

@@ -1,0 +1,176 @@
+"""The run folder of one training: one training at a time, never mixed with an older run, free of
+the debris of killed writes, and resumed only from an intact checkpoint of the same training.
+
+Only the main process of a multi-process launch touches the folder; it hands what it found (an
+error, or the checkpoint to resume from) to the others, so that all of them stop or go on together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import shutil
+import sys
+from contextlib import ExitStack, closing
+from pathlib import Path
+from typing import TypeVar
+
+from balora_diffusion import checkpoint as ckpt
+from balora_diffusion.atomic import remove_leftovers, temp_sibling
+from balora_diffusion.errors import UserError
+from balora_diffusion.runlog import PLOTS
+from balora_diffusion.train_config import TrainConfig
+
+T = TypeVar("T")
+
+# An OS lock (flock) on this file, not the file itself, says a training is running: the kernel
+# drops it when its process dies, so a killed run never blocks the next one.
+LOCK = ".balora.lock"
+# What a training (and the demo after it) writes into its folder: any of them means that the
+# folder holds a run, and --overwrite true deletes exactly these, never other files kept there.
+RUN_OUTPUTS = ("checkpoints", "adapter", "run.json", "config.json", "metrics.jsonl", "tensorboard",
+               "grid.png", *PLOTS, "demo.png", "demo.json")
+STEP_GRIDS = "grid-step*.png"
+
+# TrainConfig keys that a resumed run may set differently from its checkpoint: how long to train,
+# how often to checkpoint, evaluate and draw, where to write, and settings of speed and memory
+# (an fp16 run that diverged may go on in bf16). Every other key is part of what is trained, so a
+# key added to TrainConfig later must match too until it is listed here.
+RESUMABLE_CHANGES = frozenset({
+    "steps", "checkpoint_every", "eval_every", "grid_every", "grid_prompts", "grid_seeds", "fusion",
+    "sample_steps", "guidance_scale", "output_dir", "resume", "overwrite", "cpu_threads",
+    "mixed_precision", "gradient_checkpointing"})
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a training, with where to go on from: the CLI prints it as one line, status 130."""
+
+
+def held_outputs(out: Path) -> list[Path]:
+    """The outputs of an earlier run in `out` (empty: `out` holds no run). An empty folder is none:
+    a run killed while it wrote its first checkpoint leaves an empty checkpoints/."""
+    found = [out / name for name in RUN_OUTPUTS] + sorted(out.glob(STEP_GRIDS))
+    return [p for p in found if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+
+
+def resume_checkpoint(out: Path, cfg: TrainConfig) -> Path:
+    """The checkpoint that `cfg.resume` names, intact and written by a training `cfg` may continue.
+    `latest` passes over damaged checkpoints to the newest intact one, with a warning."""
+    if cfg.resume == "latest":
+        root = out / "checkpoints"
+        folder, skipped = ckpt.newest_intact(root)
+        if folder is None:
+            raise UserError(f"--resume latest: no intact checkpoint in {root}: {'; '.join(skipped)}" if skipped
+                            else f"--resume latest: no checkpoint in {root}")
+        if skipped:
+            print(f"balora: warning: damaged checkpoint(s) {'; '.join(skipped)}; resuming from {folder}",
+                  file=sys.stderr)
+    else:
+        folder = Path(cfg.resume)
+        damage = ckpt.damage(folder)
+        if damage:
+            raise UserError(f"--resume {cfg.resume}: not an intact checkpoint folder ({damage})")
+    check_resumable(ckpt.load_tree(folder, "config"), cfg, folder)
+    return folder
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, folder: Path) -> None:
+    """Raise a UserError naming the first key, in TrainConfig's order, that `cfg` sets differently
+    from the training that wrote checkpoint `folder` (its config: `saved`)."""
+    for f in dataclasses.fields(cfg):
+        if f.name in RESUMABLE_CHANGES:
+            continue
+        # a key newer than the checkpoint: the training that wrote it ran with the default
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        before, now = saved.get(f.name, default), getattr(cfg, f.name)
+        if before != now:
+            raise UserError(f"--resume: {folder} was trained with {f.name} = {before!r}, this run has "
+                            f"{f.name} = {now!r}; a resumed run must keep it (train into another "
+                            "--output-dir, or start over with --overwrite true)")
+
+
+class RunFolder:
+    """`with RunFolder(cfg, accelerator) as run:` around a training. On entry the main process locks
+    the folder, removes the leftovers of killed writes, refuses a folder that holds a run unless
+    the config resumes or overwrites it, and finds the checkpoint to resume from (`resume_from`).
+    On exit, however the training ends, what it registered with `closing` is closed and the lock
+    released; Ctrl-C becomes a TrainingInterrupted that says how to go on."""
+
+    def __init__(self, cfg: TrainConfig, accelerator):
+        self.cfg, self.out, self.accelerator = cfg, Path(cfg.output_dir), accelerator
+        self.resume_from: Path | None = None
+        self._stack = ExitStack()
+
+    def __enter__(self) -> RunFolder:
+        from accelerate.utils import broadcast_object_list
+
+        error, resume = None, None
+        if self.accelerator.is_main_process:
+            try:
+                resume = self._prepare()
+            except UserError as exc:
+                error = str(exc)
+            except OSError as exc:
+                error = f"cannot use {self.out} as the run folder: {exc}"
+        error, resume = broadcast_object_list([error, resume and str(resume)])
+        if error:
+            self._stack.close()
+            raise UserError(error)
+        self.resume_from = Path(resume) if resume else None
+        return self
+
+    def _prepare(self) -> Path | None:
+        cfg, out = self.cfg, self.out
+        if cfg.resume and cfg.overwrite:
+            raise UserError("--resume continues the run in the folder and --overwrite true deletes it: "
+                            "give one of them")
+        self._lock()
+        for folder in (out, out / "checkpoints"):
+            remove_leftovers(folder)
+        held = held_outputs(out)
+        if held and not cfg.resume:
+            if not cfg.overwrite:
+                names = ", ".join(p.name for p in held[:3]) + (", ..." if len(held) > 3 else "")
+                raise UserError(f"{out} already holds a run ({names}): continue it with --resume latest, "
+                                "or delete it and start again with --overwrite true")
+            # Moved aside at once, deleted after: a kill during the slow delete leaves a temporary
+            # name that the next start removes, never a mix of the old run and the new one.
+            trash = temp_sibling(out / "overwritten")
+            trash.mkdir()
+            for path in held:
+                os.replace(path, trash / path.name)
+            shutil.rmtree(trash)
+        return resume_checkpoint(out, cfg) if cfg.resume else None
+
+    def _lock(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        handle = self._stack.enter_context((self.out / LOCK).open("a+"))
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserError(f"another training (process {holder}) is writing into {self.out}: wait for it to "
+                            "end, or choose another --output-dir") from None
+        # the holder's pid, for that message only: the lock is what counts
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+
+    def closing(self, thing: T) -> T:
+        """Close `thing` when the training ends, however it ends (a progress bar then ends its line
+        before the last message)."""
+        return self._stack.enter_context(closing(thing))
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self._stack.close()
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, TrainingInterrupted):
+            raise TrainingInterrupted(self._how_to_go_on()) from None
+
+    def _how_to_go_on(self) -> str:
+        found = ckpt.list_checkpoints(self.out / "checkpoints")
+        if not found:
+            return f"interrupted before the first checkpoint of {self.out}; start again with --overwrite true"
+        instead = " instead of --overwrite true" if self.cfg.overwrite else ""
+        return (f"interrupted; the last checkpoint is {found[-1]}: to continue, run the same command with "
+                f"--resume latest{instead}")

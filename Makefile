@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	touch $@
 
 demo: setup
-	$(BIN)/balora demo --output-dir runs/demo
+	$(BIN)/balora demo --output-dir runs/demo --overwrite true
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

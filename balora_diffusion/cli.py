@@ -53,14 +53,27 @@ def _usage(prefix: tuple[str, ...]) -> str:
     return head + intro + "\n".join(f"  {w.ljust(width)}  {h}" for w, h in rows)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's mistakes (an unknown flag, a missing value) as the one-line UserError every
+    other bad input gets, instead of its usage block."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     words: tuple[str, ...] = ()
     while words not in COMMANDS:
         nxt = words + (argv[0],) if argv else None
         if nxt is None or not any(k[: len(nxt)] == nxt for k in COMMANDS):
-            print(_usage(words), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-            return 0 if argv and argv[0] in ("-h", "--help") else 2
+            if nxt is None or argv[0] in ("-h", "--help"):
+                print(_usage(words))
+                return 0 if argv else 2
+            known = sorted({k[len(words)] for k in COMMANDS if k[: len(words)] == words})
+            print(f"balora: error: unknown command {' '.join(nxt)!r}: use one of {', '.join(known)} "
+                  f"(see balora {' '.join(words + ('--help',))})", file=sys.stderr)
+            return 2
         words, argv = nxt, argv[1:]
     module_name, help_text = COMMANDS[words]
     for name, keep in _NOTICE_FILTERS.items():  # before the libraries are imported and log
@@ -69,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         # before the command's module: a broken library combination can fail at import time
         check_versions()
         module = importlib.import_module(module_name)
-        parser = argparse.ArgumentParser(prog="balora " + " ".join(words), description=help_text)
+        parser = _Parser(prog="balora " + " ".join(words), description=help_text)
         module.add_arguments(parser)
         args = parser.parse_args(argv)
         return int(module.run(args) or 0)

@@ -58,15 +58,24 @@ def check_model_dir(path: Path) -> Path:
 @contextmanager
 def quiet_diffusers() -> Iterator[None]:
     """Silence diffusers' info/warning chatter (e.g. "safety checker disabled", fp16-cast notes)
-    that is noise for a model that never had a safety checker."""
+    that is noise for a model that never had a safety checker, and the loading progress bars of
+    diffusers and transformers: a load takes seconds, and a bar left on stderr would bury the one
+    line that says why a load failed."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     previous = diffusers_logging.get_verbosity()
+    bars = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
     diffusers_logging.set_verbosity(logging.ERROR)
+    for lib, _ in bars:
+        lib.disable_progress_bar()
     try:
         yield
     finally:
         diffusers_logging.set_verbosity(previous)
+        for lib, enabled in bars:
+            if enabled:
+                lib.enable_progress_bar()
 
 
 def load_pipeline(path: str | Path | None = None, device: str | torch.device = "auto",

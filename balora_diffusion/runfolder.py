@@ -140,22 +140,27 @@ class RunFolder:
             for path in held:
                 os.replace(path, trash / path.name)
             shutil.rmtree(trash)
-        return resume_checkpoint(out, cfg) if cfg.resume else None
+        resume = resume_checkpoint(out, cfg) if cfg.resume else None
+        self._sign()
+        return resume
 
     def _lock(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        handle = self._stack.enter_context((self.out / LOCK).open("a+"))
+        self._handle = self._stack.enter_context((self.out / LOCK).open("a+"))
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            self._handle.seek(0)
+            holder = self._handle.read().strip() or "unknown"
             raise UserError(f"another training (process {holder}) is writing into {self.out}: wait for it to "
                             "end, or choose another --output-dir") from None
-        # the holder's pid, for that message only: the lock is what counts
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+
+    def _sign(self) -> None:
+        """The holder's pid, for the message above only (the lock is what counts); written once the
+        run is accepted, so that a refused one leaves the folder as it found it."""
+        self._handle.truncate(0)
+        self._handle.write(f"{os.getpid()}\n")
+        self._handle.flush()
 
     def closing(self, thing: T) -> T:
         """Close `thing` when the training ends, however it ends (a progress bar then ends its line

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", default=None, help="training steps (default: the config's)")
     parser.add_argument("--seeds", nargs="*", default=None,
                         help=f"sampling seeds of the final grid (default: {' '.join(map(str, SEEDS))})")
+    parser.add_argument("--overwrite", default=None, metavar="BOOL",
+                        help="start over in a run folder that holds an earlier demo (default: false)")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint folder: finish an interrupted demo")
     parser.add_argument("--config", type=Path, default=Path("demo"),
                         help="training config: a TOML file or a shipped config's name (default: demo); "
                              "without a data_dir it trains the shipped concept")

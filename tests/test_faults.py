@@ -1,0 +1,212 @@
+"""Fault campaign: bad inputs through the real `balora` command, one subprocess each.
+
+Every case holds the contract for bad input: exit code 2, exactly one `balora: error: ...` line on
+stderr (naming the problem) and nothing else there, no traceback anywhere, no adapter or run.json
+written, and a finished run that sits beside the case's folder left byte-identical.
+"""
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from balora_diffusion import paths
+
+# Quick training options: a case that is refused must be refused whatever they are.
+TRAIN = ["--token", "<zorb>", "--init-word", "heart", "--steps", "2", "--eval-every", "1", "--checkpoint-every", "1",
+         "--sample-steps", "1", "--grid-seeds", "1", "--fusion", "1", "--heldout-size", "2", "--batch-size", "2"]
+
+
+class Work:
+    """A case's folder: a copy of the demo concept, the random model, a finished run, helpers."""
+
+    def __init__(self, root: Path, model: Path, finished: Path):
+        self.root, self.model = root, model
+        self.concept = root / "concept"
+        shutil.copytree(paths.DEMO_CONCEPT, self.concept)
+        self.prior = root / "prior"
+        shutil.copytree(finished, self.prior)
+
+    def train(self, *args, data=None, model=None, out="out") -> list[str]:
+        return ["train", "--data-dir", str(data or self.concept), "--base-model", str(model or self.model),
+                "--output-dir", out, *TRAIN, *map(str, args)]
+
+    def file(self, name: str, content: str | bytes) -> Path:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def images(self, name: str, *, keep: int = 2) -> Path:
+        """A concept folder with the first `keep` demo images, to which a case adds its bad one."""
+        folder = self.root / name
+        folder.mkdir()
+        for png in sorted(paths.DEMO_CONCEPT.glob("*.png"))[:keep]:
+            shutil.copy(png, folder / png.name)
+            shutil.copy(png.with_suffix(".txt"), folder / png.with_suffix(".txt").name)
+        return folder
+
+    def model_copy(self, name: str) -> Path:
+        folder = self.root / name
+        shutil.copytree(self.model, folder)
+        return folder
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (its data is a single row of nothing)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def _caption(w: Work, text: bytes) -> Path:
+    folder = w.images("captioned")
+    (folder / "00.txt").write_bytes(text)
+    return folder
+
+
+def _image(w: Work, name: str, write) -> Path:
+    folder = w.images("pictures")
+    write(folder / name)
+    return folder
+
+
+def _tiny_image(path: Path) -> None:
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(path)
+    path.with_suffix(".txt").write_text("a <zorb>")
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _model_with(w: Work, change) -> Path:
+    folder = w.model_copy("model")
+    change(folder)
+    return folder
+
+
+# name -> (case(work) -> argv, a fragment the error line must hold)
+CASES = {
+    # --- flags
+    "steps zero": (lambda w: w.train("--steps", "0"), "steps"),
+    "steps negative": (lambda w: w.train("--steps", "-5"), "steps"),
+    "steps not a number": (lambda w: w.train("--steps", "ten"), "steps"),
+    "negative learning rate": (lambda w: w.train("--lr-unet", "-1"), "lr-unet"),
+    "nan clipping norm": (lambda w: w.train("--max-grad-norm", "nan"), "max-grad-norm"),
+    "zero sampling steps": (lambda w: w.train("--sample-steps", "0"), "sample-steps"),
+    "empty fusion list": (lambda w: w.train("--fusion"), "fusion"),
+    "rank zero": (lambda w: w.train("--rank", "0"), "rank"),
+    "rank above the layer": (lambda w: w.train("--rank", "64"), "rank"),
+    "unknown method": (lambda w: w.train("--method", "bolora"), "bolora"),
+    "unknown optimizer": (lambda w: w.train("--optimizer", "lion"), "lion"),
+    "unknown precision": (lambda w: w.train("--mixed-precision", "fp8"), "mixed-precision"),
+    "beta of one or more": (lambda w: w.train("--adam-beta1", "1.5"), "adam-beta1"),
+    "template with another field": (lambda w: w.train("--caption-template", "a {thing}"), "caption"),
+    "unknown flag": (lambda w: w.train("--stepz", "3"), "--stepz"),
+    "flag without its value": (lambda w: w.train("--seed"), "--seed"),
+    "unknown command": (lambda w: ["trian"], "trian"),
+    # --- TOML configs
+    "config missing": (lambda w: w.train("--config", "nope.toml"), "nope.toml"),
+    "config not TOML": (lambda w: w.train("--config", w.file("bad.toml", "steps = = 3\n")), "TOML"),
+    "config unknown option": (lambda w: w.train("--config", w.file("bad.toml", "stepz = 3\n")), "stepz"),
+    "config string for a number": (lambda w: w.train("--config", w.file("bad.toml", 'lr_unet = "2e-3"\n')), "lr_unet"),
+    "config zero repeats": (lambda w: w.train("--config", w.file("bad.toml", "repeats = 0\n")), "repeats"),
+    "config extends itself": (lambda w: w.train("--config", w.file("loop.toml", 'extends = "loop.toml"\n')), "cycle"),
+    "config extends a missing file": (lambda w: w.train("--config", w.file("c.toml", 'extends = "gone.toml"\n')),
+                                      "gone.toml"),
+    "config in Latin-1": (lambda w: w.train("--config", w.file("l1.toml", '# caf\xe9\nsteps = 3\n'.encode("latin-1"))),
+                          "l1.toml"),
+    "config is a folder": (lambda w: w.train("--config", w.concept), "config"),
+    # --- data
+    "data folder missing": (lambda w: w.train(data=w.root / "nowhere"), "nowhere"),
+    "data folder empty": (lambda w: w.train(data=w.images("empty", keep=0)), "empty"),
+    "data folder is a file": (lambda w: w.train(data=w.file("notes.txt", "hi")), "notes.txt"),
+    "image that is not one": (lambda w: w.train(data=_image(w, "zz.png", lambda p: p.write_text("not a png"))), "zz.png"),
+    "caption without the token": (lambda w: w.train(data=_caption(w, b"a heart")), "00.txt"),
+    "caption in Latin-1": (lambda w: w.train(data=_caption(w, "a <zorb> caf\xe9".encode("latin-1"))), "00.txt"),
+    "token past the text window": (lambda w: w.train(data=_caption(w, ("word " * 80 + "<zorb>").encode())), "00.txt"),
+    "one-pixel image": (lambda w: w.train(data=_image(w, "zz.png", _tiny_image)), "zz.png"),
+    "decompression bomb": (lambda w: w.train(data=_image(w, "zz.png", lambda p: p.write_bytes(_png_claiming(40000, 40000)))),
+                           "zz.png"),
+    # --- base models
+    "model folder missing": (lambda w: w.train(model=w.root / "no-model"), "no-model"),
+    "model folder without an index": (lambda w: w.train(model=_model_with(w, lambda f: (f / "model_index.json").unlink())),
+                                      "model_index.json"),
+    "model index not JSON": (lambda w: w.train(model=_model_with(w, lambda f: (f / "model_index.json").write_text("{"))),
+                             "model_index.json"),
+    "model weights truncated": (lambda w: w.train(model=_model_with(
+        w, lambda f: _truncated(f / "unet" / "diffusion_pytorch_model.safetensors"))), "unet"),
+    "pickled checkpoint": (lambda w: w.train(model=w.file("model.ckpt", b"\x80\x04K\x01.")), "model.ckpt"),
+    "single file of garbage": (lambda w: w.train(model=w.file("model.safetensors", os.urandom(4096))), "model.safetensors"),
+    "single file holding a LoRA": (lambda w: w.train(model=w.prior / "adapter" / "pytorch_lora_weights.safetensors"),
+                                   "pytorch_lora_weights.safetensors"),
+    # --- run folders and resuming
+    "train over a finished run": (lambda w: w.train(out="prior"), "prior"),
+    "resume without checkpoints": (lambda w: w.train("--resume", "latest"), "checkpoint"),
+    "resume from a folder that is no checkpoint": (lambda w: w.train("--resume", str(w.concept)), "checkpoint"),
+    "resume with another rank": (lambda w: w.train("--resume", "latest", "--rank", "2", data=paths.DEMO_CONCEPT,
+                                                             out="prior"), "rank"),
+    "resume with another method": (lambda w: w.train("--resume", "latest", "--method", "lora",
+                                                                 data=paths.DEMO_CONCEPT, out="prior"), "method"),
+    "resume from truncated checkpoints": (lambda w: [_truncate_checkpoints(w.prior),
+                                                     w.train("--resume", "latest", out="prior")][1], "checkpoint"),
+    # --- demo
+    "demo with zero steps": (lambda w: ["demo", "--steps", "0", "--output-dir", "out"], "steps"),
+    "demo with an unknown method": (lambda w: ["demo", "--method", "bolora", "--output-dir", "out"], "bolora"),
+    "demo with a missing config": (lambda w: ["demo", "--config", "nope.toml", "--output-dir", "out"], "nope.toml"),
+}
+
+
+def _truncate_checkpoints(run: Path) -> None:
+    for tensors in (run / "checkpoints").glob("*/*.safetensors"):
+        _truncated(tensors)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(random_sd_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    args = ["train", "--data-dir", str(paths.DEMO_CONCEPT), "--base-model", str(random_sd_dir),
+            "--output-dir", str(root / "run"), *TRAIN]
+    result = subprocess.run([sys.executable, "-m", "balora_diffusion.cli", *args], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((root / "run" / "run.json").read_text())["steps"] == 2
+    return root / "run"
+
+
+def test_the_campaign_covers_every_class_of_input():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, random_sd_dir, finished_run, tmp_path):
+    work = Work(tmp_path, random_sd_dir, finished_run)
+    make_args, fragment = CASES[name]
+    args = make_args(work)
+    before = _digest(work.prior)
+    result = subprocess.run([sys.executable, "-m", "balora_diffusion.cli", *map(str, args)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, f"exit {result.returncode}; stderr: {result.stderr[-2000:]}"
+    assert "Traceback" not in result.stdout + result.stderr
+    assert len(lines) == 1 and lines[0].startswith("balora: error: "), lines
+    assert fragment in lines[0], lines[0]
+    written = [p for p in tmp_path.rglob("*") if p.name in ("run.json", "pytorch_lora_weights.safetensors")
+               and not p.is_relative_to(work.prior)]
+    assert written == []
+    if name != "resume from truncated checkpoints":  # that case damages the run on purpose
+        assert _digest(work.prior) == before

@@ -22,7 +22,28 @@ EMBEDDING_FILE = "embeddings.safetensors"
 
 
 def _lora_config(model) -> dict:
-    return model.peft_config["default"].to_dict()
+    config = model.peft_config["default"].to_dict()
+    # Where this machine keeps the base model: of no use to a reader of the file, and private.
+    config["base_model_name_or_path"] = None
+    # A set lists its items in string-hash order, which changes from one process to the next.
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+
+
+def _sort_header_metadata(path: Path) -> None:
+    """Rewrite a safetensors file with its `__metadata__` keys sorted.
+
+    safetensors 0.8 writes them in a random order on every save (safetensors issue 584), so two
+    identical adapters would differ byte for byte. The tensors' offsets count from the end of the
+    header, so only the header changes; it stays padded to 8 bytes like safetensors pads it.
+    """
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])
 
 
 def save_adapter(folder: Path, unet, text_encoder, embedding, tokens: list[str]) -> Path:
@@ -35,6 +56,7 @@ def save_adapter(folder: Path, unet, text_encoder, embedding, tokens: list[str])
             kwargs["text_encoder_lora_layers"] = get_peft_model_state_dict(text_encoder)
             kwargs["text_encoder_lora_adapter_metadata"] = _lora_config(text_encoder)
         StableDiffusionPipeline.save_lora_weights(tmp, weight_name=LORA_FILE, **kwargs)
+        _sort_header_metadata(tmp / LORA_FILE)
         if embedding is not None:
             save_file({"clip_l": embedding.extra.detach().float().cpu().contiguous()},
                       str(tmp / EMBEDDING_FILE), metadata={"tokens": json.dumps(tokens)})

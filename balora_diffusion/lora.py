@@ -67,6 +67,7 @@ def inject_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cfg
     """Add a trainable LoRA adapter ("default") with peft to the UNet and, if `cfg.train_text_encoder`,
     the text encoder; `cfg` carries rank / alpha / targets per part (see TrainConfig).
 
+    Parameters that were trainable before (the new token rows) stay trainable.
     peft's init (A kaiming-uniform, B = 0) keeps the model unchanged at step 0. A rank above a
     targeted layer's smaller dimension cannot add anything and is refused.
     """
@@ -81,10 +82,14 @@ def inject_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cfg
         if rank < 1:
             raise UserError(f"{what} LoRA rank must be >= 1, got {rank}")
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+        # add_adapter freezes every parameter outside the adapter, the new token rows included.
+        trainable = [p for p in model.parameters() if p.requires_grad]
         try:
             model.add_adapter(config)
         except ValueError as exc:
             raise UserError(f"{what} LoRA targets {list(targets)}: {str(exc).splitlines()[0]}") from None
+        for p in trainable:
+            p.requires_grad_(True)
         too_small = [p.name for p in find_lora_pairs(model)
                      if rank > min(p.a_matrix(p.A).shape[-1], p.b_matrix(p.B).shape[-2])]
         if too_small:

@@ -39,3 +39,17 @@ def test_existing_tokens_are_refused():
     tokenizer, encoder = CLIPTokenizer.from_pretrained(TOKENIZER), _encoder()
     with pytest.raises(UserError, match="already exist"):
         add_placeholder_tokens(tokenizer, encoder, ["cat</w>"], "dog")
+
+
+def test_injecting_lora_keeps_the_new_rows_trainable(random_sd_dir):
+    from balora_diffusion.lora import inject_lora
+    from balora_diffusion.models import load_pipeline
+    from balora_diffusion.train_config import TrainConfig
+
+    pipe = load_pipeline(random_sd_dir, device="cpu")
+    pipe.unet.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
+    emb = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, ["<zorb>"], "heart")
+    inject_lora(pipe.unet, pipe.text_encoder, TrainConfig())
+    assert emb.extra.requires_grad
+    others = [name for name, p in pipe.text_encoder.named_parameters() if p.requires_grad and p is not emb.extra]
+    assert others and all("lora_" in name for name in others)

@@ -34,6 +34,21 @@ def _config(model_dir, out, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def _init_row(model_dir: Path) -> torch.Tensor:
+    """The embedding <zorb> starts from: the mean of the init word's rows of the base table."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    ids = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")("heart", add_special_tokens=False).input_ids
+    table = CLIPTextModel.from_pretrained(model_dir / "text_encoder").get_input_embeddings().weight
+    return table[ids].mean(0).detach()
+
+
+def _assert_trained(row: torch.Tensor, init: torch.Tensor) -> None:
+    # weight decay alone would only rescale the row: a trained one also moves across it
+    across = row - (row @ init) / (init @ init) * init
+    assert across.norm() > 0.01 * init.norm(), "the token embedding did not train"
+
+
 def _heldout(out: Path) -> list[float]:
     return [json.loads(line)["value"] for line in (out / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["name"] == "heldout_loss"]
@@ -111,6 +126,16 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ra
     assert load_tree(checkpoints[-1], "meta") == {"step": 1}
 
 
+def test_the_token_embedding_trains_and_is_checkpointed(random_sd_dir, tmp_path):
+    out = train(_config(random_sd_dir, tmp_path / "emb", method="balora", steps=6, eval_every=6))
+    saved = load_file(str(out / "adapter" / "embeddings.safetensors"))["clip_l"]
+    _assert_trained(saved[0], _init_row(random_sd_dir))
+    # the last checkpoint (step 6, the end) holds the trained rows
+    trainable = load_tree(list_checkpoints(out / "checkpoints")[-1], "trainable")
+    rows = [value for key, value in trainable.items() if key.endswith("token_embedding.extra")]
+    assert len(rows) == 1 and torch.equal(rows[0], saved)
+
+
 def test_bad_inputs_exit_2_with_one_line(random_sd_dir, tmp_path, capsys):
     common = ["train", "--base-model", str(random_sd_dir), "--token", "<zorb>", "--init-word", "heart",
               "--caption-template", "a {token}", "--output-dir", str(tmp_path / "bad"), "--steps", "1"]
@@ -128,9 +153,9 @@ def test_bad_inputs_exit_2_with_one_line(random_sd_dir, tmp_path, capsys):
     assert not (tmp_path / "bad" / "adapter").exists()
 
 
-def _run_cli(args, **kw):
+def _run_cli(args, env=None, **kw):
     # one thread, like this test process (conftest): float reductions then add up in the same order
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen([sys.executable, "-m", "balora_diffusion.cli", *args], env=env,
                             **{"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **kw})
 
@@ -177,6 +202,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_adapter(random_sd_dir, tmp_
     train(replace(killed, resume="latest"))
     assert _records(tmp_path / "killed") == _records(tmp_path / "straight"), "every step's metrics, once each"
     _assert_equal(_adapter(tmp_path / "straight"), _adapter(tmp_path / "killed"))
+    _assert_trained(_adapter(tmp_path / "killed")["clip_l"][0], _init_row(random_sd_dir))
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -294,6 +320,26 @@ def test_ctrl_c_exits_130_with_one_line_naming_the_checkpoint_and_how_to_resume(
     (line,) = _our_lines(text)
     last = list_checkpoints(tmp_path / "run" / "checkpoints")[-1]
     assert str(last) in line and "--resume latest" in line, line
+
+
+def _safetensors_header(path: Path) -> dict:
+    data = path.read_bytes()
+    return json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+
+
+def test_identical_runs_write_identical_adapter_files_without_local_paths(random_sd_dir, tmp_path):
+    # Two processes with different string hashing, so nothing may depend on a set's or a map's order.
+    runs = [_config(random_sd_dir, tmp_path / f"run{n}", method="balora", steps=2, eval_every=2) for n in (1, 2)]
+    procs = [_run_cli(_flags(cfg), env={"PYTHONHASHSEED": str(n)}) for n, cfg in enumerate(runs, 1)]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, proc.stdout.read()
+    for name in ("pytorch_lora_weights.safetensors", "embeddings.safetensors"):
+        first, second = (Path(cfg.output_dir) / "adapter" / name for cfg in runs)
+        assert first.read_bytes() == second.read_bytes(), name
+        metadata = _safetensors_header(first).get("__metadata__", {})
+        assert str(tmp_path.parent) not in json.dumps(metadata), "a path of this machine in the header"
+        adapter_configs = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        assert not [v for v in adapter_configs.values() if isinstance(v, str) and os.path.isabs(v)]
 
 
 def test_two_processes_keep_identical_replicas(random_sd_dir, tmp_path):

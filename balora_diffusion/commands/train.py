@@ -8,8 +8,12 @@ from balora_diffusion.train_config import TrainConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from balora_diffusion.paths import shipped_configs
+
     parser.epilog = ("Every option can also be set in a TOML file given with --config (keys are the option "
-                     "names with underscores); flags override the file. Ready configs live in training/configs/. "
+                     "names with underscores; relative paths in it are relative to the file); flags override "
+                     "the file. Shipped configs can be named instead of a file: "
+                     f"{', '.join(shipped_configs())}. "
                      "Under `accelerate launch` the same command trains on several processes.")
     add_config_arguments(parser, TrainConfig)
 

@@ -392,7 +392,7 @@ def test_a_command_prints_nothing_on_stderr_but_its_own_lines_and_progress_bars(
 def test_the_shipped_model_learns_the_shipped_concept(tmp_path):
     """The product's claim end to end on the real assets: a short BaLoRA run of the demo puts the
     concept's colours where the prompt asks, and without the adapter the base model never draws them.
-    (150 steps scored 0.19 here; the full 600-step demo 0.30.)"""
+    (The full demo's figures: docs/results/demo.md.)"""
     out = tmp_path / "demo"
     assert cli_main(["demo", "--output-dir", str(out), "--steps", "150", "--seeds", "1"]) == 0
     report = json.loads((out / "demo.json").read_text())

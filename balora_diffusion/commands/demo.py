@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         rows.extend(images)
         labels.extend(f"w={w:g}: {p}" for p in prompts)
     grid = write_grid(out / "demo.png", rows, row_labels=labels, col_labels=[f"seed {s}" for s in seeds],
-                      title=f"{concept.token} ({cfg.method}, {cfg.steps} steps): top without the adapter, bottom with it")
+                      title=f"{concept.token} ({cfg.method}, {cfg.steps} steps): top LoRA off (w=0, the learned token "
+                            "kept), bottom LoRA on (w=1)")
     means = {w: sum(vals) / len(vals) for w, vals in scores.items()}
     for w, vals in scores.items():
         print(f"fidelity at w={w:g}: mean {means[w]:.3f} over {len(vals)} images")

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from balora_diffusion.atomic import atomic_path
+from balora_diffusion.models import quiet_diffusers
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDING_FILE = "embeddings.safetensors"
@@ -66,13 +67,15 @@ def save_adapter(folder: Path, unet, text_encoder, embedding, tokens: list[str])
 def load_adapter(pipe, folder: Path, adapter_name: str = "default") -> list[str]:
     """Load an adapter folder written by `save_adapter` into `pipe`; returns the placeholder tokens."""
     folder = Path(folder)
-    pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=adapter_name)
+    with quiet_diffusers():
+        pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=adapter_name)
     emb_path = folder / EMBEDDING_FILE
     if not emb_path.is_file():
         return []
     with safe_open(str(emb_path), framework="pt") as f:
         tokens = json.loads(f.metadata()["tokens"])
         vectors = f.get_tensor("clip_l")
-    pipe.load_textual_inversion(vectors.to(pipe.text_encoder.dtype), token=tokens,
-                                tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    with quiet_diffusers():
+        pipe.load_textual_inversion(vectors.to(pipe.text_encoder.dtype), token=tokens,
+                                    tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
     return tokens

@@ -36,6 +36,7 @@ from balora_diffusion.generate import generate, write_grid
 from balora_diffusion.runfolder import RunFolder
 from balora_diffusion.runlog import RunLog
 from balora_diffusion.train_config import TrainConfig
+from balora_diffusion.versions import installed_version
 
 
 class TrainingDiverged(UserError):
@@ -251,14 +252,10 @@ def replica_checksums(accelerator, models) -> list[float]:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {"python": platform.python_version()}
     for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "balora-diffusion"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
+        if (version := installed_version(name)) is not None:
+            found[name] = version
     return found
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 
 from balora_diffusion.errors import UserError
 
@@ -97,12 +98,8 @@ def read_lock(path: Path) -> dict[str, str]:
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             name, version = line.split("==", 1)
-            pins[_canonical(name)] = version.split("+")[0].strip()
+            pins[canonicalize_name(name)] = version.split("+")[0].strip()
     return pins
-
-
-def _canonical(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
 
 
 def changed_since_lock(locked: dict[str, str], installed: dict[str, str]) -> list[str]:
@@ -112,8 +109,8 @@ def changed_since_lock(locked: dict[str, str], installed: dict[str, str]) -> lis
 
 
 def installed_distributions() -> dict[str, str]:
-    return {_canonical(d.metadata["Name"]): d.version.split("+")[0]
-            for d in metadata.distributions() if d.metadata["Name"] and _canonical(d.metadata["Name"]) != DISTRIBUTION}
+    return {canonicalize_name(d.metadata["Name"]): d.version.split("+")[0]
+            for d in metadata.distributions() if d.metadata["Name"] and canonicalize_name(d.metadata["Name"]) != DISTRIBUTION}
 
 
 def newest_release(name: str) -> str | None:

@@ -20,12 +20,18 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                  "train a concept LoRA on the UNet and text encoder with any update rule"),
     ("demo",): ("balora_diffusion.commands.demo",
                 "train the shipped demo concept on the shipped model (BaLoRA) and draw it in new contexts"),
+    ("sweep",): ("balora_diffusion.commands.sweep",
+                 "train every cell of a grid of methods, learning rates, seeds and options (here or on SLURM)"),
+    ("results",): ("balora_diffusion.commands.results",
+                   "regenerate the results page (docs/results.md) from the benchmarks, running what is missing"),
     ("bench", "synthetic"): ("balora_diffusion.bench.synthetic",
                              "the BaLoRA paper's one- and two-layer synthetic benchmark, every method"),
     ("bench", "overhead"): ("balora_diffusion.bench.overhead",
                             "optimizer-step time of each method relative to plain AdamW on SD 1.5 LoRA shapes"),
     ("bench", "base-model"): ("balora_diffusion.bench.base_model",
                               "prompt-following accuracy of a base model on the procedural world"),
+    ("bench", "concept"): ("balora_diffusion.bench.concept",
+                           "every method on the shipped concept: convergence, lr robustness, fidelity, adherence"),
 }
 
 

@@ -151,10 +151,11 @@ def parse_flag(cls: type, name: str, text: str | list[str], label: str | None = 
     return value
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, file_flag: str = "--config") -> None:
     """One flag per field, read as text and checked by `flag_values`; defaults are left as None so
-    only flags the user typed override the file."""
-    parser.add_argument("--config", type=Path, default=None,
+    only flags the user typed override the file. `file_flag` names the TOML file's own flag (a
+    config with a `config` option of its own needs another)."""
+    parser.add_argument(file_flag, type=Path, default=None,
                         help="TOML file with any of the options below (flags given here override it)")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -177,10 +178,11 @@ def flag_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
             for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
 
 
-def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+def config_from_args(cls: type[C], args: argparse.Namespace, file_flag: str = "--config") -> C:
     values: dict[str, Any] = {}
-    if args.config is not None:
-        values.update(read_toml(cls, args.config))
+    file = getattr(args, file_flag.lstrip("-").replace("-", "_"))
+    if file is not None:
+        values.update(read_toml(cls, file))
     values.update(flag_values(cls, args))
     return cls(**values)
 

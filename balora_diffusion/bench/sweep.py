@@ -1,0 +1,341 @@
+"""Sweeps: the cross product of methods, learning rates, seeds and any training option, one
+`balora train` run folder per cell, run here or on a SLURM cluster, then summarised.
+
+A sweep is resumable as a whole: a finished cell (its cell.json) is kept, an interrupted one
+continues from its newest checkpoint, so rerunning the same command finishes the sweep.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from balora_diffusion import paths
+from balora_diffusion.atomic import atomic_path, write_json_atomic
+from balora_diffusion.bench.cell import LOG, cell_result, run_cell
+from balora_diffusion.config import field, parse_flag, read_toml
+from balora_diffusion.errors import UserError
+from balora_diffusion.train_config import SEED, TrainConfig
+
+# Set by the cell itself, never by --set.
+CELL_KEYS = ("method", "lr_unet", "lr_text", "seed", "output_dir", "resume", "overwrite")
+POLL_SECONDS = 1.0
+DEFAULT_FUSIONS = [0.7, 1.0]
+
+
+def _methods_problem(methods: list[str]) -> str | None:
+    from balora_diffusion.rules.registry import parse_method  # imports torch
+
+    for method in methods:
+        try:
+            parse_method(method)
+        except UserError as exc:
+            return str(exc)
+    return None
+
+
+def parse_lr(text: str) -> tuple[float, float] | float:
+    """A factor ("0.5") or an explicit UNet:text pair ("1e-4:1e-5"); ValueError if neither."""
+    parts = [float(p) for p in text.split(":")]
+    if len(parts) > 2 or not all(math.isfinite(p) and p > 0 for p in parts):
+        raise ValueError(text)
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _lrs_problem(lrs: list[str]) -> str | None:
+    for text in lrs:
+        try:
+            parse_lr(text)
+        except ValueError:
+            return f"{text!r} is neither a positive factor (0.5) nor a UNET:TEXT pair of positive rates (1e-4:1e-5)"
+    return None
+
+
+def parse_set(text: str) -> tuple[str, list]:
+    """"key=v1,v2" -> (key, checked values); a list option's elements are separated by spaces."""
+    key, sep, values = text.partition("=")
+    key = key.strip().replace("-", "_")
+    options = {f for f in TrainConfig.__dataclass_fields__}
+    if not sep or key not in options:
+        raise UserError(f"--set {text!r}: expected KEY=V1,V2 with KEY a training option")
+    if key in CELL_KEYS:
+        raise UserError(f"--set {key}: the sweep sets it in every cell; use --methods / --lrs / --seeds / --out")
+    is_list = TrainConfig.__dataclass_fields__[key].default_factory is not dataclasses.MISSING
+    return key, [parse_flag(TrainConfig, key, v.split() if is_list else v.strip(), f"--set {key}")
+                 for v in values.split(",")]
+
+
+def _sets_problem(sets: list[str]) -> str | None:
+    for text in sets:
+        try:
+            parse_set(text)
+        except UserError as exc:
+            return str(exc)
+    return None
+
+
+@dataclass
+class SweepConfig:
+    def __post_init__(self) -> None:
+        from balora_diffusion.config import check_config
+
+        check_config(self)
+
+    config: str = field("", "training config every cell starts from: a TOML file or a shipped config's name "
+                            "(as for balora train); empty = the training defaults", path=True,
+                        not_paths=paths.shipped_configs())
+    methods: list[str] = field(["lora", "balora"], "update rules, one column of cells each", nonempty=True,
+                               check=_methods_problem)
+    lrs: list[str] = field(["1"], "learning rates: a factor on the config's lr_unet and lr_text (0.5), or an "
+                                  "explicit UNET:TEXT pair (1e-4:1e-5)", nonempty=True, check=_lrs_problem)
+    seeds: list[int] = field([0], "training seeds", nonempty=True, **SEED)
+    set: list[str] = field([], "any other training option: KEY=V1,V2 sweeps it, KEY=V sets it in every cell "
+                               "(a list option's elements separated by spaces)", check=_sets_problem)
+    out: str = field("runs/sweep", "sweep folder: a run folder per cell, summary.json, summary.md, grid.png",
+                     nonempty=True, path=True)
+    workers: int = field(1, "cells at once: local worker processes, or jobs queued with --launcher submitit", ge=1)
+    launcher: str = field("local", "local (this machine) or submitit (SLURM through submitit: pip install "
+                                   "'balora-diffusion[slurm]')", choices=["local", "submitit"])
+    score: bool = field(True, "fidelity and prompt adherence of each cell (when data_dir holds a concept.toml)")
+    fusions: list[float] = field(DEFAULT_FUSIONS, "fusion coefficients (LoRA strength) of the scored images",
+                                 nonempty=True, ge=0)
+    score_seeds: list[int] = field([1], "sampling seeds of the scored images", nonempty=True, **SEED)
+    unseen_contexts: int = field(6, "contexts the concept never appeared in, scored beside its eval prompts", ge=0)
+    cluster: str = field("auto", "submitit executor: auto (SLURM where sbatch exists, else local processes), "
+                                 "slurm, local", choices=["auto", "slurm", "local"])
+    slurm_partition: str = field("", "SLURM partition (empty: the cluster's default)")
+    timeout_min: int = field(120, "SLURM time limit per cell in minutes", ge=1)
+    gpus_per_node: int = field(1, "GPUs per SLURM job", ge=0)
+    cpus_per_task: int = field(4, "CPUs per SLURM job", ge=1)
+    mem_gb: float = field(32.0, "memory per SLURM job in GiB", gt=0)
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    labels: dict
+    values: dict  # TrainConfig keyword arguments
+
+
+def _label(value) -> str:
+    text = " ".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+    return text.replace("/", "_").replace(" ", "_")
+
+
+def expand(sweep: SweepConfig) -> list[Cell]:
+    """Every cell of the sweep, each one's TrainConfig checked; methods vary slowest, seeds fastest."""
+    base = read_toml(TrainConfig, Path(sweep.config)) if sweep.config else {}
+    defaults = TrainConfig()
+    sets = dict(parse_set(text) for text in sweep.set)
+    constant = {k: v[0] for k, v in sets.items() if len(v) == 1}
+    swept = {k: v for k, v in sets.items() if len(v) > 1}
+    base = {**base, **constant}
+    if sweep.workers > 1 and sweep.launcher == "local" and not base.get("cpu_threads"):
+        base["cpu_threads"] = max(1, (os.cpu_count() or 1) // sweep.workers)  # workers must not fight for cores
+    lr_unet, lr_text = base.get("lr_unet", defaults.lr_unet), base.get("lr_text", defaults.lr_text)
+    cells = []
+    for method, lr_text_arg, combo, seed in itertools.product(
+            sweep.methods, sweep.lrs, itertools.product(*swept.values()), sweep.seeds):
+        lr = parse_lr(lr_text_arg)
+        rates = (lr * lr_unet, lr * lr_text) if isinstance(lr, float) else lr
+        lr_label = f"x{lr:g}" if isinstance(lr, float) else f"{rates[0]:g}:{rates[1]:g}"
+        options = dict(zip(swept, combo))
+        name = "-".join([method, f"lr{lr_label.replace(':', '_')}", *(f"{k}{_label(v)}" for k, v in options.items()),
+                         f"s{seed}"])
+        values = {**base, **options, "method": method, "lr_unet": rates[0], "lr_text": rates[1], "seed": seed,
+                  "output_dir": str(Path(sweep.out) / name)}
+        TrainConfig(**values)  # every cell's problem before the first one trains
+        labels = {"method": method, "lr": lr_label, "lr_unet": rates[0], "lr_text": rates[1],
+                  **{k: _label(v) for k, v in options.items()}, "seed": seed}
+        cells.append(Cell(name, labels, values))
+    if len({c.name for c in cells}) < len(cells):
+        raise UserError("two cells of the sweep would share a run folder: a method, lr or seed is given twice")
+    return cells
+
+
+def scoring_settings(sweep: SweepConfig, cells: list[Cell]) -> dict | None:
+    """How cells are scored, or None where there is nothing to score from pixels (no concept.toml)."""
+    data_dir = cells[0].values.get("data_dir", "")
+    if not sweep.score or not (Path(data_dir) / "concept.toml").is_file():
+        return None
+    values = cells[0].values
+    defaults = TrainConfig()
+    return {"concept": data_dir, "fusions": sweep.fusions, "seeds": sweep.score_seeds,
+            "unseen": sweep.unseen_contexts,
+            "sample_steps": values.get("sample_steps", defaults.sample_steps),
+            "guidance_scale": values.get("guidance_scale", defaults.guidance_scale)}
+
+
+class _Done:
+    """A cell run in this process, shaped like a launcher's handle."""
+
+    def __init__(self, result: dict):
+        self._result = result
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> dict:
+        return self._result
+
+
+def _submitit_executor(sweep: SweepConfig):
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--launcher submitit needs the submitit package: pip install 'balora-diffusion[slurm]'") from None
+    executor = submitit.AutoExecutor(folder=Path(sweep.out) / ".submitit",
+                                     cluster=None if sweep.cluster == "auto" else sweep.cluster)
+    executor.update_parameters(name="balora-sweep", timeout_min=sweep.timeout_min, gpus_per_node=sweep.gpus_per_node,
+                               cpus_per_task=sweep.cpus_per_task, mem_gb=sweep.mem_gb,
+                               **({"slurm_partition": sweep.slurm_partition} if sweep.slurm_partition else {}))
+    return executor
+
+
+def _submitter(sweep: SweepConfig, scoring: dict | None):
+    """submit(cell) -> a handle with done() and result(), and a shutdown(cancel) for the end."""
+    if sweep.launcher == "submitit":
+        executor = _submitit_executor(sweep)
+        jobs = []
+
+        def submit(cell: Cell):
+            jobs.append(executor.submit(run_cell, cell.name, cell.labels, cell.values, scoring))
+            return jobs[-1]
+
+        def shutdown(cancel: bool) -> None:
+            for job in jobs if cancel else ():
+                if not job.done():
+                    job.cancel(check=False)
+        return submit, shutdown
+    if sweep.workers == 1:
+        return (lambda cell: _Done(run_cell(cell.name, cell.labels, cell.values, scoring))), (lambda cancel: None)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=sweep.workers, mp_context=multiprocessing.get_context("spawn"))
+    return (lambda cell: pool.submit(run_cell, cell.name, cell.labels, cell.values, scoring),
+            lambda cancel: pool.shutdown(wait=not cancel, cancel_futures=cancel))
+
+
+def run_cells(sweep: SweepConfig, cells: list[Cell], scoring: dict | None) -> list[dict]:
+    """Run the unfinished cells, at most `sweep.workers` at once; the records of all cells, in order."""
+    from tqdm.auto import tqdm
+
+    results = {c.name: cell_result(Path(c.values["output_dir"])) for c in cells}
+    todo = deque(c for c in cells if results[c.name] is None)
+    submit, shutdown = _submitter(sweep, scoring)
+    running: list[tuple[Cell, object]] = []
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep", unit="cell")
+    try:
+        while todo or running:
+            while todo and len(running) < sweep.workers:
+                cell = todo.popleft()
+                running.append((cell, submit(cell)))
+            finished = [(c, h) for c, h in running if h.done()]
+            if not finished:
+                time.sleep(POLL_SECONDS)
+                continue
+            for cell, handle in finished:
+                running.remove((cell, handle))
+                try:
+                    results[cell.name] = handle.result()
+                except Exception as exc:  # a cell's own failure: name it, the finished cells stay
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+                    raise UserError(f"cell {cell.name} failed ({first}); its log: "
+                                    f"{Path(cell.values['output_dir']) / LOG}. Finished cells are kept: "
+                                    "rerun the same command to continue") from None
+                bar.update()
+                bar.write(describe(results[cell.name]))
+        shutdown(False)
+    except KeyboardInterrupt:
+        shutdown(True)
+        raise KeyboardInterrupt("interrupted; run the same command again to continue the sweep: finished cells "
+                                "are kept, interrupted ones resume from their last checkpoint") from None
+    except BaseException:
+        shutdown(True)
+        raise
+    finally:
+        bar.close()
+    return [results[c.name] for c in cells]
+
+
+def describe(record: dict) -> str:
+    parts = [record["name"], record["status"]]
+    if record.get("final_heldout_loss") is not None:
+        parts.append(f"held-out {record['final_heldout_loss']:.4f}")
+    for key in ("fidelity", "adherence"):
+        for w, value in (record.get(key) or {}).items():
+            score = value["all"] if isinstance(value, dict) else value
+            parts.append(f"{key} w={w} {'-' if score is None else f'{score:.2f}'}")
+    parts.append(f"{record['wall_seconds']:.0f} s")
+    return ", ".join(parts)
+
+
+def _score(record: dict, key: str, w: str) -> float | None:
+    value = (record.get(key) or {}).get(w)
+    return value["all"] if isinstance(value, dict) else value
+
+
+def summary_markdown(records: list[dict], fusions: list[float]) -> str:
+    label_keys = list(dict.fromkeys(k for r in records for k in r["labels"] if k not in ("lr_unet", "lr_text")))
+    ws = [f"{w:g}" for w in fusions]
+    head = [*label_keys, "status", "final held-out loss", *(f"fidelity w={w}" for w in ws),
+            *(f"adherence w={w}" for w in ws), "wall s"]
+
+    def fmt(x) -> str:
+        return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
+
+    rows = [[*(fmt(r["labels"].get(k)) for k in label_keys), r["status"], fmt(r.get("final_heldout_loss")),
+             *(fmt(_score(r, "fidelity", w)) for w in ws), *(fmt(_score(r, "adherence", w)) for w in ws),
+             f"{r['wall_seconds']:.0f}"] for r in records]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_grid(path: Path, cells: list[Cell], records: list[dict]) -> Path | None:
+    """Fig.-1-style grid of one prompt (see cell_scores.SAMPLE): rows = learning rates, columns =
+    methods (with any swept option), the first seed of each; None when no cell was scored."""
+    from PIL import Image
+
+    from balora_diffusion.bench.cell_scores import SAMPLE
+    from balora_diffusion.generate import write_grid
+
+    first_seed = cells[0].labels["seed"]
+    picked = [(c, r) for c, r in zip(cells, records) if c.labels["seed"] == first_seed]
+    samples = {c.name: Path(c.values["output_dir"]) / SAMPLE for c, _ in picked}
+    found = [p for p in samples.values() if p.is_file()]
+    if not found:
+        return None
+    with Image.open(found[0]) as im:
+        blank = Image.new("RGB", im.size, (200, 200, 200))
+    column = lambda c: " ".join([c.labels["method"], *(f"{k}={v}" for k, v in c.labels.items()  # noqa: E731
+                                                       if k not in ("method", "lr", "lr_unet", "lr_text", "seed"))])
+    rows = list(dict.fromkeys(c.labels["lr"] for c, _ in picked))
+    cols = list(dict.fromkeys(column(c) for c, _ in picked))
+    table = {(c.labels["lr"], column(c)): c for c, _ in picked}
+    images = [[Image.open(samples[table[(r, k)].name]).convert("RGB")
+               if (r, k) in table and samples[table[(r, k)].name].is_file() else blank for k in cols] for r in rows]
+    return write_grid(path, images, row_labels=[f"lr {r}" for r in rows], col_labels=cols,
+                      title="one prompt per cell (seed of the first column); grey: diverged or unscored")
+
+
+def write_summary(out: Path, protocol: dict, cells: list[Cell], records: list[dict], fusions: list[float]) -> None:
+    """OUT/summary.json (the protocol and every cell's record), summary.md and grid.png."""
+    write_json_atomic(out / "summary.json", {"protocol": protocol, "cells": records})
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(summary_markdown(records, fusions), encoding="utf-8")
+    sweep_grid(out / "grid.png", cells, records)
+
+
+def run_sweep(sweep: SweepConfig) -> list[dict]:
+    cells = expand(sweep)
+    scoring = scoring_settings(sweep, cells)
+    records = run_cells(sweep, cells, scoring)
+    write_summary(Path(sweep.out), {"sweep": asdict(sweep), "scoring": scoring}, cells, records, sweep.fusions)
+    return records
+

@@ -1,0 +1,60 @@
+"""`balora results`: regenerate the results page from the benchmarks' outputs, running what is missing."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from balora_diffusion.atomic import atomic_path
+
+PAGE = "results.md"
+CONCEPT_DIR, SYNTHETIC_DIR = Path("runs/bench/concept"), Path("runs/bench/synthetic")
+# the page's figures, copied from the benchmark folders: (folder key, file there, name in OUT/img)
+FIGURES = (("concept", "concept.png", "concept.png"), ("concept", "grid.png", "concept-grid.png"),
+           ("synthetic", "synthetic.png", "synthetic.png"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True,
+                        help=f"folder of the page: writes OUT/{PAGE} and its figures in OUT/img/ (docs/ in the repository)")
+    parser.add_argument("--concept", type=Path, default=CONCEPT_DIR,
+                        help="folder of `balora bench concept` (run there first if it has no concept.json, "
+                             "default: %(default)s)")
+    parser.add_argument("--synthetic", type=Path, default=SYNTHETIC_DIR,
+                        help="folder of `balora bench synthetic` (run there first if it has no synthetic.json, "
+                             "default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="run missing benchmarks at their --quick size (a smoke test of the page, not results)")
+
+
+def _ensure(folder: Path, name: str, run) -> dict:
+    if not (folder / name).is_file():
+        run()
+    return json.loads((folder / name).read_text())
+
+
+def run(args: argparse.Namespace) -> int:
+    from balora_diffusion.bench import concept as concept_bench
+    from balora_diffusion.bench import synthetic as synthetic_bench
+    from balora_diffusion.bench.methods import METHOD_SPECS
+    from balora_diffusion.bench.results import render_page
+
+    quick = " --quick" if args.quick else ""
+    synthetic = _ensure(args.synthetic, "synthetic.json", lambda: synthetic_bench.run(argparse.Namespace(
+        out=args.synthetic, quick=args.quick, seeds=None, methods=list(METHOD_SPECS))))
+    protocol = json.loads((args.synthetic / "synthetic_protocol.json").read_text())
+    concept = _ensure(args.concept, "concept.json", lambda: concept_bench.run_bench(
+        concept_bench.QUICK if args.quick else concept_bench.FULL, args.concept))
+    commands = {"page": f"balora results --out {args.out}{quick}",
+                "concept": f"balora bench concept --out {args.concept}{quick}",
+                "synthetic": f"balora bench synthetic --out {args.synthetic}{quick}"}
+    table = (args.concept / "concept.md").read_text(encoding="utf-8")
+    for key, name, target in FIGURES:
+        source = (args.concept if key == "concept" else args.synthetic) / name
+        with atomic_path(args.out / "img" / target) as tmp:
+            shutil.copyfile(source, tmp)
+    with atomic_path(args.out / PAGE) as tmp:
+        tmp.write_text(render_page(synthetic, protocol, concept, table, commands), encoding="utf-8")
+    print(f"wrote {args.out / PAGE} and its figures in {args.out / 'img'}")
+    return 0

@@ -1,0 +1,28 @@
+"""`balora sweep`: a grid of trainings (methods x learning rates x seeds x options), one run folder each."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from balora_diffusion.bench.sweep import SweepConfig, run_sweep
+from balora_diffusion.config import add_config_arguments, config_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "Example: balora sweep --config my.toml --methods lora balora --lrs 0.5 1 2 --seeds 0 1 "
+        "--set ilora_lambda=1,10 --out runs/sweep --workers 2. Every option can also be set in a sweep TOML "
+        "given with --sweep (keys are the option names with underscores); flags override it. Each cell is a "
+        "balora train run folder DIR/METHOD-lrLR-...-sSEED with cell.json (its scores) and cell.log; the sweep "
+        "writes DIR/summary.json, summary.md and grid.png. Rerunning the command skips finished cells and "
+        "resumes interrupted ones.")
+    add_config_arguments(parser, SweepConfig, file_flag="--sweep")
+
+
+def run(args: argparse.Namespace) -> int:
+    sweep = config_from_args(SweepConfig, args, file_flag="--sweep")
+    records = run_sweep(sweep)
+    diverged = sum(r["status"] == "diverged" for r in records)
+    grid = ", grid.png" if (Path(sweep.out) / "grid.png").is_file() else ""
+    print(f"{len(records)} cells ({diverged} diverged); wrote {sweep.out}/summary.json, summary.md{grid}")
+    return 0

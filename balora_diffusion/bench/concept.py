@@ -54,8 +54,8 @@ class Plan:
         return per_lr * len(self.lrs) * len(self.seeds)
 
 
-FULL = Plan(methods=METHODS, lrs=("1", "3", "9"), lambdas=(1.0, 10.0), seeds=(0, 1, 2), steps=200,
-            eval_every=25, sample_steps=10, unseen_contexts=6, workers=2)
+FULL = Plan(methods=METHODS, lrs=("1", "3", "9"), lambdas=(1.0, 10.0), seeds=(0, 1, 2), steps=150,
+            eval_every=25, sample_steps=10, unseen_contexts=4, workers=2)
 QUICK = Plan(methods=("lora", "ilora"), lrs=("1", "4"), lambdas=(1.0, 10.0), seeds=(0,), steps=4, eval_every=2,
              sample_steps=2, unseen_contexts=1, workers=1)
 

@@ -2,6 +2,7 @@
 import argparse
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from balora_diffusion.commands.sweep import add_arguments
 from balora_diffusion.config import config_from_args
 from balora_diffusion.errors import UserError
 
+REPO = Path(__file__).resolve().parents[1]
 # quick training options, as --set entries
 TRAIN = ["token=<zorb>", "init_word=heart", "steps=2", "eval_every=1", "checkpoint_every=1", "sample_steps=1",
          "grid_seeds=1", "fusion=1", "heldout_size=2", "batch_size=2", "cpu_threads=1"]
@@ -139,3 +141,12 @@ def test_two_workers_and_the_submitit_local_executor_run_the_same_cells(random_s
     assert [c["name"] for c in cells] == ["lora-lrx1-s0", "lora-lrx1-s1"]
     assert all(c["status"] == "done" and c["fidelity"] is None for c in cells)
     assert any((out / ".submitit").iterdir())  # the jobs went through submitit
+
+
+@pytest.mark.parametrize("name", ["zorb-lr", "mixofshow-lr"])
+def test_shipped_sweep_files_expand(name):
+    from balora_diffusion.config import read_toml
+
+    sweep = SweepConfig(**read_toml(SweepConfig, REPO / "training" / "sweeps" / f"{name}.toml"))
+    cells = expand(sweep)
+    assert len(cells) == len(sweep.methods) * len(sweep.lrs) * len(sweep.seeds)

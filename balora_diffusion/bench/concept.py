@@ -29,6 +29,7 @@ from balora_diffusion import paths
 from balora_diffusion.atomic import atomic_path, write_json_atomic
 from balora_diffusion.bench import curves as C
 from balora_diffusion.concept import load_concept
+from balora_diffusion.errors import UserError
 
 METHODS = ("lora", "loraplus", "scaled", "ilora", "pilora", "balora", "balora+scaled", "hilora")
 LAMBDA_METHODS = ("ilora", "pilora")
@@ -265,17 +266,24 @@ def _history(out: Path, entry: dict) -> list[dict]:
     return history
 
 
-def run_bench(plan: Plan, out: Path) -> dict:
+def run_bench(plan: Plan, out: Path, max_minutes: float | None = None) -> dict:
+    """Train the cells that are not finished (all of one seed before the next, so that a benchmark
+    stopped by `max_minutes` has every method), then analyse the finished ones."""
     from balora_diffusion.bench.cell import cell_result
     from balora_diffusion.bench.sweep import expand, run_cells, scoring_settings, write_summary
 
     configs = sweep_configs(plan, out)
-    cells = [cell for config in configs for cell in expand(config)]
+    cells = sorted((cell for config in configs for cell in expand(config)), key=lambda c: c.labels["seed"])
     scoring = scoring_settings(configs[0], cells)
     todo = sum(cell_result(Path(c.values["output_dir"])) is None for c in cells)
     load_start, started = os.getloadavg()[0], time.perf_counter()
-    records = run_cells(configs[0], cells, scoring)
-    history = _history(out, {"trained_cells": todo, "wall_time_s": round(time.perf_counter() - started, 1),
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    finished = [(c, r) for c, r in zip(cells, run_cells(configs[0], cells, scoring, deadline)) if r is not None]
+    if not finished:
+        raise UserError(f"no cell of the benchmark finished within --max-minutes {max_minutes:g}")
+    records = [r for _, r in finished]
+    history = _history(out, {"trained_cells": todo - (len(cells) - len(finished)),
+                             "wall_time_s": round(time.perf_counter() - started, 1),
                              "workers": plan.workers, "load_average_start": load_start,
                              "load_average_end": os.getloadavg()[0], "cpu_count": os.cpu_count(),
                              "python": platform.python_version(), "torch": torch.__version__})
@@ -283,7 +291,7 @@ def run_bench(plan: Plan, out: Path) -> dict:
     concept = load_concept(paths.DEMO_CONCEPT)
     protocol = {"plan": asdict(plan), "commands": [sweep_command(c) for c in configs], "scoring": scoring,
                 "prompts": {"eval": len(concept.eval_prompts), "unseen": plan.unseen_contexts},
-                "cells": len(cells), "wall_time_s": round(sum(h["wall_time_s"] for h in worked), 1),
+                "cells": len(cells), "finished_cells": len(finished), "wall_time_s": round(sum(h["wall_time_s"] for h in worked), 1),
                 "runs": worked,
                 "cell_seconds": round(sum(r["wall_seconds"] for r in records), 1),
                 "cpu_seconds": round(sum(r["cpu_seconds"] for r in records), 1),
@@ -291,7 +299,7 @@ def run_bench(plan: Plan, out: Path) -> dict:
                            "for ilora/pilora each lr keeps the lambda with the smallest median",
                 "steps_to_lora_final": "median over seeds of the first evaluated step at which the held-out loss "
                                        "is <= LoRA's median final held-out loss at LoRA's best lr"}
-    write_summary(out, protocol, cells, records, configs[0].fusions)
+    write_summary(out, protocol, [c for c, _ in finished], records, configs[0].fusions)
     table = analyse(records)
     curves = best_curves(records, table)
     write_json_atomic(out / "concept.json", {"methods": table, "curves": curves, "protocol": protocol})
@@ -308,6 +316,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke-test size: {', '.join(QUICK.methods)}, {len(QUICK.lrs)} lrs, "
                              f"{QUICK.steps} steps, one seed ({QUICK.cells()} cells, about a minute)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no cell after this many minutes and analyse the finished ones (seeds are "
+                             "trained in turn, so every method has its first seeds); rerun to finish the rest")
     parser.add_argument("--workers", type=int, default=None,
                         help=f"cells trained at once (default {FULL.workers}; --quick {QUICK.workers})")
 
@@ -315,15 +326,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from balora_diffusion.errors import UserError
-
     plan = QUICK if args.quick else FULL
     if args.workers is not None:
         if args.workers < 1:
             raise UserError(f"--workers must be >= 1, got {args.workers}")
         plan = replace(plan, workers=args.workers)
-    result = run_bench(plan, args.out)
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise UserError(f"--max-minutes must be > 0, got {args.max_minutes:g}")
+    result = run_bench(plan, args.out, args.max_minutes)
     print(table_markdown(result["methods"]))
-    print(f"wall time {result['protocol']['wall_time_s']:.0f} s for {result['protocol']['cells']} cells; "
+    p = result["protocol"]
+    print(f"wall time {p['wall_time_s']:.0f} s; {p['finished_cells']} of {p['cells']} cells finished; "
           f"wrote {args.out / 'concept.json'}, concept.md, concept.png, summary.md, grid.png")
     return 0

@@ -222,8 +222,11 @@ def _submitter(sweep: SweepConfig, scoring: dict | None):
             lambda cancel: pool.shutdown(wait=not cancel, cancel_futures=cancel))
 
 
-def run_cells(sweep: SweepConfig, cells: list[Cell], scoring: dict | None) -> list[dict]:
-    """Run the unfinished cells, at most `sweep.workers` at once; the records of all cells, in order."""
+def run_cells(sweep: SweepConfig, cells: list[Cell], scoring: dict | None,
+              deadline: float | None = None) -> list[dict | None]:
+    """Run the unfinished cells, at most `sweep.workers` at once; the records of all cells, in order.
+    Past `deadline` (a time.monotonic() value) no new cell starts: the running ones finish, the
+    others stay None for a later run."""
     from tqdm.auto import tqdm
 
     results = {c.name: cell_result(Path(c.values["output_dir"])) for c in cells}
@@ -232,8 +235,8 @@ def run_cells(sweep: SweepConfig, cells: list[Cell], scoring: dict | None) -> li
     running: list[tuple[Cell, object]] = []
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep", unit="cell")
     try:
-        while todo or running:
-            while todo and len(running) < sweep.workers:
+        while running or (todo and not _past(deadline)):
+            while todo and len(running) < sweep.workers and not _past(deadline):
                 cell = todo.popleft()
                 running.append((cell, submit(cell)))
             finished = [(c, h) for c, h in running if h.done()]
@@ -262,6 +265,10 @@ def run_cells(sweep: SweepConfig, cells: list[Cell], scoring: dict | None) -> li
     finally:
         bar.close()
     return [results[c.name] for c in cells]
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def describe(record: dict) -> str:

@@ -23,7 +23,7 @@ def test_quick_benchmark_writes_concept_json_shaped_as_documented(quick):
     assert set(data["methods"]) == set(bench.QUICK.methods)
     for method, row in data["methods"].items():
         assert all(key in row for key in KEYS), method
-        assert row["best_lr"] in bench.QUICK.lrs
+        assert row["best_lr"] in [f"x{lr}" for lr in bench.QUICK.lrs]
         assert len(row["by_lr"]) == len(bench.QUICK.lrs)
     lora = data["methods"]["lora"]
     assert lora["ratio_to_lora"] == 1.0 and lora["steps_to_lora_final"] <= bench.QUICK.steps

@@ -29,8 +29,9 @@ def sweep_args(out, model, *extra, methods=("lora", "balora"), lrs=("1", "3")):
 def test_cells_are_the_cross_product_with_rates_from_the_config(tmp_path):
     config = tmp_path / "base.toml"
     config.write_text("lr_unet = 2e-3\nlr_text = 1e-4\n")
-    cells = expand(SweepConfig(config=str(config), methods=["lora", "ilora"], lrs=["0.5", "1e-3:2e-5"],
-                               seeds=[0, 1], set=["ilora_lambda=1,10", "steps=7"], out=str(tmp_path / "s")))
+    cells = expand(SweepConfig(config=str(config), methods=["lora", "ilora"], lrs=["0.5", "1e-3:2e-5"], seeds=[0, 1],
+                               set=["ilora_lambda=1,10", "steps=7", f"data_dir={paths.DEMO_CONCEPT}"],
+                               out=str(tmp_path / "s")))
     assert len(cells) == 2 * 2 * 2 * 2
     assert len({c.name for c in cells}) == len(cells)
     first = cells[0]
@@ -45,8 +46,8 @@ def test_cells_are_the_cross_product_with_rates_from_the_config(tmp_path):
 
 
 def test_a_cell_whose_options_are_wrong_fails_before_any_training(tmp_path):
-    with pytest.raises(UserError, match="lora_dropout|steps"):
-        expand(SweepConfig(methods=["lora"], set=["steps=3,0"], out=str(tmp_path)))
+    with pytest.raises(UserError, match="steps"):
+        expand(SweepConfig(methods=["lora"], set=[f"data_dir={paths.DEMO_CONCEPT}", "steps=3,0"], out=str(tmp_path)))
 
 
 @pytest.mark.parametrize("text, fragment", [("stepz=3", "training option"), ("steps", "KEY=V1,V2"),
@@ -148,5 +149,6 @@ def test_shipped_sweep_files_expand(name):
     from balora_diffusion.config import read_toml
 
     sweep = SweepConfig(**read_toml(SweepConfig, REPO / "training" / "sweeps" / f"{name}.toml"))
+    sweep.set = sweep.set or [f"data_dir={paths.DEMO_CONCEPT}"]
     cells = expand(sweep)
     assert len(cells) == len(sweep.methods) * len(sweep.lrs) * len(sweep.seeds)

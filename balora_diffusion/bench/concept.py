@@ -163,7 +163,8 @@ def analyse(records: list[dict]) -> dict[str, dict]:
             }
         best = min(stats, key=lambda lr: stats[lr]["median_final_heldout"])  # ties: the smaller lr
         table[method] = {"best_lr": best, "best_lr_unet": stats[best]["lr_unet"], "best_lambda": stats[best]["lambda"],
-                         "final_heldout": stats[best]["median_final_heldout"], "by_lr": stats,
+                         "final_heldout": stats[best]["median_final_heldout"], "seeds": len(lrs[best]["records"]),
+                         "by_lr": stats,
                          "_records": lrs[best]["records"]}
     lora = table.get("lora")
     target = lora["final_heldout"] if lora else None
@@ -210,12 +211,12 @@ def _fmt(x, spec: str = ".4f") -> str:
 
 
 def table_markdown(table: dict[str, dict]) -> str:
-    head = ["method", "best lr (x demo)", "lambda", "final held-out", "steps to LoRA's final", "ratio to LoRA",
+    head = ["method", "best lr (x demo)", "lambda", "seeds", "final held-out", "steps to LoRA's final", "ratio to LoRA",
             "final held-out spread over lrs", "fidelity w=1", "adherence w=1", "fidelity spread", "adherence spread"]
     rows = []
     for method, r in table.items():
         spread = _fmt(r["final_heldout_spread"]) + (f" ({len(r['diverged_lrs'])} lr diverged)" if r["diverged_lrs"] else "")
-        rows.append([method, r["best_lr"], _fmt(r["best_lambda"], "g"), _fmt(r["final_heldout"]),
+        rows.append([method, r["best_lr"], _fmt(r["best_lambda"], "g"), str(r["seeds"]), _fmt(r["final_heldout"]),
                      _fmt(r["steps_to_lora_final"], "g"), _fmt(r["ratio_to_lora"], ".2f"), spread,
                      _fmt(r["fidelity"], ".3f"), _fmt(r["adherence"], ".3f"), _fmt(r["fidelity_spread"], ".3f"),
                      _fmt(r["adherence_spread"], ".3f")])

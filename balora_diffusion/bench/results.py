@@ -233,7 +233,7 @@ best lambda): {p["cells"]} cells, each a `balora train` run folder. Held-out los
 {plan["eval_every"]} steps on 16 fixed (image, noise, timestep) triples. Best learning rate: {p["best_lr"]}.
 Steps to LoRA's final: {p["steps_to_lora_final"]}.
 
-Pixel scores: each cell's adapter is loaded into a fresh pipeline and draws the concept's
+{_partial(p)}Pixel scores: each cell's adapter is loaded into a fresh pipeline and draws the concept's
 {_count(p, "eval")} evaluation prompts and {plan["unseen_contexts"]} contexts it never appeared in (background, size and
 position in the world's words), at fusion coefficients 0.7 and 1, with {plan["sample_steps"]} sampling steps.
 Fidelity is the concept's colour score (`concept.fidelity`); adherence is the share of what the
@@ -268,6 +268,15 @@ the best learning rate per method from the grid; wall time {synthetic_protocol.g
 {synthetic_markdown(synthetic)}
 ![median gap curves of the synthetic benchmark](img/synthetic.png)
 """
+
+
+def _partial(protocol: dict) -> str:
+    if protocol["finished_cells"] == protocol["cells"]:
+        return ""
+    return (f"**This run is partial: {protocol['finished_cells']} of the {protocol['cells']} cells finished** within "
+            "the time it was given (`--max-minutes`; seeds are trained in turn, so every method has its first "
+            "seeds). The `seeds` column says how many stand behind each row; rerunning the command trains the "
+            "rest and rewrites the page.\n\n")
 
 
 def _count(protocol: dict, kind: str) -> int:

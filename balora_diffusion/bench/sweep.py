@@ -28,32 +28,32 @@ POLL_SECONDS = 1.0
 DEFAULT_FUSIONS = [0.7, 1.0]
 
 
-def _methods_problem(methods: list[str]) -> str | None:
-    from balora_diffusion.rules.registry import parse_method  # imports torch
-
-    for method in methods:
+def _first_problem(parse, texts: list[str]) -> str | None:
+    """What `parse` says about the first of `texts` it refuses (a config field's check)."""
+    for text in texts:
         try:
-            parse_method(method)
-        except UserError as exc:
+            parse(text)
+        except (UserError, ValueError) as exc:
             return str(exc)
     return None
 
 
+def _parse_method(method: str):
+    from balora_diffusion.rules.registry import parse_method  # imports torch
+
+    return parse_method(method)
+
+
 def parse_lr(text: str) -> tuple[float, float] | float:
     """A factor ("0.5") or an explicit UNet:text pair ("1e-4:1e-5"); ValueError if neither."""
-    parts = [float(p) for p in text.split(":")]
-    if len(parts) > 2 or not all(math.isfinite(p) and p > 0 for p in parts):
-        raise ValueError(text)
+    try:
+        parts = [float(p) for p in text.split(":")]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 2 or not all(math.isfinite(p) and p > 0 for p in parts):
+        raise ValueError(f"{text!r} is neither a positive factor (0.5) nor a UNET:TEXT pair of positive rates "
+                         "(1e-4:1e-5)")
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
-
-
-def _lrs_problem(lrs: list[str]) -> str | None:
-    for text in lrs:
-        try:
-            parse_lr(text)
-        except ValueError:
-            return f"{text!r} is neither a positive factor (0.5) nor a UNET:TEXT pair of positive rates (1e-4:1e-5)"
-    return None
 
 
 def parse_set(text: str) -> tuple[str, list]:
@@ -70,15 +70,6 @@ def parse_set(text: str) -> tuple[str, list]:
                  for v in values.split(",")]
 
 
-def _sets_problem(sets: list[str]) -> str | None:
-    for text in sets:
-        try:
-            parse_set(text)
-        except UserError as exc:
-            return str(exc)
-    return None
-
-
 @dataclass
 class SweepConfig:
     def __post_init__(self) -> None:
@@ -90,12 +81,14 @@ class SweepConfig:
                             "(as for balora train); empty = the training defaults", path=True,
                         not_paths=paths.shipped_configs())
     methods: list[str] = field(["lora", "balora"], "update rules, one column of cells each", nonempty=True,
-                               check=_methods_problem)
+                               check=lambda v: _first_problem(_parse_method, v))
     lrs: list[str] = field(["1"], "learning rates: a factor on the config's lr_unet and lr_text (0.5), or an "
-                                  "explicit UNET:TEXT pair (1e-4:1e-5)", nonempty=True, check=_lrs_problem)
+                                  "explicit UNET:TEXT pair (1e-4:1e-5)", nonempty=True,
+                                  check=lambda v: _first_problem(parse_lr, v))
     seeds: list[int] = field([0], "training seeds", nonempty=True, **SEED)
     set: list[str] = field([], "any other training option: KEY=V1,V2 sweeps it, KEY=V sets it in every cell "
-                               "(a list option's elements separated by spaces)", check=_sets_problem)
+                               "(a list option's elements separated by spaces)",
+                               check=lambda v: _first_problem(parse_set, v))
     out: str = field("runs/sweep", "sweep folder: a run folder per cell, summary.json, summary.md, grid.png",
                      nonempty=True, path=True)
     workers: int = field(1, "cells at once: local worker processes, or jobs queued with --launcher submitit", ge=1)
@@ -137,6 +130,9 @@ def expand(sweep: SweepConfig) -> list[Cell]:
     base = {**base, **constant}
     if sweep.workers > 1 and sweep.launcher == "local" and not base.get("cpu_threads"):
         base["cpu_threads"] = max(1, (os.cpu_count() or 1) // sweep.workers)  # workers must not fight for cores
+    if not Path(base.get("data_dir", "")).is_dir() or not base.get("data_dir"):
+        raise UserError(f"data_dir {base.get('data_dir', '')!r} is no folder: name the concept's images in the training "
+                        "config or with --set data_dir=FOLDER")
     lr_unet, lr_text = base.get("lr_unet", defaults.lr_unet), base.get("lr_text", defaults.lr_text)
     cells = []
     for method, lr_text_arg, combo, seed in itertools.product(

@@ -239,7 +239,9 @@ def plot(path: Path, table: dict[str, dict], curves: dict[str, dict]) -> Path:
         axes[0].plot(steps, c["median"], style, color=colours[method], label=method, lw=2 if method == "lora" else 1.3)
         axes[0].fill_between(steps, np.minimum(c["min"], 1e3), np.minimum(c["max"], 1e3), color=colours[method],
                              alpha=0.12, lw=0)
-    axes[0].set(title="held-out loss at the best lr (median, range over seeds)", xlabel="step", ylabel="held-out loss")
+    axes[0].set(title="held-out loss at the best lr (median, range over seeds)", xlabel="step", ylabel="held-out loss",
+                yscale="log")
+    axes[1].set_yscale("log")
     for ax, (key, title) in zip(axes[1:], (("median_final_heldout", "final held-out loss (median over seeds)"),
                                            ("fidelity", "concept fidelity, w = 1"),
                                            ("adherence", "prompt adherence, w = 1"))):

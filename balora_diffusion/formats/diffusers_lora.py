@@ -34,7 +34,7 @@ _FACTOR = {"lora_A": "down", "lora_B": "up", "lora.down": "down", "lora.up": "up
            "lora_down": "down", "lora_up": "up"}
 _KEY = re.compile(r"(?:(unet|text_encoder)|base_model\.model)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|"
                   r"lora_up)(?:\.default)?\.weight|(unet|text_encoder)\.(.+)\.alpha")
-_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
 
 
 def _file_path(part: str, path: str) -> str:
@@ -106,7 +106,8 @@ def read_diffusers(path: Path) -> Adapter:
     tensors, metadata = read_file(path)
     factors: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
     for key, tensor in tensors.items():
-        match = _KEY.fullmatch(key)
+        # attention processors' spelling: `...attn1.processor.to_q_lora.down.weight`
+        match = _KEY.fullmatch(re.sub(r"_lora\.(down|up)\.weight$", r".lora.\1.weight", key))
         named = match and _module_path(match.group(1) or match.group(4), match.group(2) or match.group(5))
         if not named:
             raise UserError(f"{path}: {key!r} is not a LoRA weight of a Stable Diffusion 1.x UNet or text encoder "

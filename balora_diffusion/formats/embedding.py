@@ -10,6 +10,7 @@ vectors where the name is typed. The exact token list travels in the metadata fo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -34,8 +35,12 @@ def write_embedding(folder: Path, tokens: list[str], vectors: torch.Tensor) -> P
 
 
 def is_embedding(shapes: dict[str, tuple[int, ...]]) -> bool:
-    """Whether a file's tensors look like a token embedding (one tensor of one or more vectors)."""
-    return len(shapes) == 1 and len(next(iter(shapes.values()))) in (1, 2)
+    """Whether a file's tensors look like a token embedding: one tensor of one or more vectors, not
+    named like a piece of a LoRA (which would then be refused as a LoRA missing its other half)."""
+    if len(shapes) != 1:
+        return False
+    key, shape = next(iter(shapes.items()))
+    return len(shape) in (1, 2) and not re.search(r"lora|\.alpha$|hada_|lokr_|dora_scale|\.weight$", key)
 
 
 def read_embedding(path: Path) -> tuple[list[str], torch.Tensor]:

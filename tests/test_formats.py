@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -337,7 +336,7 @@ def test_foreign_kohya_files_are_refused_naming_the_key(tmp_path, key, message):
 def test_a_module_without_its_partner_is_refused(tmp_path):
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 320, 1, 1)},
               str(tmp_path / "x.safetensors"))
-    with pytest.raises(UserError, match="has no lora_up"):
+    with pytest.raises(UserError, match="has no up factor"):
         read_adapter(tmp_path / "x.safetensors")
 
 

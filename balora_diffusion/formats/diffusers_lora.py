@@ -50,8 +50,10 @@ def write_diffusers(folder: Path, adapter: Adapter) -> Path:
         alpha = uniform([m.alpha for m in modules.values()])
         keep_alpha = rank is not None and alpha is not None
         if keep_alpha:
-            config.update({f"{part}.r": rank, f"{part}.lora_alpha": alpha,
-                           f"{part}.target_modules": sorted(modules), f"{part}.peft_type": "LORA"})
+            # diffusers up to 0.35 reads rank_pattern from the metadata unconditionally (a KeyError without it)
+            config.update({f"{part}.r": rank, f"{part}.lora_alpha": alpha, f"{part}.rank_pattern": {},
+                           f"{part}.alpha_pattern": {}, f"{part}.target_modules": sorted(modules),
+                           f"{part}.peft_type": "LORA"})
         for path, module in modules.items():
             up = module.up if keep_alpha else module.up.float() * module.scale
             tensors[f"{_file_path(part, path)}.lora_A.weight"] = module.down

@@ -53,7 +53,7 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -63,7 +63,7 @@ def _parse_bool(text: str) -> bool:
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-_PARSERS = {bool: _parse_bool, int: int, float: float}
+_PARSERS = {bool: parse_bool, int: int, float: float}
 _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
 
 

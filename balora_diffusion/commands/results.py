@@ -17,13 +17,12 @@ FIGURES = (("concept", "concept.png", "concept.png"), ("concept", "grid.png", "c
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
-                        help=f"folder of the page: writes OUT/{PAGE} and its figures in OUT/img/ (docs/ in the repository)")
-    parser.add_argument("--concept", type=Path, default=CONCEPT_DIR,
-                        help="folder of `balora bench concept` (run there first if it has no concept.json, "
-                             "default: %(default)s)")
-    parser.add_argument("--synthetic", type=Path, default=SYNTHETIC_DIR,
-                        help="folder of `balora bench synthetic` (run there first if it has no synthetic.json, "
-                             "default: %(default)s)")
+                        help=f"folder of the page: writes OUT/{PAGE} and its figures in OUT/img/ (the repository's "
+                             "docs/)")
+    for bench, default in (("concept", CONCEPT_DIR), ("synthetic", SYNTHETIC_DIR)):
+        parser.add_argument(f"--{bench}", type=Path, default=default,
+                            help=f"folder of `balora bench {bench}` (run there first if it has no {bench}.json; "
+                                 "default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="run missing benchmarks at their --quick size (a smoke test of the page, not results)")
 

@@ -40,7 +40,8 @@ def summarise_checks(kinds: list[str], checks: list[dict[str, bool]]) -> dict:
 def score_cell(out: Path, values: dict, settings: dict) -> dict:
     """{"fidelity": {w: mean}, "adherence": {w: summarise_checks(...)}} of the adapter in `out`;
     settings: concept (folder), fusions, seeds, unseen, sample_steps, guidance_scale."""
-    from balora_diffusion.adapters import load_adapter
+    from balora_diffusion.formats.fuse import Fused
+    from balora_diffusion.formats.read import read_adapter
     from balora_diffusion.generate import generate, save_image, write_grid
     from balora_diffusion.models import load_pipeline
 
@@ -48,14 +49,14 @@ def score_cell(out: Path, values: dict, settings: dict) -> dict:
     rows, calibration = concept_prompts(concept, settings["unseen"])
     pipe = load_pipeline(values.get("base_model") or None,
                          single_file_config=values.get("base_config") or None)
-    load_adapter(pipe, out / "adapter")
+    fused = Fused(pipe, [(read_adapter(out), 1.0)])
     prompts, kinds = [p for p, _, _ in rows], [k for _, k, _ in rows]
     seeds = settings["seeds"]
     fid, adh, grid = {}, {}, [[] for _ in rows]
     for w in settings["fusions"]:
+        fused.set_fusion(w)
         images = generate(pipe, prompts, seeds, steps=settings["sample_steps"],
-                          guidance_scale=settings["guidance_scale"], progress=False,
-                          cross_attention_kwargs={"scale": w})
+                          guidance_scale=settings["guidance_scale"], progress=False)
         flat = [(kind, context, image) for (_, kind, context), row in zip(rows, images) for image in row]
         fid[f"{w:g}"] = sum(fidelity(image, concept) for _, _, image in flat) / len(flat)
         adh[f"{w:g}"] = summarise_checks([k for k, _, _ in flat],

@@ -12,7 +12,8 @@ from balora_diffusion import scoring
 from balora_diffusion.concept import Concept, fidelity, load_concept
 from balora_diffusion.data import read_concept_folder
 
-SAMPLE = "sample.png"  # the sweep grid's image of this cell: the first prompt, top fusion, first seed
+# the sweep grid's image of this cell: the first prompt of concept_prompts, top fusion, first seed
+SAMPLE = "sample.png"
 
 
 def concept_prompts(concept: Concept, unseen: int) -> tuple[list[tuple[str, str, scoring.Context]], scoring.Calibration]:

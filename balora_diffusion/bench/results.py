@@ -181,7 +181,8 @@ def concept_lr_markdown(concept: dict) -> str:
     for method, row in concept["methods"].items():
         for lr, s in row["by_lr"].items():
             pair = lambda d: " / ".join(_num(d.get(w), ".3f") for w in ("0.7", "1"))  # noqa: E731
-            lines.append(f"| {method} | {lr}: {s['lr_unet']:.3g} / {s['lr_text']:.3g} | {_num(s['lambda'], 'g')} | "
+            lam = "-" if s["lambda"] is None else f"{s['lambda']:g}"
+            lines.append(f"| {method} | {lr}: {s['lr_unet']:.3g} / {s['lr_text']:.3g} | {lam} | "
                          f"{_num(s['median_final_heldout'], '.4f')} | {s['diverged_seeds']} | {pair(s['fidelity'])} | "
                          f"{pair(s['adherence'])} |")
     return "\n".join(lines) + "\n"
@@ -231,7 +232,8 @@ text-encoder rates (the token embedding keeps its own), seeds {", ".join(map(str
 iLoRA / piLoRA lambda in {{{", ".join(f"{v:g}" for v in plan["lambdas"])}}} at every learning rate (each learning rate keeps its
 best lambda): {p["cells"]} cells, each a `balora train` run folder. Held-out loss every
 {plan["eval_every"]} steps on 16 fixed (image, noise, timestep) triples. Best learning rate: {p["best_lr"]}.
-Steps to LoRA's final: {p["steps_to_lora_final"]}.
+Steps to LoRA's final: {p["steps_to_lora_final"]}; they are counted at the evaluations, so a
+ratio moves in steps of {plan["eval_every"]} over LoRA's count, and 1.00 means the same evaluation.
 
 {_partial(p)}Pixel scores: each cell's adapter is loaded into a fresh pipeline and draws the concept's
 {_count(p, "eval")} evaluation prompts and {plan["unseen_contexts"]} contexts it never appeared in (background, size and
@@ -241,7 +243,8 @@ prompt names (background colour, size, position) that `scoring.read_context` rea
 pixels, sizes and positions calibrated on the concept's own training images. The tables give w = 1
 unless they say otherwise.
 
-Cost: {p["wall_time_s"] / 60:.1f} minutes of wall time in {len(runs)} run(s) of the benchmark, with {plan["workers"]}
+Cost: {p["wall_time_s"] / 60:.1f} minutes of wall time in {len(runs)} run(s) of the benchmark on
+{"; ".join(f'{r["cpu_count"]} CPU cores, Python {r["python"]}, torch {r["torch"]}' for r in runs)}, with {plan["workers"]}
 worker(s) of one thread each ({p["cell_seconds"]:.0f} s of cell wall time, {p["cpu_seconds"]:.0f} s of CPU time);
 one-minute load average {", ".join(f'{r["load_average_start"]:.1f} at the start and {r["load_average_end"]:.1f} at the end'
                                    for r in runs)} (other jobs shared the machine's two cores). On two idle cores

@@ -300,7 +300,7 @@ def summary_markdown(records: list[dict], fusions: list[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sweep_grid(path: Path, cells: list[Cell], records: list[dict]) -> Path | None:
+def sweep_grid(path: Path, cells: list[Cell], records: list[dict], prompt: str = "one prompt") -> Path | None:
     """Fig.-1-style grid of one prompt (see cell_scores.SAMPLE): rows = learning rates, columns =
     methods (with any swept option), the first seed of each; None when no cell was scored."""
     from PIL import Image
@@ -324,7 +324,7 @@ def sweep_grid(path: Path, cells: list[Cell], records: list[dict]) -> Path | Non
     images = [[Image.open(samples[table[(r, k)].name]).convert("RGB")
                if (r, k) in table and samples[table[(r, k)].name].is_file() else blank for k in cols] for r in rows]
     return write_grid(path, images, row_labels=[f"lr {r}" for r in rows], col_labels=cols,
-                      title="one prompt per cell (seed of the first column); grey: diverged or unscored")
+                      title=f"{prompt!r}, one image per cell (the first seed); grey: diverged or unscored")
 
 
 def write_summary(out: Path, protocol: dict, cells: list[Cell], records: list[dict], fusions: list[float]) -> None:
@@ -332,7 +332,15 @@ def write_summary(out: Path, protocol: dict, cells: list[Cell], records: list[di
     write_json_atomic(out / "summary.json", {"protocol": protocol, "cells": records})
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(summary_markdown(records, fusions), encoding="utf-8")
-    sweep_grid(out / "grid.png", cells, records)
+    scoring = protocol.get("scoring")
+    sweep_grid(out / "grid.png", cells, records, _sample_prompt(scoring) if scoring else "one prompt")
+
+
+def _sample_prompt(scoring: dict) -> str:
+    from balora_diffusion.bench.cell_scores import concept_prompts
+    from balora_diffusion.concept import load_concept
+
+    return concept_prompts(load_concept(scoring["concept"]), scoring["unseen"])[0][0][0]
 
 
 def run_sweep(sweep: SweepConfig) -> list[dict]:

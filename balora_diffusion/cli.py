@@ -20,6 +20,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                  "train a concept LoRA on the UNet and text encoder with any update rule"),
     ("demo",): ("balora_diffusion.commands.demo",
                 "train the shipped demo concept on the shipped model (BaLoRA) and draw it in new contexts"),
+    ("app",): ("balora_diffusion.commands.app",
+               "the Gradio app: compare runs' generations, train a concept, read the curves"),
     ("bench", "synthetic"): ("balora_diffusion.bench.synthetic",
                              "the BaLoRA paper's one- and two-layer synthetic benchmark, every method"),
     ("bench", "overhead"): ("balora_diffusion.bench.overhead",

@@ -5,7 +5,6 @@ Runs are trained on the random-weight SD-architecture model (16 px images), a fe
 """
 import json
 import shutil
-import socket
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,10 +27,8 @@ from balora_diffusion.app import training  # noqa: E402
 from balora_diffusion.app.app import App, parse_numbers, serve  # noqa: E402
 from balora_diffusion.app.compare import Cell, layout  # noqa: E402
 from balora_diffusion.app.engine import Sampling  # noqa: E402
+from balora_diffusion.app.screenshot import CHROMIUM, free_port, launch_chromium  # noqa: E402
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make test` installs it
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LRS, METHODS = [1e-3, 1e-2], ["lora", "balora"]
 QUICK = dict(token=["<zorb>"], init_word="heart", caption_template="a {token}", flip=False, steps=3, batch_size=2,
              lr_text=1e-3, lr_embedding=1e-2, eval_every=3, checkpoint_every=3, heldout_size=2, grid_seeds=[1],
@@ -277,9 +274,7 @@ def test_the_command_refuses_unsafe_or_bad_options_in_one_line(tmp_path, capsys,
 
 @pytest.fixture(scope="module")
 def server(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ui = serve(app, "127.0.0.1", port, block=False)
     yield f"http://127.0.0.1:{port}/"
     ui.close()
@@ -313,14 +308,13 @@ def test_gradio_client_lists_compares_and_trains(server, app, tmp_path):
 
 def test_the_page_draws_a_grid_in_a_real_browser(server, app, tmp_path):
     if not CHROMIUM.is_file():
-        pytest.skip("Debian's chromium is not installed (make test installs it)")
+        pytest.skip("Debian's chromium is not installed (`make test` installs it)")
     from playwright.sync_api import expect, sync_playwright
 
     # what the page shows before anything is changed: every finished run it found, drawn with the defaults
     expected, _ = app.compare(sorted(sweep_names()), "learning rate", "method", PROMPT, "", "1", 20, 5.0, "0.7, 1")
     with sync_playwright() as pw:
-        # launch() gives chromium a fresh profile folder of its own every time
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        browser = launch_chromium(pw)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1200})
             page.goto(server)

@@ -19,9 +19,10 @@ from PIL import Image
 
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.errors import UserError
+from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER
+from balora_diffusion.runs import inside
 
 CACHE = ".app-cache"   # under the runs folder; hidden, so no listing takes it for runs
-ADAPTER_NAME = "run"
 
 
 @dataclass(frozen=True)
@@ -43,19 +44,20 @@ def _file_digest(path: Path, memo: dict) -> str:
     return memo[key]
 
 
-def use_adapter(pipe, adapter_dir: Path, weight: float, loaded: Path | None) -> Path:
-    """Make `pipe` draw with the adapter in `adapter_dir` at strength `weight` (UNet and text
+def use_adapter(pipe, run: Path, weight: float, loaded: tuple[Path, object] | None) -> tuple[Path, object]:
+    """Make `pipe` draw with the adapter of run folder `run` at strength `weight` (UNet and text
     encoder LoRA alike; the new token's embedding stays in at any strength). `loaded` is the
-    adapter the pipeline holds now; the one it holds afterwards is returned."""
-    from balora_diffusion.adapters import load_adapter
+    (run, formats.fuse.Fused) the pipeline holds now; the one it holds afterwards is returned."""
+    from balora_diffusion.formats.fuse import Fused
+    from balora_diffusion.formats.read import read_adapter
 
-    if loaded != adapter_dir:
+    if loaded is None or loaded[0] != run:
+        adapter = read_adapter(run)  # read whole before the pipeline is touched
         if loaded is not None:
-            pipe.unload_lora_weights()
-            pipe.unload_textual_inversion()
-        load_adapter(pipe, adapter_dir, adapter_name=ADAPTER_NAME)
-    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[weight])
-    return adapter_dir
+            loaded[1].restore()
+        loaded = (run, Fused(pipe, [(adapter, 1.0)]))
+    loaded[1].set_fusion(weight)
+    return loaded
 
 
 class Engine:
@@ -65,7 +67,7 @@ class Engine:
         self.base_model, self.device, self.cpu_threads = base_model, device, cpu_threads
         self.lock = threading.Lock()
         self._pipe = None
-        self._loaded: Path | None = None
+        self._loaded: tuple[Path, object] | None = None
         self._digests: dict = {}
 
     def pipeline(self):
@@ -93,8 +95,7 @@ class Engine:
                                          for f in files if f.is_file()])
 
     def image_key(self, run: Path, weight: float, sampling: Sampling) -> str:
-        adapter = run / "adapter"
-        files = sorted(p for p in adapter.glob("*.safetensors"))
+        files = [inside(run, p) for p in sorted((run / DIFFUSERS_FOLDER).glob("*.safetensors"))]
         if not files:
             raise UserError(f"run {run.name} has no adapter yet (still training, or stopped before its end)")
         parts = {"base": self.base_identity, "device": self.device,
@@ -119,7 +120,7 @@ class Engine:
 
         with self.lock:
             pipe = self.pipeline()
-            self._loaded = use_adapter(pipe, run / "adapter", weight, self._loaded)
+            self._loaded = use_adapter(pipe, run, weight, self._loaded)
             image = generate(pipe, [sampling.prompt], [sampling.seed], steps=sampling.steps,
                              guidance_scale=sampling.guidance, negative_prompt=sampling.negative_prompt or None,
                              progress=False)[0][0]

@@ -166,8 +166,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs: dict[str, Any] = {"default": None, "dest": f.name, "metavar": metavar,
                                   "help": f"{f.metadata.get('help', '')} "
                                           f"(default: {default!r}{''.join('; ' + r for r in rules)})"}
-        if is_list:
-            kwargs["nargs"] = "*"
+        if is_list:  # `--x a b` and `--x a --x b` both give [a, b]
+            kwargs.update(nargs="*", action="extend")
         parser.add_argument(_flag(f.name), **kwargs)
 
 

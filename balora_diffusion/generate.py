@@ -19,6 +19,27 @@ from balora_diffusion.atomic import atomic_path
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 5.0
 
+# name -> (diffusers scheduler class, config overrides); DPM-Solver++ (2M) is how the iLoRA paper samples
+SCHEDULERS = {
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                     "use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Replace `pipe`'s sampler by the named one, built from the model's own noise schedule."""
+    import diffusers
+
+    cls_name, overrides = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = DEFAULT_STEPS,
              guidance_scale: float = DEFAULT_GUIDANCE, negative_prompt: str | None = None,
@@ -40,6 +61,17 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int =
         bar.update(len(chunk))
     bar.close()
     return [flat[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
+
+
+def fusion_grid(pipe, fused, prompts: Sequence[str], seeds: Sequence[int], fusions: Sequence[float],
+                **kwargs: Any) -> list[list[list[Image.Image]]]:
+    """images[k][i][j]: prompts[i] with seeds[j] at fusion coefficient fusions[k] of `fused`
+    (a formats.fuse.Fused); the same seeds at every coefficient, so only the LoRA's strength differs."""
+    out = []
+    for fusion in fusions:
+        fused.set_fusion(fusion)
+        out.append(generate(pipe, prompts, seeds, **kwargs))
+    return out
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -81,13 +81,11 @@ def quiet_diffusers() -> Iterator[None]:
 def load_pipeline(path: str | Path | None = None, device: str | torch.device = "auto",
                   dtype: torch.dtype | str | None = None, single_file_config: str | Path | None = None):
     """StableDiffusionPipeline from a local diffusers folder (default: the shipped tiny model) or a
-    single-file SD 1.x checkpoint (see single_file.load_single_file; `single_file_config` names the
+    single-file SD 1.x checkpoint (see load_single_file; `single_file_config` names the
     diffusers folder holding its component configs, default SD 1.5's), never the hub."""
     from diffusers import StableDiffusionPipeline
 
     if path is not None and not Path(path).is_dir() and Path(path).suffix:
-        from balora_diffusion.single_file import load_single_file
-
         return load_single_file(path, config=single_file_config, device=device, dtype=dtype)
     folder = check_model_dir(Path(path) if path is not None else DEFAULT_MODEL_DIR)
     torch_device = device if isinstance(device, torch.device) else pick_device(device)
@@ -99,4 +97,32 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
                 feature_extractor=None, requires_safety_checker=False)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"cannot load the model in {folder}: {str(exc).splitlines()[0]}") from None
+    return pipe.to(torch_device)
+
+
+def load_single_file(path: str | Path, *, config: str | Path | None = None,
+                     device: str | torch.device = "auto", dtype: torch.dtype | str | None = None):
+    """StableDiffusionPipeline from one original-layout SD 1.x .safetensors file, never the hub.
+
+    `config` is a local diffusers folder giving the component configs, tokenizer and scheduler
+    (default: SD 1.5's, shipped in assets/sd15-config); the file's weights must fit it. Without a
+    local config diffusers silently tries to download one (diffusers issue 8752)."""
+    from diffusers import StableDiffusionPipeline
+
+    from balora_diffusion.formats.ldm_checkpoint import DEFAULT_CONFIG_DIR, check_fits
+    from balora_diffusion.formats.safetensors_io import checked_file
+
+    path = checked_file(path, "checkpoint")
+    config_dir = check_model_dir(Path(config) if config is not None else DEFAULT_CONFIG_DIR)
+    torch_device = device if isinstance(device, torch.device) else pick_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    check_fits(path, config_dir)
+    try:
+        with quiet_diffusers():
+            # diffusers wants the config folder as a str: its model loaders refuse a Path
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config_dir), local_files_only=True, dtype=torch_dtype,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
     return pipe.to(torch_device)

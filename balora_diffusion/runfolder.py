@@ -28,7 +28,7 @@ T = TypeVar("T")
 LOCK = ".balora.lock"
 # What a training (and the demo after it) writes into its folder: any of them means that the
 # folder holds a run, and --overwrite true deletes exactly these, never other files kept there.
-RUN_OUTPUTS = ("checkpoints", "adapter", "run.json", "config.json", "metrics.jsonl", "tensorboard",
+RUN_OUTPUTS = ("checkpoints", "adapter", "kohya", "run.json", "config.json", "metrics.jsonl", "tensorboard",
                "grid.png", *PLOTS, "demo.png", "demo.json")
 STEP_GRIDS = "grid-step*.png"
 

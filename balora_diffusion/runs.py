@@ -188,10 +188,13 @@ def read_metrics(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def adapter_files(folder: Path) -> list[Path]:
-    """The adapter files a run holds, whatever formats it was exported to: every safetensors file in
-    its adapter folder and beside it (never its checkpoints, which are training state)."""
+    """The adapter files a run holds, whatever formats it was written or exported in: every
+    safetensors file in its diffusers and kohya folders and beside them (never its checkpoints,
+    which are training state), each inside the run folder once symlinks are followed."""
+    from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER, KOHYA_FOLDER
+
     folder = Path(folder)
-    found = sorted((folder / "adapter").glob("*.safetensors")) + sorted(folder.glob("*.safetensors"))
+    found = [p for sub in (DIFFUSERS_FOLDER, KOHYA_FOLDER, ".") for p in sorted((folder / sub).glob("*.safetensors"))]
     files = []
     for path in found:
         try:

@@ -30,7 +30,7 @@ from balora_diffusion.errors import UserError
 from balora_diffusion.lora import balance_diagnostics, find_lora_pairs, inject_lora
 from balora_diffusion.models import load_pipeline
 from balora_diffusion.rules import build_optimizer
-from balora_diffusion.adapters import save_adapter
+from balora_diffusion.formats.run_files import adapter_from_models, training_info, write_run_adapters
 from balora_diffusion.atomic import write_json_atomic
 from balora_diffusion.generate import generate, write_grid
 from balora_diffusion.runfolder import RunFolder
@@ -388,7 +388,9 @@ def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Pa
     checksums = replica_checksums(accelerator, [unet, text_encoder])
     if accelerator.is_main_process:
         unet_u, te_u = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-        save_adapter(out / "adapter", unet_u, te_u if cfg.train_text_encoder else None, embedding, cfg.token)
+        write_run_adapters(out, adapter_from_models(
+            unet_u, te_u if cfg.train_text_encoder else None, embedding, cfg.token,
+            training_info(asdict(cfg), cfg.steps, out.name)))
         validation_grid(out / "grid.png", cfg, pipe, accelerator)
         log.plots()
         run = {

@@ -3,8 +3,8 @@
 
 Runs are trained on the random-weight SD-architecture model (16 px images), a few steps each.
 """
-import json
 import shutil
+import zipfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +34,7 @@ QUICK = dict(token=["<zorb>"], init_word="heart", caption_template="a {token}", 
              lr_text=1e-3, lr_embedding=1e-2, eval_every=3, checkpoint_every=3, heldout_size=2, grid_seeds=[1],
              fusion=[1.0], sample_steps=2, cpu_threads=1)
 PROMPT = "a <zorb>"
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +63,13 @@ def reference_image(model, run: Path, weight: float, seed: int = 1, steps: int =
     """The image a user gets from the run's files with diffusers alone, strength through
     cross_attention_kwargs (which scales the UNet and, in encode_prompt, the text-encoder LoRA)."""
     from diffusers import StableDiffusionPipeline
-    from safetensors import safe_open
 
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(run / "adapter"), weight_name="pytorch_lora_weights.safetensors")
-    with safe_open(str(run / "adapter" / "embeddings.safetensors"), framework="pt") as f:
-        pipe.load_textual_inversion(f.get_tensor("clip_l"), token=json.loads(f.metadata()["tokens"]),
-                                    tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    pipe.load_lora_weights(str(run / "adapter"), weight_name=LORA_FILE)
+    (embedding,) = [p for p in (run / "adapter").glob("*.safetensors") if p.name != LORA_FILE]
+    pipe.load_textual_inversion(str(embedding), token="<zorb>", tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
     out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
                cross_attention_kwargs={"scale": weight})
     return np.asarray(out.images[0], dtype=np.float64)
@@ -128,7 +127,7 @@ def test_every_input_of_an_image_is_in_its_cache_key(app, runs, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(run, other)
     assert app.engine.image_key(other, 1.0, base) == app.engine.image_key(run, 1.0, base)  # content, not path
-    emb = other / "adapter" / "embeddings.safetensors"
+    emb = other / "adapter" / "zorb.safetensors"
     emb.write_bytes(emb.read_bytes()[:-4] + b"\0\0\0\1")
     assert app.engine.image_key(other, 1.0, base) != app.engine.image_key(run, 1.0, base)
 
@@ -179,13 +178,15 @@ def test_curves_and_downloads(app, runs):
     assert any("imbalance" in t for t in titles) and any("condition number of B" in t for t in titles)
     assert {line.get_label() for line in fig.axes[0].lines} == {f"{n.split('-')[-1]}: {n}" for n in sweep_names()}
     files = [Path(p) for p in app.downloads(sweep_names()[0])]
-    assert [p.name for p in files] == ["sweep_lr0.001-lora-diffusers.zip", "sweep_lr0.001-lora-embeddings.safetensors",
-                                       "sweep_lr0.001-lora-pytorch_lora_weights.safetensors"]
+    # the diffusers folder as a zip; the kohya LoRA and the embedding under the names the run gave them
+    assert [p.name for p in files] == ["sweep_lr0.001-lora-diffusers.zip", "lr0.001-lora.safetensors", "zorb.safetensors"]
     assert all(p.is_relative_to(app.engine.cache) for p in files)
-    import zipfile
+    run = runs / sweep_names()[0]
+    assert files[1].read_bytes() == (run / "kohya" / "lr0.001-lora.safetensors").read_bytes()
     with zipfile.ZipFile(files[0]) as archive:
-        assert sorted(archive.namelist()) == ["sweep_lr0.001-lora/embeddings.safetensors",
-                                              "sweep_lr0.001-lora/pytorch_lora_weights.safetensors"]
+        assert sorted(archive.namelist()) == ["sweep_lr0.001-lora/pytorch_lora_weights.safetensors",
+                                              "sweep_lr0.001-lora/zorb.safetensors"]
+        assert archive.read("sweep_lr0.001-lora/zorb.safetensors") == (run / "adapter" / "zorb.safetensors").read_bytes()
     with pytest.raises(UserError, match="no adapter files"):
         app.downloads("unfinished")
 
@@ -296,8 +297,7 @@ def test_gradio_client_lists_compares_and_trains(server, app, tmp_path):
     status, _, files = client.predict([handle_file(p) for p in _uploads(tmp_path)], "from-client", "<zorb>", "heart",
                                       "ilora", 1e-2, 1e-3, 2, 2, api_name="/train")
     assert status == "from-client finished: 2 steps", status
-    assert sorted(Path(f).name for f in files) == ["from-client-diffusers.zip", "from-client-embeddings.safetensors",
-                                                   "from-client-pytorch_lora_weights.safetensors"]
+    assert [Path(f).name for f in files] == ["from-client-diffusers.zip", "from-client.safetensors", "zorb.safetensors"]
     listed = {r["name"]: r for r in client.predict(api_name="/list_runs")}
     assert (listed["from-client"]["state"], listed["from-client"]["method"], listed["from-client"]["rank"]) == \
         ("finished", "ilora", 2)

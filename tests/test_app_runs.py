@@ -90,13 +90,16 @@ def test_adapter_files_are_the_runs_own_safetensors_and_never_a_link_out(tmp_pat
     (run / "adapter").mkdir()
     for name in ("pytorch_lora_weights.safetensors", "embeddings.safetensors", "notes.txt"):
         (run / "adapter" / name).write_bytes(b"x")
-    (run / "kohya.safetensors").write_bytes(b"x")
+    (run / "kohya").mkdir()
+    (run / "kohya" / "r.safetensors").write_bytes(b"x")
+    (run / "exported.safetensors").write_bytes(b"x")
     (tmp_path / "secret.safetensors").write_bytes(b"x")
     os.symlink(tmp_path / "secret.safetensors", run / "adapter" / "stolen.safetensors")
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "state.safetensors").write_bytes(b"x")
-    assert [p.name for p in adapter_files(run)] == ["embeddings.safetensors", "pytorch_lora_weights.safetensors",
-                                                    "kohya.safetensors"]
+    assert [p.relative_to(run.resolve()).as_posix() for p in adapter_files(run)] == [
+        "adapter/embeddings.safetensors", "adapter/pytorch_lora_weights.safetensors", "kohya/r.safetensors",
+        "exported.safetensors"]
 
 
 def test_a_new_run_folder_must_be_new_and_inside(tmp_path):

@@ -38,6 +38,13 @@ class Work:
         return ["train", "--data-dir", str(data or self.concept), "--base-model", str(model or self.model),
                 "--output-dir", out, *TRAIN, *map(str, args)]
 
+    def generate(self, *args, adapter=None) -> list[str]:
+        return ["generate", "--base-model", str(self.model), "--steps", "1", "--seeds", "1", "--out", "new",
+                *(["--adapter", str(adapter)] if adapter else []), *map(str, args)]
+
+    def export(self, source, out="new.safetensors") -> list[str]:
+        return ["export", str(source), "--format", "kohya", "--out", str(out)]
+
     def file(self, name: str, content: str | bytes) -> Path:
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,8 +91,9 @@ def _tiny_image(path: Path) -> None:
     path.with_suffix(".txt").write_text("a <zorb>")
 
 
-def _truncated(path: Path) -> None:
+def _truncated(path: Path) -> Path:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
 
 
 def _model_with(w: Work, change) -> Path:
@@ -159,11 +167,57 @@ CASES = {
                                                                  data=paths.DEMO_CONCEPT, out="prior"), "method"),
     "resume from truncated checkpoints": (lambda w: [_truncate_checkpoints(w.prior),
                                                      w.train("--resume", "latest", out="prior")][1], "checkpoint"),
+    # --- adapters: generate, export, merge, inspect
+    "generate without a prompt": (lambda w: w.generate(), "prompt"),
+    "generate with a missing adapter": (lambda w: w.generate("--prompt", "a", adapter=w.root / "gone"), "gone"),
+    "generate with a weight that is no number": (lambda w: w.generate("--prompt", "a", adapter=f"{w.prior}:nan"),
+                                                 "finite"),
+    "generate with a pickled LoRA": (lambda w: w.generate("--prompt", "a", adapter=w.file("lora.pt", b"\x80\x04K\x01.")),
+                                     "lora.pt"),
+    "generate with a LoRA of another shape": (lambda w: w.generate("--prompt", "a", adapter=_kohya_with(
+        w, lambda t: t.update({k: t[k][:, :-1] for k in [next(k for k in t if k.endswith("lora_down.weight"))]}))),
+        "shape"),
+    "generate at a size not a multiple of 8": (lambda w: w.generate("--prompt", "a", "--size", "20"), "size"),
+    "export a truncated LoRA": (lambda w: w.export(_truncated(w.file("cut.safetensors", (
+        w.prior / "kohya" / "run.safetensors").read_bytes()))), "cut.safetensors"),
+    "export a LoRA missing its up factor": (lambda w: w.export(_kohya_with(
+        w, lambda t: t.pop(next(k for k in t if k.endswith("lora_up.weight"))))), "lora_up"),
+    "export a damaged checkpoint": (lambda w: w.export(_damaged(w.prior / "checkpoints")), "damaged"),
+    "export an SDXL LoRA": (lambda w: w.export(_kohya_with(w, lambda t: t.update(
+        {"lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": t[next(iter(t))]}))), "SDXL"),
+    "export over an existing file": (lambda w: w.export(w.prior, out=w.file("taken.safetensors", b"mine")), "exist"),
+    "export kohya to a folder name": (lambda w: w.export(w.prior, out="new"), "one .safetensors file"),
+    "merge into a pickle suffix": (lambda w: ["merge", "--adapter", w.prior, "--base-model", w.model, "--out", "new.ckpt"],
+                                   "new.ckpt"),
+    "merge a LyCORIS file": (lambda w: ["merge", "--adapter", _kohya_with(w, lambda t: t.update(
+        {"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": t[next(iter(t))]})), "--base-model", w.model,
+        "--out", "new"], "LoHa"),
+    "inspect a folder holding no adapter": (lambda w: ["inspect", w.concept], "not a run folder"),
+    "inspect random bytes": (lambda w: ["inspect", w.file("noise.safetensors", os.urandom(2048))], "noise.safetensors"),
     # --- demo
     "demo with zero steps": (lambda w: ["demo", "--steps", "0", "--output-dir", "out"], "steps"),
     "demo with an unknown method": (lambda w: ["demo", "--method", "bolora", "--output-dir", "out"], "bolora"),
     "demo with a missing config": (lambda w: ["demo", "--config", "nope.toml", "--output-dir", "out"], "nope.toml"),
 }
+
+
+def _kohya_with(w: Work, change) -> Path:
+    """A copy of the finished run's kohya file with `change(tensors)` applied."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(w.prior / "kohya" / "run.safetensors")
+    change(tensors)
+    path = w.root / "changed.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def _damaged(checkpoints: Path) -> Path:
+    newest = sorted(checkpoints.iterdir())[-1]
+    data = bytearray((newest / "trainable.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (newest / "trainable.safetensors").write_bytes(bytes(data))
+    return newest
 
 
 def _truncate_checkpoints(run: Path) -> None:
@@ -205,8 +259,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(name, random_sd_dir,
     assert "Traceback" not in result.stdout + result.stderr
     assert len(lines) == 1 and lines[0].startswith("balora: error: "), lines
     assert fragment in lines[0], lines[0]
-    written = [p for p in tmp_path.rglob("*") if p.name in ("run.json", "pytorch_lora_weights.safetensors")
-               and not p.is_relative_to(work.prior)]
+    written = [p for p in tmp_path.rglob("*") if (p.name in ("run.json", "pytorch_lora_weights.safetensors")
+               or p.name.startswith("new")) and not p.is_relative_to(work.prior)]
     assert written == []
-    if name != "resume from truncated checkpoints":  # that case damages the run on purpose
+    if name not in ("resume from truncated checkpoints", "export a damaged checkpoint"):  # they damage it on purpose
         assert _digest(work.prior) == before

@@ -157,7 +157,8 @@ import sys
 from balora_diffusion import paths
 from balora_diffusion.errors import UserError
 from balora_diffusion.models import load_pipeline
-from balora_diffusion.single_file import load_single_file, save_single_file
+from balora_diffusion.formats.ldm_checkpoint import save_single_file
+from balora_diffusion.models import load_single_file
 path = save_single_file(load_pipeline(device="cpu"), "tiny.safetensors")
 load_single_file(path, config=paths.TINY_SD, device="cpu")
 try:  # no config: the shipped SD 1.5 configs, which the tiny model's shapes do not fit

@@ -16,8 +16,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from balora_diffusion import paths
 from balora_diffusion.errors import UserError
-from balora_diffusion.single_file import (DEFAULT_CONFIG_DIR, load_single_file, save_single_file,
-                                          to_original_layout)
+from balora_diffusion.formats.ldm_checkpoint import DEFAULT_CONFIG_DIR, save_single_file, to_original_layout
+from balora_diffusion.models import load_single_file
 
 PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")
 

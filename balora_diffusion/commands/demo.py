@@ -49,17 +49,18 @@ def run(args: argparse.Namespace) -> int:
 
     out = train(cfg)
 
-    from balora_diffusion.adapters import load_adapter
+    from balora_diffusion.formats.fuse import Fused
+    from balora_diffusion.formats.read import read_adapter
     from balora_diffusion.models import load_pipeline
 
     # A fresh pipeline with the saved adapter: what a user loading the files would get.
     pipe = load_pipeline(cfg.base_model or None)
-    load_adapter(pipe, out / "adapter")
+    fused = Fused(pipe, [(read_adapter(out), 1.0)])
     prompts = list(concept.eval_prompts)
     rows, labels, scores = [], [], {}
     for w in (0.0, 1.0):
-        images = generate(pipe, prompts, seeds, steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-                          cross_attention_kwargs={"scale": w})
+        fused.set_fusion(w)
+        images = generate(pipe, prompts, seeds, steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
         scores[w] = [fidelity(img, concept) for row in images for img in row]
         rows.extend(images)
         labels.extend(f"w={w:g}: {p}" for p in prompts)

@@ -1,9 +1,8 @@
-"""Stable Diffusion 1.x as ONE original-layout (CompVis / LDM key names) .safetensors file, offline.
+"""Stable Diffusion 1.x as ONE original-layout (CompVis / LDM key names) .safetensors file.
 
-Reading goes through diffusers' `from_single_file` with a local config folder (default: the SD 1.5
-component configs shipped in assets/sd15-config): without one, diffusers silently tries to download
-the configs (diffusers issue 8752). Writing is our own diffusers -> LDM key mapping, the reverse of
-what `from_single_file` does, so a pipeline (e.g. with a LoRA fused in) can go to A1111 / ComfyUI.
+Writing is our own diffusers -> LDM key mapping, the reverse of what diffusers' `from_single_file`
+does, so a pipeline (e.g. with a LoRA merged in) can go to A1111 / ComfyUI. Reading checks that a
+file fits a model config before `models.load_pipeline` hands it to `from_single_file`.
 Pickled checkpoints (.ckpt, .pt, .bin) are never opened: unpickling runs arbitrary code.
 """
 from __future__ import annotations
@@ -13,17 +12,14 @@ from pathlib import Path
 import torch
 
 from balora_diffusion import paths
-from balora_diffusion.atomic import atomic_path
-from balora_diffusion.devices import pick_device
 from balora_diffusion.errors import UserError
-from balora_diffusion.models import check_model_dir, quiet_diffusers, resolve_dtype
+from balora_diffusion.formats.safetensors_io import checked_file, read_header, write_file
 
 DEFAULT_CONFIG_DIR = paths.SD15_CONFIG
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
@@ -36,7 +32,7 @@ _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "
 
 # --- diffusers -> LDM names ------------------------------------------------------------------
 
-def _unet_name(name: str, config) -> str:
+def unet_ldm_name(name: str, config) -> str:
     """LDM's UNet is flat lists of modules: `input_blocks` has, per level, one slot per resnet (with
     its attention at index 1) plus a slot for the downsampler; `output_blocks` has one slot per resnet
     (attention at 1, the upsampler after them in the level's last slot)."""
@@ -115,7 +111,7 @@ def to_original_layout(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
         if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
             raise UserError(f"the {type(model).__name__} still holds LoRA layers: fuse them into the weights "
                             "(pipe.fuse_lora(); pipe.unload_lora_weights()) before saving a checkpoint")
-    tensors = _mapped(unet, UNET_PREFIX, lambda n: _unet_name(n, unet.config))
+    tensors = _mapped(unet, UNET_PREFIX, lambda n: unet_ldm_name(n, unet.config))
     for key, tensor in _mapped(vae, VAE_PREFIX, lambda n: _vae_name(n, vae.config)).items():
         # the VAE's attention projections are 1x1 convolutions in LDM, linear layers in diffusers
         is_projection = ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2
@@ -130,42 +126,15 @@ def to_original_layout(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
 def save_single_file(pipe, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Write the pipeline's UNet, VAE and text encoder as one original-layout SD 1.x .safetensors file
     (floating-point tensors cast to `dtype`), atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: a single-file checkpoint is written as .safetensors")
-    tensors = {key: (t.to("cpu", dtype) if t.is_floating_point() else t.to("cpu")).contiguous()
+    tensors = {key: t.to("cpu", dtype) if t.is_floating_point() else t
                for key, t in to_original_layout(pipe.unet, pipe.vae, pipe.text_encoder).items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    return path
+    return write_file(path, tensors, {})
 
 
 # --- reading ---------------------------------------------------------------------------------
-
-def _checked_path(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise UserError(f"{path}: pickled checkpoints ({', '.join(PICKLE_SUFFIXES)}) can run code when opened "
-                        "and are not read; convert it to .safetensors first")
-    if path.is_dir():
-        raise UserError(f"{path} is a folder; a single-file checkpoint is one .safetensors file")
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    return path
-
-
-def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes from the safetensors header (no tensor data is read)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"{path} is not a readable .safetensors file: {str(exc).splitlines()[0]}") from None
-
 
 def _expected_shapes(config_dir: Path) -> dict[str, tuple[int, ...]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -187,7 +156,7 @@ def check_fits(path: Path, config_dir: Path) -> None:
     """UserError unless every tensor the config's models need is in the file with the right shape.
 
     diffusers would otherwise leave missing weights uninitialised on the meta device and only warn."""
-    found, expected = _file_shapes(path), _expected_shapes(config_dir)
+    found, expected = read_header(checked_file(path, "checkpoint"))[0], _expected_shapes(config_dir)
     missing = [key for key in expected if key not in found]
     if len(missing) == len(expected):
         raise UserError(f"{path} holds no Stable Diffusion 1.x model: none of the {len(found)} tensors has an "
@@ -203,27 +172,3 @@ def check_fits(path: Path, config_dir: Path) -> None:
                            f"expected {list(expected[key])}")
         raise UserError(f"{path} does not fit the model config in {config_dir} ({'; '.join(details)}); "
                         "is it a Stable Diffusion 1.x checkpoint?")
-
-
-def load_single_file(path: str | Path, *, config: str | Path | None = None,
-                     device: str | torch.device = "auto", dtype: torch.dtype | str | None = None):
-    """StableDiffusionPipeline from one original-layout SD 1.x .safetensors file, never the hub.
-
-    `config` is a local diffusers folder giving the component configs, tokenizer and scheduler
-    (default: SD 1.5's, shipped in assets/sd15-config); the file's weights must fit it."""
-    from diffusers import StableDiffusionPipeline
-
-    path = _checked_path(path)
-    config_dir = check_model_dir(Path(config) if config is not None else DEFAULT_CONFIG_DIR)
-    torch_device = device if isinstance(device, torch.device) else pick_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    check_fits(path, config_dir)
-    try:
-        with quiet_diffusers():
-            # diffusers wants the config folder as a str: its model loaders refuse a Path
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config_dir), local_files_only=True, dtype=torch_dtype,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
-    return pipe.to(torch_device)

@@ -1,0 +1,133 @@
+"""The diffusers / peft LoRA format: what `pipe.load_lora_weights` and peft read.
+
+Keys are `unet.<module>.lora_A.weight` (down) / `.lora_B.weight` (up) and
+`text_encoder.text_model.<module>...`: the `text_model.` spelling loads with transformers 4 (whose
+CLIPTextModel has that child) and 5 alike, while the short one written by transformers >= 5.6 makes
+older diffusers fail. No alpha is stored in the tensors: diffusers takes it from the adapter
+metadata in the header and, without it, loads with alpha = rank. So the metadata is written whenever
+one rank and one alpha serve a whole model, and otherwise each module's scale is folded into its up
+factor (alpha = rank), which diffusers reads at the right strength with no metadata at all.
+
+The reader also takes peft's own files (`base_model.model.<module>...`, alpha in adapter_config.json)
+and older diffusers spellings (`lora.down` / `lora.up`, attention processors' `to_q_lora`).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from balora_diffusion.errors import UserError
+from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, UNET, Adapter, LoraModule, info_from_metadata,
+                                              info_metadata, uniform)
+from balora_diffusion.formats.names import text_encoder_path
+from balora_diffusion.formats.safetensors_io import read_file, write_file
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PEFT_FILE = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+
+_FACTOR = {"lora_A": "down", "lora_B": "up", "lora.down": "down", "lora.up": "up",
+           "lora_down": "down", "lora_up": "up"}
+_KEY = re.compile(r"(?:(unet|text_encoder)|base_model\.model)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|"
+                  r"lora_up)(?:\.default)?\.weight|(unet|text_encoder)\.(.+)\.alpha")
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
+
+
+def _file_path(part: str, path: str) -> str:
+    return f"{part}.text_model.{path}" if part == TEXT_ENCODER else f"{part}.{path}"
+
+
+def write_diffusers(folder: Path, adapter: Adapter) -> Path:
+    """`folder/pytorch_lora_weights.safetensors` for `adapter` (its token embedding is written
+    separately, see embedding.py); `adapter.info` goes into the header as `balora.*` JSON entries."""
+    tensors, config = {}, {}
+    for part, modules in adapter.parts().items():
+        if not modules:
+            continue
+        rank = uniform([m.rank for m in modules.values()])
+        alpha = uniform([m.alpha for m in modules.values()])
+        keep_alpha = rank is not None and alpha is not None
+        if keep_alpha:
+            config.update({f"{part}.r": rank, f"{part}.lora_alpha": alpha,
+                           f"{part}.target_modules": sorted(modules), f"{part}.peft_type": "LORA"})
+        for path, module in modules.items():
+            up = module.up if keep_alpha else module.up.float() * module.scale
+            tensors[f"{_file_path(part, path)}.lora_A.weight"] = module.down
+            tensors[f"{_file_path(part, path)}.lora_B.weight"] = up
+    metadata = info_metadata(adapter.info)
+    if config:
+        metadata[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
+    return write_file(Path(folder) / LORA_FILE, tensors, metadata)
+
+
+def _module_path(part: str | None, raw: str) -> tuple[str, str] | None:
+    """(part, canonical module path) of a key's module name, or None when it names no SD 1.x layer."""
+    raw = _PROCESSOR.sub(lambda m: "." + m.group(1) + (".0" if m.group(1) == "to_out" else ""), raw)
+    te_path = text_encoder_path(raw)
+    if part == TEXT_ENCODER or (part is None and te_path is not None):
+        return (TEXT_ENCODER, te_path) if te_path is not None else None
+    return UNET, raw
+
+
+def _alphas(metadata: dict[str, str], path: Path) -> dict[str, dict]:
+    """Per part: {"alpha": default alpha or None, "pattern": {module suffix: alpha}} from diffusers'
+    header metadata or peft's adapter_config.json beside the file."""
+    found: dict[str, dict] = {part: {"alpha": None, "pattern": {}} for part in PARTS}
+    if METADATA_KEY in metadata:
+        try:
+            config = json.loads(metadata[METADATA_KEY])
+        except ValueError:
+            raise UserError(f"{path}: its {METADATA_KEY} header entry is not JSON") from None
+        for part in PARTS:
+            found[part] = {"alpha": config.get(f"{part}.lora_alpha"), "pattern": config.get(f"{part}.alpha_pattern") or {}}
+    elif path.name == PEFT_FILE and (path.parent / PEFT_CONFIG).is_file():
+        try:
+            config = json.loads((path.parent / PEFT_CONFIG).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{path.parent / PEFT_CONFIG} is not JSON") from None
+        for part in PARTS:
+            found[part] = {"alpha": config.get("lora_alpha"), "pattern": config.get("alpha_pattern") or {}}
+    return found
+
+
+def _alpha_for(path: str, rank: int, alphas: dict) -> float:
+    for suffix, alpha in alphas["pattern"].items():
+        if path == suffix or path.endswith("." + suffix):
+            return float(alpha)
+    return float(alphas["alpha"]) if alphas["alpha"] is not None else float(rank)
+
+
+def read_diffusers(path: Path) -> Adapter:
+    """An Adapter from a diffusers- or peft-layout LoRA file; every key must be used."""
+    tensors, metadata = read_file(path)
+    factors: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, tensor in tensors.items():
+        # attention processors' spelling: `...attn1.processor.to_q_lora.down.weight`
+        match = _KEY.fullmatch(re.sub(r"_lora\.(down|up)\.weight$", r".lora.\1.weight", key))
+        named = match and _module_path(match.group(1) or match.group(4), match.group(2) or match.group(5))
+        if not named:
+            raise UserError(f"{path}: {key!r} is not a LoRA weight of a Stable Diffusion 1.x UNet or text encoder "
+                            "in the diffusers or peft layout")
+        slot = "alpha" if match.group(4) else _FACTOR[match.group(3)]
+        if slot in factors.setdefault(named, {}):
+            raise UserError(f"{path}: {key!r} repeats the {slot} of {factors[named][slot][0]!r}")
+        factors[named][slot] = (key, tensor)
+    alphas = _alphas(metadata, path)
+    adapter = Adapter(format="diffusers", source=str(path), info=info_from_metadata(metadata))
+    for (part, module_path), found in factors.items():
+        if "down" not in found or "up" not in found:
+            key = next(iter(found.values()))[0]
+            raise UserError(f"{path}: {key!r} has no {'up' if 'down' in found else 'down'} factor beside it")
+        down, up = found["down"][1], found["up"][1]
+        alpha = float(found["alpha"][1]) if "alpha" in found else _alpha_for(module_path, down.shape[0], alphas[part])
+        if down.dim() == 4 and up.dim() == 2:  # old diffusers conv LoRA kept up as a matrix
+            up = up[:, :, None, None]
+        adapter.parts()[part][module_path] = LoraModule(down, up, alpha, key=found["down"][0].rsplit(".", 2)[0])
+    if not adapter.modules():
+        raise UserError(f"{path} holds no LoRA weights")
+    return adapter
+

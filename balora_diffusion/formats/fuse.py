@@ -1,0 +1,106 @@
+"""Adapters applied to a loaded pipeline by adding their updates to the weights.
+
+W = W0 + f * sum_i w_i * (alpha_i / r_i) * B_i @ A_i for every adapted layer of the UNet and the text
+encoder alike, where w_i is each adapter's weight and f the fusion coefficient. Adding to the weights
+(rather than wrapping layers) is what a merged model is, so generating and merging share one path,
+and changing f costs one pass over the adapted layers. The new tokens' embeddings are loaded through
+diffusers' `load_textual_inversion` and stay in at every f.
+
+Nothing is changed unless every module of every adapter fits a layer of the pipeline: no partial loads.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from balora_diffusion.errors import UserError
+from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule
+from balora_diffusion.formats.names import text_encoder_path
+
+
+def _layers(pipe) -> dict[str, dict[str, torch.nn.Module]]:
+    text = {}
+    for name, module in pipe.text_encoder.named_modules():
+        text[text_encoder_path(name) or name.removeprefix("text_model.")] = module
+    return {UNET: dict(pipe.unet.named_modules()), TEXT_ENCODER: text}
+
+
+def fit(pipe, adapter: Adapter) -> list[tuple[torch.nn.Module, LoraModule]]:
+    """(layer, module) for every module of `adapter`; UserError naming the first module that names no
+    Linear / Conv2d layer of the pipeline or whose update has another shape than the layer's weight."""
+    layers, fitted = _layers(pipe), []
+    for part, path, module in adapter.modules():
+        layer = layers[part].get(path)
+        if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            raise UserError(f"{adapter.source}: {module.key or path!r} names no layer of the base model's {part} "
+                            "(a LoRA for another architecture?)")
+        have, want = tuple(layer.weight.shape), module.weight_shape
+        # a 1x1 convolution and a linear layer are the same map: LoRAs for SD 1.x use both for proj_in / proj_out
+        if have != want and have[:2] + tuple(d for d in have[2:] if d != 1) != want[:2] + tuple(d for d in want[2:] if d != 1):
+            raise UserError(f"{adapter.source}: {module.key or path!r} updates a weight of shape {list(want)}, but the "
+                            f"base model's {part} layer {path} has shape {list(have)}")
+        fitted.append((layer, module))
+    if adapter.embedding is not None:
+        hidden = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+        if adapter.embedding.shape[1] != hidden:
+            raise UserError(f"{adapter.source}: token embedding of width {adapter.embedding.shape[1]}, but the base "
+                            f"model's text encoder has width {hidden}")
+    return fitted
+
+
+class Fused:
+    """`adapters` (each with its weight) added to `pipe`'s weights at fusion coefficient 1; `set_fusion`
+    changes the coefficient, `restore` gives back the base model exactly. With `tokens=False` the
+    embeddings are left out (a single-file checkpoint has no place for new tokens)."""
+
+    def __init__(self, pipe, adapters: Sequence[tuple[Adapter, float]], tokens: bool = True):
+        self.pipe, self.tokens = pipe, []
+        per_layer: dict[torch.nn.Module, list[tuple[float, LoraModule]]] = {}
+        for adapter, weight in adapters:
+            for layer, module in fit(pipe, adapter):
+                on_device = LoraModule(module.down.to(layer.weight.device), module.up.to(layer.weight.device),
+                                       module.alpha, module.key)
+                per_layer.setdefault(layer, []).append((weight, on_device))
+        new_tokens = [t for adapter, _ in adapters if tokens and adapter.embedding is not None for t in adapter.tokens]
+        taken = sorted({t for t in new_tokens if new_tokens.count(t) > 1 or t in pipe.tokenizer.get_vocab()})
+        if taken:
+            raise UserError(f"token(s) {', '.join(taken)} would be added twice: the adapters or the base model "
+                            "already define them")
+        self.per_layer = per_layer
+        self.base = {layer: layer.weight.detach().clone() for layer in per_layer}
+        if tokens:
+            self._load_tokens([a for a, _ in adapters if a.embedding is not None])
+        self.set_fusion(1.0)
+
+    def _load_tokens(self, adapters: list[Adapter]) -> None:
+        from balora_diffusion.models import quiet_diffusers
+
+        te = self.pipe.text_encoder
+        for adapter in adapters:
+            with quiet_diffusers():
+                self.pipe.load_textual_inversion(adapter.embedding.to(te.device, te.dtype), token=adapter.tokens,
+                                                 tokenizer=self.pipe.tokenizer, text_encoder=te)
+            self.tokens.extend(adapter.tokens)
+
+    @torch.no_grad()
+    def set_fusion(self, fusion: float) -> None:
+        for layer, items in self.per_layer.items():
+            update = sum(weight * module.delta() for weight, module in items)
+            layer.weight.copy_((self.base[layer].float() + fusion * update.reshape(layer.weight.shape))
+                               .to(layer.weight.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for layer, weight in self.base.items():
+            layer.weight.copy_(weight)
+        if self.tokens:
+            self.pipe.unload_textual_inversion(self.tokens, tokenizer=self.pipe.tokenizer,
+                                               text_encoder=self.pipe.text_encoder)
+            self.tokens = []
+
+    def __enter__(self) -> "Fused":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()

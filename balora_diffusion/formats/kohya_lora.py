@@ -1,0 +1,131 @@
+"""The kohya LoRA format for SD 1.x: what A1111, ComfyUI, Forge, InvokeAI and kohya's sd-scripts read.
+
+Keys are `lora_unet_<module path, dots as underscores>` and
+`lora_te_text_model_encoder_layers_<i>_<layer>` (with `text_model_` whatever transformers names
+the module: that is the name those tools match), each with `.lora_down.weight`, `.lora_up.weight`
+and a 0-d `.alpha`: the strength every kohya consumer applies is alpha / rank, so each module's
+real alpha is written. The `ss_*` and `modelspec.*` header entries are what those tools show a person
+about a file; `balora.*` entries keep the rest of what we know.
+"""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from balora_diffusion.errors import UserError
+from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule, info_from_metadata, info_metadata
+from balora_diffusion.formats.names import text_encoder_path, unet_underscore_names
+from balora_diffusion.formats.safetensors_io import read_file, write_file
+
+UNET_PREFIX = "lora_unet_"
+TEXT_PREFIX = "lora_te_"
+_KEY = re.compile(r"(lora_unet|lora_te1?|lora_te2)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)")
+_OTHER_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon with a mid factor",
+                "oft_": "OFT", "diff": "full-weight difference"}
+
+# training facts -> the ss_* entries kohya's tools write and A1111 / ComfyUI show
+_SS = {"rank": "ss_network_dim", "alpha": "ss_network_alpha", "lr_unet": "ss_unet_lr", "lr_text": "ss_text_encoder_lr",
+       "steps": "ss_max_train_steps", "step": "ss_steps", "seed": "ss_seed", "base_model": "ss_sd_model_name",
+       "base_model_hash": "ss_new_sd_model_hash", "optimizer": "ss_optimizer", "lr_scheduler": "ss_lr_scheduler",
+       "batch_size": "ss_batch_size_per_device", "num_images": "ss_num_train_images", "name": "ss_output_name"}
+
+
+def kohya_key(part: str, path: str) -> str:
+    if part == TEXT_ENCODER:
+        return f"{TEXT_PREFIX}text_model_{path.replace('.', '_')}"
+    return f"{UNET_PREFIX}{path.replace('.', '_')}"
+
+
+def _metadata(adapter: Adapter) -> dict[str, str]:
+    info = adapter.info
+    resolution = info.get("resolution")
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_learning_rate": str(info.get("lr_unet", "")),
+        "ss_training_comment": f"trained with balora-diffusion, method {info.get('method', '?')}",
+        "ss_network_args": json.dumps({"method": info.get("method"), "text_rank": info.get("text_rank"),
+                                       "text_alpha": info.get("text_alpha"), "lr_embedding": info.get("lr_embedding")}),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": str(info.get("name", "LoRA")),
+        "modelspec.date": datetime.now(timezone.utc).date().isoformat(),
+    }
+    if resolution:
+        metadata["modelspec.resolution"] = f"{resolution}x{resolution}"
+    if adapter.tokens:
+        metadata["modelspec.trigger_phrase"] = " ".join(adapter.tokens)
+    metadata.update({ss: str(info[key]) for key, ss in _SS.items() if info.get(key) is not None})
+    metadata.update(info_metadata(info))
+    return metadata
+
+
+def write_kohya(path: Path, adapter: Adapter) -> Path:
+    """`adapter` as one kohya .safetensors file (the token embedding goes to its own file)."""
+    tensors = {}
+    for part, module_path, module in adapter.modules():
+        key = kohya_key(part, module_path)
+        tensors[f"{key}.lora_down.weight"] = module.down
+        tensors[f"{key}.lora_up.weight"] = module.up
+        tensors[f"{key}.alpha"] = torch.tensor(float(module.alpha))
+    return write_file(path, tensors, _metadata(adapter))
+
+
+def is_kohya(keys) -> bool:
+    return all(key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for key in keys)
+
+
+def _module_path(prefix: str, name: str, key: str, path: Path) -> tuple[str, str]:
+    if prefix == "lora_te2":
+        raise UserError(f"{path} is an SDXL LoRA (second text encoder, {key!r}); this toolkit runs SD 1.x")
+    if prefix == "lora_unet":
+        found = unet_underscore_names().get(name)
+        if found is None:
+            raise UserError(f"{path}: {key!r} names no layer of a Stable Diffusion 1.x UNet "
+                            "(a LoRA for another architecture?)")
+        return UNET, found
+    found = text_encoder_path(name)
+    if found is None:
+        raise UserError(f"{path}: {key!r} names no layer of the SD 1.x text encoder")
+    return TEXT_ENCODER, found
+
+
+def read_kohya(path: Path) -> Adapter:
+    """An Adapter from a kohya-layout SD 1.x LoRA; every key must be used (no partial loads)."""
+    tensors, metadata = read_file(path)
+    factors: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            kind = next((name for marker, name in _OTHER_KINDS.items() if marker in key), None)
+            raise UserError(f"{path}: {key!r} is " + (f"a {kind} weight; only plain LoRA is supported" if kind else
+                                                       "not a kohya LoRA weight (lora_down / lora_up / alpha)"))
+        named = _module_path(match.group(1), match.group(2), key, path)
+        slot = match.group(3).split(".")[0]
+        if slot in factors.setdefault(named, {}):
+            raise UserError(f"{path}: {key!r} repeats a module already read as {factors[named][slot][0]!r}")
+        factors[named][slot] = (key, tensor)
+    adapter = Adapter(format="kohya", source=str(path), info=_info(metadata))
+    for (part, module_path), found in factors.items():
+        if "lora_down" not in found or "lora_up" not in found:
+            key = next(iter(found.values()))[0]
+            raise UserError(f"{path}: {key!r} has no {'lora_up' if 'lora_down' in found else 'lora_down'} beside it")
+        down, up = found["lora_down"][1], found["lora_up"][1]
+        alpha = float(found["alpha"][1]) if "alpha" in found else float(down.shape[0])  # kohya: no alpha = rank
+        adapter.parts()[part][module_path] = LoraModule(down, up, alpha, key=found["lora_down"][0].split(".")[0])
+    if not adapter.modules():
+        raise UserError(f"{path} holds no LoRA weights")
+    return adapter
+
+
+
+def _info(metadata: dict[str, str]) -> dict[str, object]:
+    """Training facts from our `balora.*` entries, else from kohya's `ss_*` ones."""
+    info: dict[str, object] = {key: metadata[ss] for key, ss in _SS.items() if metadata.get(ss) not in (None, "", "None")}
+    return {**info, **info_from_metadata(metadata)}

@@ -1,0 +1,127 @@
+"""A training run's adapter: taken from the trained models or from any checkpoint of the run, and
+written into the run folder in every consumer's format.
+
+    RUN/adapter/pytorch_lora_weights.safetensors   diffusers / peft (pipe.load_lora_weights(RUN/adapter))
+    RUN/adapter/<token>.safetensors                the new token's embedding (load_textual_inversion)
+    RUN/kohya/<run name>.safetensors               A1111 / ComfyUI / Forge LoRA
+    RUN/kohya/<token>.safetensors                  the same embedding, for their embeddings folder
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+
+from balora_diffusion import checkpoint as ckpt
+from balora_diffusion import paths
+from balora_diffusion.atomic import atomic_path
+from balora_diffusion.errors import UserError
+from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule, token_stem
+from balora_diffusion.formats.diffusers_lora import write_diffusers
+from balora_diffusion.formats.embedding import write_embedding
+from balora_diffusion.formats.kohya_lora import write_kohya
+from balora_diffusion.formats.names import text_encoder_path
+from balora_diffusion.versions import installed_version
+
+DIFFUSERS_FOLDER = "adapter"
+KOHYA_FOLDER = "kohya"
+_TRAINABLE = re.compile(r"(unet|text_encoder)\.(.+)\.lora_([AB])\.default\.weight")
+_EMBEDDING = re.compile(r"text_encoder\.(?:text_model\.)?embeddings\.token_embedding\.extra")
+
+
+def _canonical(part: str, path: str) -> str:
+    return (text_encoder_path(path) or path) if part == TEXT_ENCODER else path
+
+
+def base_model_hash(base_model: str) -> str | None:
+    """SHA-256 of a single-file base model (what A1111 shows as its hash), or of the sorted
+    (name, SHA-256) list of a diffusers folder's weight files; None when the model is not here."""
+    path = Path(base_model) if base_model else paths.TINY_SD
+    if path.is_file():
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()):
+        with file.open("rb") as f:
+            digest.update(f"{file.relative_to(path).as_posix()}:{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def training_info(cfg: dict, step: int, name: str) -> dict[str, object]:
+    """What the formats record of a run (TrainConfig as a dict) at `step`."""
+    keys = ("method", "rank", "alpha", "text_rank", "text_alpha", "lr_unet", "lr_text", "lr_embedding", "steps",
+            "seed", "optimizer", "lr_scheduler", "batch_size", "resolution", "token")
+    info: dict[str, object] = {key: cfg[key] for key in keys if key in cfg}
+    info.update({"step": step, "name": name, "base_model": cfg.get("base_model") or "balora-diffusion tiny SD",
+                 "toolkit_version": installed_version("balora-diffusion") or "unknown"})
+    if (digest := base_model_hash(cfg.get("base_model", ""))) is not None:
+        info["base_model_hash"] = digest
+    return info
+
+
+def adapter_from_models(unet, text_encoder, embedding, tokens: list[str], info: dict) -> Adapter:
+    """The peft LoRA layers ("default" adapter) of the trained models and the new tokens' rows."""
+    from peft.tuners.lora import LoraLayer
+
+    adapter = Adapter(tokens=list(tokens), info=info, format="balora run",
+                      embedding=None if embedding is None else embedding.extra.detach().float().cpu())
+    for part, model in ((UNET, unet), (TEXT_ENCODER, text_encoder)):
+        if model is None:
+            continue
+        for path, layer in model.named_modules():
+            if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
+                adapter.parts()[part][_canonical(part, path)] = LoraModule(
+                    layer.lora_A["default"].weight.detach().float().cpu(),
+                    layer.lora_B["default"].weight.detach().float().cpu(),
+                    float(layer.lora_alpha["default"]), key=f"{part}.{path}")
+    return adapter
+
+
+def adapter_from_checkpoint(folder: Path) -> Adapter:
+    """The adapter as it was at a checkpoint of a run (`RUN/checkpoints/step-N`)."""
+    folder = Path(folder)
+    if (problem := ckpt.damage(folder)) is not None:
+        raise UserError(f"checkpoint {folder} is damaged ({problem})")
+    trainable, cfg = ckpt.load_tree(folder, "trainable"), ckpt.load_tree(folder, "config")
+    step = int(ckpt.load_tree(folder, "meta")["step"])
+    alphas = {UNET: float(cfg["alpha"]), TEXT_ENCODER: float(cfg["text_alpha"])}
+    factors: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    embedding = None
+    for key, tensor in trainable.items():
+        if _EMBEDDING.fullmatch(key):
+            embedding = tensor.float()
+        elif match := _TRAINABLE.fullmatch(key):
+            factors.setdefault((match.group(1), _canonical(match.group(1), match.group(2))), {})[match.group(3)] = tensor
+    name = Path(cfg["output_dir"]).name
+    adapter = Adapter(tokens=list(cfg["token"]) if embedding is not None else [], embedding=embedding,
+                      info=training_info(cfg, step, name), format=f"balora checkpoint (step {step})", source=str(folder))
+    for (part, path), found in factors.items():
+        adapter.parts()[part][path] = LoraModule(found["A"].float(), found["B"].float(), alphas[part], key=f"{part}.{path}")
+    return adapter
+
+
+def kohya_file_name(name: str) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', name).strip('._') or 'lora'}.safetensors"
+
+
+def write_run_adapters(out: Path, adapter: Adapter) -> None:
+    """The diffusers folder and the kohya folder of a run (see the module's docstring), each
+    written whole or not at all."""
+    name = str(adapter.info.get("name") or out.name)
+    with atomic_path(out / DIFFUSERS_FOLDER) as tmp:
+        tmp.mkdir(parents=True)
+        write_diffusers(tmp, adapter)
+        if adapter.embedding is not None:
+            write_embedding(tmp, adapter.tokens, adapter.embedding)
+    with atomic_path(out / KOHYA_FOLDER) as tmp:
+        tmp.mkdir(parents=True)
+        lora_name = kohya_file_name(name)
+        if adapter.embedding is not None and lora_name == f"{token_stem(adapter.tokens[0])}.safetensors":
+            lora_name = kohya_file_name(f"{name}-lora")  # the two files must not share the prompt word
+        write_kohya(tmp / lora_name, adapter)
+        if adapter.embedding is not None:
+            write_embedding(tmp, adapter.tokens, adapter.embedding)

@@ -1,0 +1,459 @@
+"""Adapter formats: every writer against its reader, against the tools that read the files (plain
+diffusers in a fresh process, A1111's and ComfyUI's key matching) and against the math."""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from balora_diffusion import paths
+from balora_diffusion.errors import UserError
+from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule
+from balora_diffusion.formats.diffusers_lora import LORA_FILE, read_diffusers, write_diffusers
+from balora_diffusion.formats.fuse import Fused
+from balora_diffusion.formats.kohya_lora import kohya_key, read_kohya, write_kohya
+from balora_diffusion.formats.names import sd15_unet
+from balora_diffusion.formats.read import read_adapter
+from balora_diffusion.formats.run_files import adapter_from_checkpoint
+from balora_diffusion.models import load_pipeline
+from balora_diffusion.train_config import TrainConfig
+
+PROMPT, SEED, STEPS = "a <zorb> on a gray background", 3, 8
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A short run of the demo recipe on the shipped model: enough steps for the LoRA to change images."""
+    from balora_diffusion.config import read_toml
+    from balora_diffusion.train import train
+
+    cfg = {**read_toml(TrainConfig, paths.config_file("demo")), "data_dir": str(paths.DEMO_CONCEPT),
+           "output_dir": str(tmp_path_factory.mktemp("formats") / "demo-run"), "steps": 16, "checkpoint_every": 8,
+           "eval_every": 8, "heldout_size": 4, "grid_seeds": [1], "fusion": [1.0], "sample_steps": 2, "alpha": 2.0}
+    return train(TrainConfig(**cfg))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline(device="cpu")
+
+
+def _toolkit_image(pipe, adapter_path) -> np.ndarray:
+    from balora_diffusion.generate import generate, set_scheduler
+
+    set_scheduler(pipe, "dpm++")
+    with Fused(pipe, [(read_adapter(adapter_path), 1.0)]):
+        image = generate(pipe, [PROMPT], [SEED], steps=STEPS, guidance_scale=7.5, progress=False)[0][0]
+    return np.asarray(image, dtype=np.int16)
+
+
+PLAIN_DIFFUSERS = """
+import sys, numpy as np, torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+model, lora, embedding, out = sys.argv[1:5]
+pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32, safety_checker=None,
+                                               requires_safety_checker=False, local_files_only=True)
+pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                         solver_order=2)
+pipe.load_lora_weights(lora)
+pipe.load_textual_inversion(embedding)
+image = pipe(prompt=[{prompt!r}], generator=[torch.Generator("cpu").manual_seed({seed})], num_inference_steps={steps},
+             guidance_scale=7.5).images[0]
+np.save(out, np.asarray(image))
+""".format(prompt=PROMPT, seed=SEED, steps=STEPS)
+
+
+def _plain_diffusers_image(tmp_path, lora: Path, embedding: Path) -> np.ndarray:
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_DIFFUSERS)
+    out = tmp_path / "plain.npy"
+    result = subprocess.run([sys.executable, str(script), str(paths.TINY_SD), str(lora), str(embedding), str(out)],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "not loaded" not in result.stderr and "unexpected" not in result.stderr.lower(), result.stderr[-3000:]
+    return np.load(out).astype(np.int16)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_run_files_reload_in_plain_diffusers_to_the_toolkits_images(run, pipe, tmp_path, layout):
+    lora = run / "adapter" / LORA_FILE if layout == "diffusers" else run / "kohya" / "demo-run.safetensors"
+    ours = _toolkit_image(pipe, run)
+    theirs = _plain_diffusers_image(tmp_path, lora, run / layout.replace("diffusers", "adapter") / "zorb.safetensors")
+    with Fused(pipe, []):
+        from balora_diffusion.generate import generate
+        base = np.asarray(generate(pipe, [PROMPT.replace("<zorb>", "heart")], [SEED], steps=STEPS, guidance_scale=7.5,
+                                   progress=False)[0][0], dtype=np.int16)
+    assert np.abs(ours - base).mean() > 5  # the adapter changes the image: the comparison below means something
+    assert np.abs(ours - theirs).max() <= 3 and np.abs(ours - theirs).mean() < 0.2
+
+
+def test_embedding_loads_under_its_token_without_being_named(run, pipe):
+    from balora_diffusion.formats.embedding import read_embedding
+
+    pipe.load_textual_inversion(str(run / "kohya" / "zorb.safetensors"))  # no token=
+    try:
+        row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<zorb>")]
+        tokens, vectors = read_embedding(run / "adapter" / "zorb.safetensors")
+        assert tokens == ["<zorb>"]
+        torch.testing.assert_close(row.detach(), vectors[0], rtol=0, atol=0)
+    finally:
+        pipe.unload_textual_inversion("<zorb>")
+
+
+# --- A1111 and ComfyUI key matching for SD 1.x ----------------------------------------------------------------
+
+def a1111_compvis_name(key: str) -> str | None:
+    """The module name A1111 looks a kohya key up under: the regexes of
+    convert_diffusers_name_to_compvis (AUTOMATIC1111/stable-diffusion-webui,
+    extensions-builtin/Lora/networks.py; lora_convert.py in its forks), SD 1.x branch."""
+    suffix = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
+              "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+    if m := re.fullmatch(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
+        b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
+        rest = suffix.get(rest, rest) if kind == "resnets" else rest
+        return f"diffusion_model_input_blocks_{1 + b * 3 + i}_{1 if kind == 'attentions' else 0}_{rest}"
+    if m := re.fullmatch(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", key):
+        kind, i, rest = m[1], int(m[2]), m[3]
+        rest = suffix.get(rest, rest) if kind == "resnets" else rest
+        return f"diffusion_model_middle_block_{1 if kind == 'attentions' else i * 2}_{rest}"
+    if m := re.fullmatch(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
+        b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
+        rest = suffix.get(rest, rest) if kind == "resnets" else rest
+        return f"diffusion_model_output_blocks_{b * 3 + i}_{1 if kind == 'attentions' else 0}_{rest}"
+    if m := re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key):
+        return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
+    return None
+
+
+def comfyui_key_map() -> set[str]:
+    """The kohya module names ComfyUI maps for SD 1.x: model_lora_keys_clip (lora_te_ + LORA_CLIP_MAP,
+    layers 0..31) and model_lora_keys_unet (lora_unet_ + every diffusers UNet weight, dots as
+    underscores), comfyanonymous/ComfyUI, comfy/lora.py."""
+    clip_map = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                "self_attn.out_proj": "self_attn_out_proj"}
+    keys = {f"lora_te_text_model_encoder_layers_{b}_{c}" for b in range(32) for c in clip_map.values()}
+    keys |= {"lora_unet_" + k.removesuffix(".weight").replace(".", "_") for k in sd15_unet().state_dict()
+             if k.endswith(".weight")}
+    return keys
+
+
+@pytest.fixture(scope="module")
+def sd15_ldm_modules() -> set[str]:
+    """A1111's module names for SD 1.5 (its network_layer_mapping): the LDM weight names, dots as underscores."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from balora_diffusion.formats.ldm_checkpoint import to_original_layout
+
+    with torch.device("meta"):
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(paths.SD15_CONFIG / "text_encoder"))
+    from diffusers import AutoencoderKL
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(paths.SD15_CONFIG / "vae"))
+    names = set()
+    for key in to_original_layout(sd15_unet(), vae, te):
+        module = key.removesuffix(".weight")
+        if module.startswith("model.diffusion_model."):
+            names.add(module.removeprefix("model.").replace(".", "_"))
+        elif module.startswith("cond_stage_model."):
+            names.add(module.removeprefix("cond_stage_model.").replace(".", "_"))
+    return names
+
+
+def _sd15_lora_key_names() -> list[str]:
+    """kohya names of every layer an SD 1.x LoRA trains: attention, feed-forward, proj_in / proj_out,
+    resnet convolutions, and the text encoder's attention and MLP."""
+    leaf = re.compile(r".*(to_[qkv]|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out|resnets\.\d+\.conv[12])")
+    unet = [kohya_key(UNET, p) for p, m in sd15_unet().named_modules() if leaf.fullmatch(p)]
+    text = [kohya_key(TEXT_ENCODER, f"encoder.layers.{i}.{layer}") for i in range(12)
+            for layer in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                          "mlp.fc1", "mlp.fc2")]
+    return unet + text
+
+
+def test_kohya_names_match_what_a1111_and_comfyui_look_up_for_sd15(sd15_ldm_modules):
+    names = _sd15_lora_key_names()
+    assert len(names) > 250
+    comfy = comfyui_key_map()
+    for name in names:
+        assert name in comfy, name
+        assert a1111_compvis_name(name) in sd15_ldm_modules, (name, a1111_compvis_name(name))
+
+
+def test_the_runs_kohya_file_is_matched_whole_with_the_trained_alpha(run):
+    tensors = load_file(run / "kohya" / "demo-run.safetensors")
+    comfy = comfyui_key_map()
+    modules = {key.split(".")[0] for key in tensors}
+    for module in modules:  # ComfyUI's load_lora reads exactly these three keys per module, warns on any other
+        assert module in comfy, module
+        assert {f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"} <= set(tensors)
+    assert len(tensors) == 3 * len(modules)
+    cfg = json.loads((run / "config.json").read_text())
+    alphas = {module: float(tensors[f"{module}.alpha"]) for module in modules}
+    assert {a for m, a in alphas.items() if m.startswith("lora_unet_")} == {cfg["alpha"]} == {2.0}
+    assert {a for m, a in alphas.items() if m.startswith("lora_te_")} == {cfg["text_alpha"]}
+    trained = read_adapter(run)
+    assert len(modules) == len(trained.modules())
+
+
+def test_kohya_metadata_names_the_training(run):
+    from safetensors import safe_open
+
+    with safe_open(str(run / "kohya" / "demo-run.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_unet_lr"] == "0.002" and meta["ss_seed"] == "0" and meta["ss_steps"] == "16"
+    assert json.loads(meta["balora.method"]) == "balora"
+    assert len(meta["ss_new_sd_model_hash"]) == 64
+
+
+# --- third-party files ------------------------------------------------------------------------------------------
+
+def _tiny_layer_shapes(pipe) -> dict[str, tuple]:
+    return {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": pipe.unet.down_blocks[0].attentions[0]
+            .transformer_blocks[0].attn1.to_q.weight.shape,
+            "down_blocks.0.resnets.0.conv1": pipe.unet.down_blocks[0].resnets[0].conv1.weight.shape}
+
+
+def _third_party_kohya(pipe, path: Path, rank: int, alpha: float | None) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(rank)
+    tensors = {}
+    for module, shape in _tiny_layer_shapes(pipe).items():
+        key = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = torch.randn(rank, *shape[1:], generator=gen) * 0.1
+        tensors[f"{key}.lora_up.weight"] = torch.randn(shape[0], rank, *([1, 1] if len(shape) == 4 else []),
+                                                       generator=gen) * 0.1
+        if alpha is not None:
+            tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    text = "lora_te_text_model_encoder_layers_1_mlp_fc1"
+    fc1 = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    tensors[f"{text}.lora_down.weight"] = torch.randn(rank, fc1, generator=gen) * 0.1
+    tensors[f"{text}.lora_up.weight"] = torch.randn(4 * fc1, rank, generator=gen) * 0.1
+    if alpha is not None:
+        tensors[f"{text}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+    return tensors
+
+
+@pytest.mark.parametrize("alpha", [2.0, None])
+def test_third_party_kohya_lora_fuses_at_alpha_over_rank(pipe, tmp_path, alpha):
+    rank = 8
+    tensors = _third_party_kohya(pipe, tmp_path / "style.safetensors", rank, alpha)
+    scale = (alpha if alpha is not None else rank) / rank
+    layer = pipe.unet.down_blocks[0].resnets[0].conv1
+    before = layer.weight.detach().clone()
+    key = "lora_unet_down_blocks_0_resnets_0_conv1"
+    expected = scale * torch.einsum("or,rikl->oikl", tensors[f"{key}.lora_up.weight"][:, :, 0, 0],
+                                    tensors[f"{key}.lora_down.weight"])
+    with Fused(pipe, [(read_adapter(tmp_path / "style.safetensors"), 1.0)]):
+        torch.testing.assert_close(layer.weight - before, expected, rtol=1e-4, atol=1e-6)
+    assert torch.equal(layer.weight, before)  # restored exactly
+
+
+def test_third_party_kohya_lora_matches_diffusers_own_loader(pipe, tmp_path):
+    """diffusers converts kohya files itself: its fused weights and ours must agree."""
+    from balora_diffusion.models import load_pipeline
+
+    _third_party_kohya(pipe, tmp_path / "style.safetensors", 8, 2.0)
+    theirs = load_pipeline(device="cpu")
+    theirs.load_lora_weights(str(tmp_path / "style.safetensors"))
+    theirs.fuse_lora()
+    with Fused(pipe, [(read_adapter(tmp_path / "style.safetensors"), 1.0)]):
+        for ours_layer, their_layer in ((pipe.unet.down_blocks[0].resnets[0].conv1,
+                                         theirs.unet.down_blocks[0].resnets[0].conv1),
+                                        (pipe.text_encoder.get_submodule("text_model.encoder.layers.1.mlp.fc1")
+                                         if hasattr(pipe.text_encoder, "text_model")
+                                         else pipe.text_encoder.get_submodule("encoder.layers.1.mlp.fc1"),
+                                         theirs.text_encoder.get_submodule("text_model.encoder.layers.1.mlp.fc1")
+                                         if hasattr(theirs.text_encoder, "text_model")
+                                         else theirs.text_encoder.get_submodule("encoder.layers.1.mlp.fc1"))):
+            base = their_layer.base_layer if hasattr(their_layer, "base_layer") else their_layer
+            torch.testing.assert_close(ours_layer.weight, base.weight, rtol=1e-4, atol=1e-6)
+
+
+def test_peft_and_old_diffusers_layouts_read_alike(tmp_path):
+    down, up = torch.randn(4, 320), torch.randn(320, 4)
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    layouts = {
+        "peft": ({f"base_model.model.{path}.lora_A.weight": down, f"base_model.model.{path}.lora_B.weight": up},
+                 {"lora_alpha": 8, "r": 4}),
+        "old diffusers": ({f"unet.{path}.lora.down.weight": down, f"unet.{path}.lora.up.weight": up}, None),
+        "attention processor": ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": down,
+                                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.up.weight": up}, None),
+    }
+    for name, (tensors, config) in layouts.items():
+        folder = tmp_path / name.replace(" ", "-")
+        folder.mkdir()
+        file = folder / ("adapter_model.safetensors" if config else "lora.safetensors")
+        save_file(tensors, str(file))
+        if config:
+            (folder / "adapter_config.json").write_text(json.dumps(config))
+        adapter = read_diffusers(file)
+        module = adapter.unet[path]
+        assert module.alpha == (8 if config else 4), name
+        torch.testing.assert_close(module.delta(), (2.0 if config else 1.0) * up @ down)
+
+
+def test_text_encoder_names_in_every_spelling_read_to_one(tmp_path):
+    down, up = torch.randn(2, 64), torch.randn(64, 2)
+    for n, key in enumerate(["text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+                             "text_encoder.encoder.layers.0.self_attn.q_proj"]):
+        save_file({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}, str(tmp_path / f"{n}.safetensors"))
+        assert list(read_diffusers(tmp_path / f"{n}.safetensors").text_encoder) == ["encoder.layers.0.self_attn.q_proj"]
+    save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
+               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up}, str(tmp_path / "k.safetensors"))
+    assert list(read_kohya(tmp_path / "k.safetensors").text_encoder) == ["encoder.layers.0.self_attn.q_proj"]
+
+
+def test_kohya_ldm_spelling_reads_as_the_diffusers_module(tmp_path):
+    down, up = torch.randn(2, 320, 1, 1), torch.randn(320, 2, 1, 1)
+    save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,
+               "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up}, str(tmp_path / "ldm.safetensors"))
+    assert list(read_kohya(tmp_path / "ldm.safetensors").unet) == ["down_blocks.0.attentions.0.proj_in"]
+
+
+@pytest.mark.parametrize("key, message", [
+    ("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", "SDXL"),
+    ("lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight", "names no layer"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", "LoHa"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale", "DoRA"),
+])
+def test_foreign_kohya_files_are_refused_naming_the_key(tmp_path, key, message):
+    save_file({key: torch.zeros(2, 2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(UserError, match=message) as info:
+        read_adapter(tmp_path / "x.safetensors")
+    assert key.split(".")[0] in str(info.value)
+
+
+def test_a_module_without_its_partner_is_refused(tmp_path):
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 320, 1, 1)},
+              str(tmp_path / "x.safetensors"))
+    with pytest.raises(UserError, match="has no lora_up"):
+        read_adapter(tmp_path / "x.safetensors")
+
+
+def test_a_shape_that_does_not_fit_the_base_model_changes_nothing(pipe, tmp_path):
+    tensors = _third_party_kohya(pipe, tmp_path / "ok.safetensors", 4, 4.0)
+    tensors["lora_te_text_model_encoder_layers_1_mlp_fc1.lora_down.weight"] = torch.zeros(4, 7)
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    with pytest.raises(UserError, match="lora_te_text_model_encoder_layers_1_mlp_fc1.*shape"):
+        Fused(pipe, [(read_adapter(tmp_path / "bad.safetensors"), 1.0)])
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+
+
+# --- round trips and the math -----------------------------------------------------------------------------------
+
+def _random_adapter(gen: torch.Generator) -> Adapter:
+    def module(out, inp, rank, alpha, conv=False):
+        extra = [1, 1] if conv else []
+        return LoraModule(torch.randn(rank, inp, *extra, generator=gen), torch.randn(out, rank, *extra, generator=gen),
+                          alpha)
+    return Adapter(unet={"down_blocks.0.attentions.0.proj_in": module(64, 64, 4, 1.0, conv=True),
+                         "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": module(64, 64, 2, 8.0)},
+                   text_encoder={"encoder.layers.0.self_attn.v_proj": module(64, 64, 4, 4.0)}, info={"method": "x"})
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_round_trip_keeps_every_update(tmp_path, layout):
+    adapter = _random_adapter(torch.Generator().manual_seed(0))  # mixed ranks and alphas: diffusers folds them
+    if layout == "kohya":
+        back = read_kohya(write_kohya(tmp_path / "k.safetensors", adapter))
+    else:
+        back = read_diffusers(write_diffusers(tmp_path, adapter))
+    assert back.info == {"method": "x"}
+    for part, path, module in adapter.modules():
+        torch.testing.assert_close(back.parts()[part][path].delta(), module.delta(), rtol=1e-5, atol=1e-5)
+
+
+def test_run_checkpoint_and_final_files_hold_the_same_adapter(run):
+    final, from_checkpoint = read_adapter(run), adapter_from_checkpoint(run / "checkpoints" / "step-0000016")
+    assert from_checkpoint.tokens == final.tokens == ["<zorb>"]
+    torch.testing.assert_close(from_checkpoint.embedding, final.embedding, rtol=0, atol=0)
+    assert set(final.unet) == set(from_checkpoint.unet) and set(final.text_encoder) == set(from_checkpoint.text_encoder)
+    for part, path, module in final.modules():
+        other = from_checkpoint.parts()[part][path]
+        assert torch.equal(other.down, module.down) and torch.equal(other.up, module.up) and other.alpha == module.alpha
+
+
+def _cli(*args, cwd=None):
+    result = subprocess.run([sys.executable, "-m", "balora_diffusion.cli", *map(str, args)], capture_output=True,
+                            text=True, timeout=600, cwd=cwd, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_merge_of_several_adapters_adds_their_weighted_updates(run, pipe, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    style = tmp_path / "style.safetensors"
+    _third_party_kohya(pipe, style, 8, 2.0)
+    _cli("merge", "--adapter", f"{run}:0.7", f"{style}:-0.5", "--out", tmp_path / "merged")
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", local_files_only=True)
+    assert "<zorb>" in merged.tokenizer.get_vocab()  # loads without the toolkit, token included
+    first, second = read_adapter(run), read_adapter(style)
+    base = dict(pipe.unet.named_modules())
+    for path in set(first.unet) | set(second.unet):
+        expected = sum(w * a.unet[path].delta().reshape(base[path].weight.shape)
+                       for a, w in ((first, 0.7), (second, -0.5)) if path in a.unet)
+        got = merged.unet.get_submodule(path).weight - base[path].weight
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_merged_model_draws_what_the_fused_adapter_draws(run, pipe, tmp_path):
+    from balora_diffusion.generate import generate, set_scheduler
+
+    _cli("merge", "--adapter", run, "--out", tmp_path / "merged.safetensors", "--save-dtype", "fp32")
+    assert (tmp_path / "zorb.safetensors").is_file()  # a checkpoint has no place for the token: it goes beside
+    merged = load_pipeline(tmp_path / "merged.safetensors", device="cpu", single_file_config=paths.TINY_SD)
+    merged.load_textual_inversion(str(tmp_path / "zorb.safetensors"))
+    set_scheduler(merged, "dpm++")
+    theirs = np.asarray(generate(merged, [PROMPT], [SEED], steps=STEPS, guidance_scale=7.5, progress=False)[0][0],
+                        dtype=np.int16)
+    ours = _toolkit_image(pipe, run)
+    assert np.abs(ours - theirs).max() <= 2
+
+
+def test_generate_writes_a_grid_images_and_a_record(run, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "gen"
+    _cli("generate", "--adapter", f"{run}:1", "--prompt", "a <zorb>", "--prompt", "a <zorb> on a red background",
+         "--fusion", "0", "1", "--seeds", "1", "2", "--steps", "4", "--out", out)
+    record = json.loads((out / "generate.json").read_text())
+    assert len(record["images"]) == 2 * 2 * 2
+    assert record["adapters"][0]["tokens"] == ["<zorb>"]
+    files = {r["file"] for r in record["images"]}
+    assert files == {str(p.relative_to(out)) for p in (out / "images").glob("*.png")}
+    first = next(r for r in record["images"] if r["fusion"] == 1 and r["seed"] == 2 and r["prompt"] == "a <zorb>")
+    # same seed, same image: a second run draws it again pixel for pixel
+    _cli("generate", "--adapter", run, "--prompt", "a <zorb>", "--seeds", "2", "--steps", "4", "--out", tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "generate.json").read_text())["images"][0]["file"]
+    assert np.array_equal(np.asarray(Image.open(out / first["file"])), np.asarray(Image.open(tmp_path / "again" / again)))
+    assert Image.open(out / "grid.png").size[0] > 4 * 64
+
+
+def test_export_any_checkpoint_in_either_format_and_inspect_it(run, tmp_path):
+    _cli("export", run / "checkpoints" / "step-0000008", "--format", "kohya", "--out", tmp_path / "k" / "mid.safetensors")
+    _cli("export", tmp_path / "k" / "mid.safetensors", "--format", "diffusers", "--out", tmp_path / "d")
+    assert (tmp_path / "k" / "zorb.safetensors").is_file() and (tmp_path / "d" / "zorb.safetensors").is_file()
+    mid, back = adapter_from_checkpoint(run / "checkpoints" / "step-0000008"), read_adapter(tmp_path / "d")
+    assert back.tokens == ["<zorb>"] and back.info["step"] == 8
+    for part, path, module in mid.modules():
+        torch.testing.assert_close(back.parts()[part][path].delta(), module.delta())
+    report = json.loads(_cli("inspect", tmp_path / "k" / "mid.safetensors", "--json").stdout)
+    assert report["format"] == "kohya" and report["parts"]["unet"]["alpha"] == "2"
+    assert report["training"]["method"] == "balora" and report["tokens"] == ["<zorb>"]
+    # BaLoRA keeps every pair balanced: inspect reads that back from the file
+    assert max(d["imbalance"] for d in report["balance"].values()) < 1e-3
+    table = _cli("inspect", run).stdout
+    assert "imbalance" in table and "attn1.to_q" in table

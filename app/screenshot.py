@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="")
     parser.add_argument("--fusion", default="0.7, 1")
     parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--cpu-threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     args = parser.parse_args()
 
     from playwright.sync_api import expect, sync_playwright
@@ -43,7 +44,7 @@ def main() -> None:
     from balora_diffusion.atomic import atomic_path
 
     port = free_port()
-    ui = serve(App(args.runs, args.base_model), "127.0.0.1", port, block=False)
+    ui = serve(App(args.runs, args.base_model, cpu_threads=args.cpu_threads), "127.0.0.1", port, block=False)
     try:
         with sync_playwright() as pw:
             browser = launch_chromium(pw)

@@ -262,6 +262,7 @@ def test_a_second_training_is_refused_while_one_runs(tmp_path, random_sd_dir):
     (["--host", "0.0.0.0", "--allow-remote", "true", "--auth-file", "AUTH"], "line 1: expected user:password"),
     (["--port", "70000"], "port must be < 65536"),
     (["--base-model", "nowhere"], "base model not found"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_the_command_refuses_unsafe_or_bad_options_in_one_line(tmp_path, capsys, flags, message):
     (tmp_path / "auth").write_text("nopassword\n")

@@ -23,6 +23,16 @@ def _is_loopback(host: str) -> bool:
         return host in LOOPBACK_NAMES
 
 
+def _device_problem(name: str) -> str | None:
+    from balora_diffusion.devices import pick_device  # imports torch
+
+    try:
+        pick_device(name)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 @dataclass
 class AppConfig:
     def __post_init__(self) -> None:
@@ -35,7 +45,8 @@ class AppConfig:
     port: int = field(7860, "port to listen on", ge=1, lt=65536)
     base_model: str = field("", "diffusers folder or single-file .safetensors the runs were trained on; "
                                 "empty = the shipped tiny model", path=True)
-    device: str = field("auto", "device of the base model: auto (CUDA if present), cpu, cuda, cuda:N", nonempty=True)
+    device: str = field("auto", "device of the base model: auto (CUDA if present), cpu, cuda, cuda:N",
+                        check=_device_problem)
     cpu_threads: int = field(0, "torch CPU threads of the app and of the trainings it starts; 0 = torch's default",
                              ge=0)
     allow_remote: bool = field(False, "listen on a non-loopback --host (then --auth-file is required)")

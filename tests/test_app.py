@@ -339,3 +339,18 @@ def test_the_page_draws_a_grid_in_a_real_browser(server, app, tmp_path):
             expect(page.locator("#curves img")).to_be_visible(timeout=60_000)
         finally:
             browser.close()
+
+
+def test_with_an_auth_file_the_server_wants_a_login(app):
+    from gradio_client import Client
+
+    port = free_port()
+    ui = serve(app, "127.0.0.1", port, auth=[("ann", "secret")], block=False)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        with pytest.raises(Exception, match="(?i)login|auth|401|credentials"):
+            Client(url, verbose=False)
+        names = {r["name"] for r in Client(url, auth=("ann", "secret"), verbose=False).predict(api_name="/list_runs")}
+        assert set(sweep_names()) <= names
+    finally:
+        ui.close()

@@ -181,7 +181,7 @@ CASES = {
     "export a truncated LoRA": (lambda w: w.export(_truncated(w.file("cut.safetensors", (
         w.prior / "kohya" / "run.safetensors").read_bytes()))), "cut.safetensors"),
     "export a LoRA missing its up factor": (lambda w: w.export(_kohya_with(
-        w, lambda t: t.pop(next(k for k in t if k.endswith("lora_up.weight"))))), "lora_up"),
+        w, lambda t: t.pop(next(k for k in t if k.endswith("lora_up.weight"))))), "no up factor"),
     "export a damaged checkpoint": (lambda w: w.export(_damaged(w.prior / "checkpoints")), "damaged"),
     "export an SDXL LoRA": (lambda w: w.export(_kohya_with(w, lambda t: t.update(
         {"lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": t[next(iter(t))]}))), "SDXL"),

@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +203,21 @@ def test_the_runs_kohya_file_is_matched_whole_with_the_trained_alpha(run):
     assert len(modules) == len(trained.modules())
 
 
+def test_diffusers_metadata_carries_what_older_diffusers_reads(run):
+    """diffusers <= 0.35 builds the LoraConfig from this metadata and reads `rank_pattern` from it
+    unconditionally (utils/peft_utils.py), so a file without it fails there with a KeyError; with it,
+    such a file loads to identical images (checked once on diffusers 0.35.2 + transformers 4.57.6)."""
+    from safetensors import safe_open
+
+    with safe_open(str(run / "adapter" / LORA_FILE), "pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    for part in ("unet", "text_encoder"):
+        assert config[f"{part}.rank_pattern"] == {} and config[f"{part}.alpha_pattern"] == {}
+    assert config["unet.lora_alpha"] == 2.0 and config["unet.r"] == 4
+    keys = list(load_file(run / "adapter" / LORA_FILE))
+    assert all(k.startswith("text_encoder.text_model.") for k in keys if k.startswith("text_encoder."))
+
+
 def test_kohya_metadata_names_the_training(run):
     from safetensors import safe_open
 
@@ -337,7 +351,7 @@ def test_foreign_kohya_files_are_refused_naming_the_key(tmp_path, key, message):
 def test_a_module_without_its_partner_is_refused(tmp_path):
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 320, 1, 1)},
               str(tmp_path / "x.safetensors"))
-    with pytest.raises(UserError, match="has no lora_up"):
+    with pytest.raises(UserError, match="has no up factor"):
         read_adapter(tmp_path / "x.safetensors")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -111,3 +112,30 @@ def info_from_metadata(metadata: dict[str, str]) -> dict[str, object]:
             except ValueError:
                 info[key[len(INFO_PREFIX):]] = value
     return info
+
+
+Factors = dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]]
+
+
+def add_factor(factors: Factors, module: tuple[str, str], slot: str, key: str, tensor: torch.Tensor, source) -> None:
+    """Record a file's tensor as the "down", "up" or "alpha" of (part, module path)."""
+    if slot in factors.setdefault(module, {}):
+        raise UserError(f"{source}: {key!r} repeats the {slot} of {factors[module][slot][0]!r}")
+    factors[module][slot] = (key, tensor)
+
+
+def assemble(adapter: Adapter, factors: Factors, default_alpha: Callable[[str, str, int], float]) -> Adapter:
+    """`adapter` with a LoraModule per recorded module; every module needs both factors. A module
+    without an alpha tensor gets default_alpha(part, module path, rank)."""
+    for (part, module_path), found in factors.items():
+        if "down" not in found or "up" not in found:
+            key = next(iter(found.values()))[0]
+            raise UserError(f"{adapter.source}: {key!r} has no {'up' if 'down' in found else 'down'} factor beside it")
+        (key, down), up = found["down"], found["up"][1]
+        if down.dim() == 4 and up.dim() == 2:  # some writers keep a conv LoRA's 1x1 up factor as a matrix
+            up = up[:, :, None, None]
+        alpha = float(found["alpha"][1]) if "alpha" in found else default_alpha(part, module_path, down.shape[0])
+        adapter.parts()[part][module_path] = LoraModule(down, up, alpha, key=key)
+    if not adapter.modules():
+        raise UserError(f"{adapter.source} holds no LoRA weights")
+    return adapter

@@ -17,11 +17,9 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, UNET, Adapter, LoraModule, info_from_metadata,
-                                              info_metadata, uniform)
+from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, UNET, Adapter, Factors, add_factor, assemble,
+                                              info_from_metadata, info_metadata, uniform)
 from balora_diffusion.formats.names import text_encoder_path
 from balora_diffusion.formats.safetensors_io import read_file, write_file
 
@@ -52,8 +50,10 @@ def write_diffusers(folder: Path, adapter: Adapter) -> Path:
         alpha = uniform([m.alpha for m in modules.values()])
         keep_alpha = rank is not None and alpha is not None
         if keep_alpha:
-            config.update({f"{part}.r": rank, f"{part}.lora_alpha": alpha,
-                           f"{part}.target_modules": sorted(modules), f"{part}.peft_type": "LORA"})
+            # diffusers up to 0.35 reads rank_pattern from the metadata unconditionally (a KeyError without it)
+            config.update({f"{part}.r": rank, f"{part}.lora_alpha": alpha, f"{part}.rank_pattern": {},
+                           f"{part}.alpha_pattern": {}, f"{part}.target_modules": sorted(modules),
+                           f"{part}.peft_type": "LORA"})
         for path, module in modules.items():
             up = module.up if keep_alpha else module.up.float() * module.scale
             tensors[f"{_file_path(part, path)}.lora_A.weight"] = module.down
@@ -104,7 +104,7 @@ def _alpha_for(path: str, rank: int, alphas: dict) -> float:
 def read_diffusers(path: Path) -> Adapter:
     """An Adapter from a diffusers- or peft-layout LoRA file; every key must be used."""
     tensors, metadata = read_file(path)
-    factors: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    factors: Factors = {}
     for key, tensor in tensors.items():
         # attention processors' spelling: `...attn1.processor.to_q_lora.down.weight`
         match = _KEY.fullmatch(re.sub(r"_lora\.(down|up)\.weight$", r".lora.\1.weight", key))
@@ -112,22 +112,8 @@ def read_diffusers(path: Path) -> Adapter:
         if not named:
             raise UserError(f"{path}: {key!r} is not a LoRA weight of a Stable Diffusion 1.x UNet or text encoder "
                             "in the diffusers or peft layout")
-        slot = "alpha" if match.group(4) else _FACTOR[match.group(3)]
-        if slot in factors.setdefault(named, {}):
-            raise UserError(f"{path}: {key!r} repeats the {slot} of {factors[named][slot][0]!r}")
-        factors[named][slot] = (key, tensor)
+        add_factor(factors, named, "alpha" if match.group(4) else _FACTOR[match.group(3)], key, tensor, path)
     alphas = _alphas(metadata, path)
     adapter = Adapter(format="diffusers", source=str(path), info=info_from_metadata(metadata))
-    for (part, module_path), found in factors.items():
-        if "down" not in found or "up" not in found:
-            key = next(iter(found.values()))[0]
-            raise UserError(f"{path}: {key!r} has no {'up' if 'down' in found else 'down'} factor beside it")
-        down, up = found["down"][1], found["up"][1]
-        alpha = float(found["alpha"][1]) if "alpha" in found else _alpha_for(module_path, down.shape[0], alphas[part])
-        if down.dim() == 4 and up.dim() == 2:  # old diffusers conv LoRA kept up as a matrix
-            up = up[:, :, None, None]
-        adapter.parts()[part][module_path] = LoraModule(down, up, alpha, key=found["down"][0].rsplit(".", 2)[0])
-    if not adapter.modules():
-        raise UserError(f"{path} holds no LoRA weights")
-    return adapter
+    return assemble(adapter, factors, lambda part, module_path, rank: _alpha_for(module_path, rank, alphas[part]))
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule, info_from_metadata, info_metadata
+from balora_diffusion.formats.adapter import (TEXT_ENCODER, UNET, Adapter, Factors, add_factor, assemble,
+                                              info_from_metadata, info_metadata)
 from balora_diffusion.formats.names import text_encoder_path, unet_underscore_names
 from balora_diffusion.formats.safetensors_io import read_file, write_file
 
@@ -99,29 +100,17 @@ def _module_path(prefix: str, name: str, key: str, path: Path) -> tuple[str, str
 def read_kohya(path: Path) -> Adapter:
     """An Adapter from a kohya-layout SD 1.x LoRA; every key must be used (no partial loads)."""
     tensors, metadata = read_file(path)
-    factors: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    factors: Factors = {}
     for key, tensor in tensors.items():
         match = _KEY.fullmatch(key)
         if match is None:
             kind = next((name for marker, name in _OTHER_KINDS.items() if marker in key), None)
             raise UserError(f"{path}: {key!r} is " + (f"a {kind} weight; only plain LoRA is supported" if kind else
                                                        "not a kohya LoRA weight (lora_down / lora_up / alpha)"))
-        named = _module_path(match.group(1), match.group(2), key, path)
-        slot = match.group(3).split(".")[0]
-        if slot in factors.setdefault(named, {}):
-            raise UserError(f"{path}: {key!r} repeats a module already read as {factors[named][slot][0]!r}")
-        factors[named][slot] = (key, tensor)
+        slot = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[match.group(3)]
+        add_factor(factors, _module_path(match.group(1), match.group(2), key, path), slot, key, tensor, path)
     adapter = Adapter(format="kohya", source=str(path), info=_info(metadata))
-    for (part, module_path), found in factors.items():
-        if "lora_down" not in found or "lora_up" not in found:
-            key = next(iter(found.values()))[0]
-            raise UserError(f"{path}: {key!r} has no {'lora_up' if 'lora_down' in found else 'lora_down'} beside it")
-        down, up = found["lora_down"][1], found["lora_up"][1]
-        alpha = float(found["alpha"][1]) if "alpha" in found else float(down.shape[0])  # kohya: no alpha = rank
-        adapter.parts()[part][module_path] = LoraModule(down, up, alpha, key=found["lora_down"][0].split(".")[0])
-    if not adapter.modules():
-        raise UserError(f"{path} holds no LoRA weights")
-    return adapter
+    return assemble(adapter, factors, lambda part, module_path, rank: float(rank))  # kohya: no alpha means alpha = rank
 
 
 

@@ -10,7 +10,7 @@ import functools
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,11 +20,9 @@ from balora_diffusion.app.downloads import stage_downloads
 from balora_diffusion.app.engine import Engine, Sampling
 from balora_diffusion.app.training import MAX_FILE_MB, MAX_IMAGES, MIN_IMAGES, Job, Trainer
 from balora_diffusion.errors import UserError
+from balora_diffusion.rules import METHODS
 from balora_diffusion.runs import COLUMNS, list_runs, read_run
 
-METHODS = ["lora", "loraplus", "scaled", "ilora", "pilora", "balora", "balora+scaled"]
-# the Train tab's options (TrainConfig names) and the flags they also set
-TRAIN_OPTIONS = ["token", "init_word", "method", "lr_unet", "lr_text", "steps", "rank"]
 POLL_SECONDS = 1.0
 
 
@@ -175,7 +173,7 @@ def build_ui(app: App):
                 run_name = gr.Textbox("", label="run name (empty: token-method-time)")
                 token = gr.Textbox(d["token"][0], label="token")
                 init_word = gr.Textbox(d["init_word"], label="init word")
-                method = gr.Dropdown(METHODS, value=d["method"], label="method", allow_custom_value=True)
+                method = gr.Dropdown(list(METHODS), value=d["method"], label="method")
             with gr.Row():
                 lr_unet = gr.Number(d["lr_unet"], label="learning rate (UNet)")
                 lr_text = gr.Number(d["lr_text"], label="learning rate (text encoder)")

@@ -23,16 +23,6 @@ def _is_loopback(host: str) -> bool:
         return host in LOOPBACK_NAMES
 
 
-def _device_problem(name: str) -> str | None:
-    from balora_diffusion.devices import pick_device  # imports torch
-
-    try:
-        pick_device(name)
-    except UserError as exc:
-        return str(exc)
-    return None
-
-
 @dataclass
 class AppConfig:
     def __post_init__(self) -> None:
@@ -45,8 +35,7 @@ class AppConfig:
     port: int = field(7860, "port to listen on", ge=1, lt=65536)
     base_model: str = field("", "diffusers folder or single-file .safetensors the runs were trained on; "
                                 "empty = the shipped tiny model", path=True)
-    device: str = field("auto", "device of the base model: auto (CUDA if present), cpu, cuda, cuda:N",
-                        check=_device_problem)
+    device: str = field("auto", "device of the base model: auto (CUDA if present), cpu, cuda, cuda:N", nonempty=True)
     cpu_threads: int = field(0, "torch CPU threads of the app and of the trainings it starts; 0 = torch's default",
                              ge=0)
     allow_remote: bool = field(False, "listen on a non-loopback --host (then --auth-file is required)")
@@ -92,6 +81,9 @@ def check_access(cfg: AppConfig) -> list[tuple[str, str]] | None:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(AppConfig, args)
     auth = check_access(cfg)
+    from balora_diffusion.devices import pick_device  # imports torch
+
+    pick_device(cfg.device)  # a device that is not here fails now, not at the first request
     if cfg.base_model and Path(cfg.base_model).is_dir():
         from balora_diffusion.models import check_model_dir
 

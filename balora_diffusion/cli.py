@@ -34,6 +34,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                              "the BaLoRA paper's one- and two-layer synthetic benchmark, every method"),
     ("bench", "overhead"): ("balora_diffusion.bench.overhead",
                             "optimizer-step time of each method relative to plain AdamW on SD 1.5 LoRA shapes"),
+    ("bench", "loop"): ("balora_diffusion.bench.loop",
+                        "training steps/s of every method side by side, with where each step's time goes"),
     ("bench", "base-model"): ("balora_diffusion.bench.base_model",
                               "prompt-following accuracy of a base model on the procedural world"),
 }

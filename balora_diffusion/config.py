@@ -53,7 +53,7 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -63,7 +63,7 @@ def _parse_bool(text: str) -> bool:
 
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-_PARSERS = {bool: _parse_bool, int: int, float: float}
+_PARSERS = {bool: parse_bool, int: int, float: float}
 _BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
 
 
@@ -151,6 +151,13 @@ def parse_flag(cls: type, name: str, text: str | list[str], label: str | None = 
     return value
 
 
+class _Extend(argparse.Action):
+    """`--x a b` and `--x a --x b` both give [a, b]; `--x` with no value gives the empty list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), *values] if values else [])
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field, read as text and checked by `flag_values`; defaults are left as None so
     only flags the user typed override the file."""
@@ -166,8 +173,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs: dict[str, Any] = {"default": None, "dest": f.name, "metavar": metavar,
                                   "help": f"{f.metadata.get('help', '')} "
                                           f"(default: {default!r}{''.join('; ' + r for r in rules)})"}
-        if is_list:  # `--x a b` and `--x a --x b` both give [a, b]
-            kwargs.update(nargs="*", action="extend")
+        if is_list:
+            kwargs.update(nargs="*", action=_Extend)
         parser.add_argument(_flag(f.name), **kwargs)
 
 

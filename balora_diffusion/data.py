@@ -208,13 +208,46 @@ class ConceptData:
         perm = torch.randperm(self.epoch_len, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         return int(perm[offset]) % len(self.examples)
 
+    def _generator(self, position: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 7_919 + position)
+
     def item(self, position: int) -> tuple[torch.Tensor, str]:
         ex = self.examples[self._index(position)]
-        gen = torch.Generator().manual_seed(self.seed * 7_919 + position)
-        return prepare(ex.image, self.resolution, gen, self.random_crop, self.flip), ex.caption
+        return prepare(ex.image, self.resolution, self._generator(position), self.random_crop, self.flip), ex.caption
+
+    def _positions(self, step: int, batch_size: int, rank: int, world_size: int) -> range:
+        start = step * batch_size * world_size + rank * batch_size
+        return range(start, start + batch_size)
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, list[str]]:
         """This process's share of the global batch of `step` (global batch = batch_size * world_size)."""
-        start = step * batch_size * world_size + rank * batch_size
-        items = [self.item(start + i) for i in range(batch_size)]
+        items = [self.item(p) for p in self._positions(step, batch_size, rank, world_size)]
         return torch.stack([px for px, _ in items]), [cap for _, cap in items]
+
+    # ---- the finite set of pixel tensors a run sees, for encoding each once (latent caching)
+
+    @property
+    def variants_are_finite(self) -> bool:
+        """Without random crops every position shows one of (example, flipped or not)."""
+        return not self.random_crop
+
+    def variants(self) -> list[tuple[int, bool]]:
+        """Every (example index, flipped) a run can draw; needs variants_are_finite."""
+        return [(i, f) for i in range(len(self.examples)) for f in ((False, True) if self.flip else (False,))]
+
+    def variant_pixels(self, variant: tuple[int, bool]) -> torch.Tensor:
+        index, flipped = variant
+        pixels = prepare(self.examples[index].image, self.resolution, torch.Generator(), False, False)
+        return pixels.flip(-1) if flipped else pixels
+
+    def batch_variants(self, step: int, batch_size: int, rank: int = 0,
+                       world_size: int = 1) -> tuple[list[tuple[int, bool]], list[str]]:
+        """batch() as (example, flipped) pairs: the same draws as prepare() makes, without the pixels
+        (a centre crop draws nothing, so the flip is the generator's first draw)."""
+        if not self.variants_are_finite:
+            raise ValueError("random crops have no finite set of variants")
+        variants = []
+        for position in self._positions(step, batch_size, rank, world_size):
+            flipped = self.flip and bool(torch.rand((), generator=self._generator(position)) < 0.5)
+            variants.append((self._index(position), flipped))
+        return variants, [self.examples[i].caption for i, _ in variants]

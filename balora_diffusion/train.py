@@ -33,6 +33,7 @@ from balora_diffusion.rules import build_optimizer
 from balora_diffusion.formats.run_files import adapter_from_models, training_info, write_run_adapters
 from balora_diffusion.atomic import write_json_atomic
 from balora_diffusion.generate import generate, write_grid
+from balora_diffusion.latent_cache import LatentCache
 from balora_diffusion.runfolder import RunFolder
 from balora_diffusion.runlog import RunLog
 from balora_diffusion.train_config import TrainConfig
@@ -70,8 +71,11 @@ def loss_weights(scheduler, timesteps, gamma: float) -> torch.Tensor | None:
 
 
 def denoising_loss(unet, text_encoder, scheduler, latents, noise, timesteps, input_ids, weights=None):
+    return unet_loss(unet, scheduler, latents, noise, timesteps, text_encoder(input_ids)[0], weights)
+
+
+def unet_loss(unet, scheduler, latents, noise, timesteps, cond, weights=None):
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    cond = text_encoder(input_ids)[0]
     pred = unet(noisy, timesteps, cond).sample.float()
     target = diffusion_target(scheduler, latents, noise, timesteps).float()
     per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
@@ -90,7 +94,10 @@ def make_noise(latents: torch.Tensor, gen: torch.Generator, offset: float) -> to
 
 def encode_latents(vae, pixels: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
     """VAE latents scaled like SD's (gen=None: the posterior mean, for deterministic evaluation)."""
-    dist = vae.encode(pixels).latent_dist
+    return sample_latents(vae, vae.encode(pixels).latent_dist, gen)
+
+
+def sample_latents(vae, dist, gen: torch.Generator | None) -> torch.Tensor:
     latents = dist.mean if gen is None else dist.sample(generator=gen)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents.float() - shift) * vae.config.scaling_factor
@@ -259,31 +266,16 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def train(cfg: TrainConfig) -> Path:
-    on_gpu = torch.cuda.is_available()
-    # cpu=True is what lets accelerate see a torch.distributed launch on CPUs as MULTI_CPU.
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision if on_gpu else "no", cpu=not on_gpu,
-                              step_scheduler_with_optimizer=False)
-    # ---- data first: a bad folder must fail before the run folder is touched or the model loaded
-    examples = read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template)
-    with RunFolder(cfg, accelerator) as run_folder:
-        return _train(cfg, accelerator, examples, run_folder)
-
-
-def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Path:
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    if cfg.cpu_threads > 0:
-        torch.set_num_threads(cfg.cpu_threads)
-    out = Path(cfg.output_dir)
+def load_models(cfg: TrainConfig, accelerator, examples):
+    """The base pipeline with the placeholder tokens and LoRA in, its frozen parts frozen, the
+    dataset at the training resolution, the token embedding and the LoRA pairs."""
+    device = accelerator.device
     base_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     if device.type != "cuda":
         base_dtype = torch.float32
-
-    # ---- base model, placeholder tokens, LoRA
     pipe = load_pipeline(cfg.base_model or None, device=device, dtype=base_dtype,
                          single_file_config=cfg.base_config or None)
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     resolution = cfg.resolution or unet.config.sample_size * pipe.vae_scale_factor
     check_image_sizes(examples, resolution, quiet=not accelerator.is_main_process)
     data = ConceptData(examples, resolution=resolution, repeats=cfg.repeats, seed=cfg.seed,
@@ -299,8 +291,10 @@ def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Pa
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         text_encoder.gradient_checkpointing_enable()
+    return pipe, data, embedding, find_lora_pairs(unet) + find_lora_pairs(text_encoder)
 
-    pairs = find_lora_pairs(unet) + find_lora_pairs(text_encoder)
+
+def make_optimizer(cfg: TrainConfig, unet, text_encoder, embedding, pairs):
     groups = [{"name": "unet", "lr": cfg.lr_unet, "params": _trainable(unet)}]
     if cfg.train_text_encoder:
         groups.append({"name": "text_encoder", "lr": cfg.lr_text, "params": _trainable(text_encoder, skip=embedding)})
@@ -308,12 +302,91 @@ def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Pa
         groups.append({"name": "token_embedding", "lr": cfg.lr_embedding, "params": [embedding.extra]})
     else:
         embedding.extra.requires_grad_(False)
-    optimizer = build_optimizer(
+    return build_optimizer(
         cfg.method, groups, pairs, base=cfg.optimizer,
         base_kwargs={"betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.weight_decay}
         if cfg.optimizer != "sgd" else {"weight_decay": cfg.weight_decay},
         loraplus_ratio=cfg.loraplus_ratio, reg=cfg.precond_reg, lam=cfg.ilora_lambda,
         project_every=cfg.project_every, state=cfg.balora_state)
+
+
+def _no_mark(phase: str) -> None:
+    pass
+
+
+def step_loss(cfg: TrainConfig, step: int, accelerator, batches, vae, tokenizer, text_encoder, unet, scheduler,
+              mark=_no_mark) -> torch.Tensor:
+    """The loss of training step `step`. `batches` is the LatentCache or the ConceptData; `mark(phase)`
+    is called as each phase ends (the loop benchmark times them)."""
+    device = accelerator.device
+    gen = _step_generator(cfg.seed, step, accelerator.process_index, device)
+    if isinstance(batches, LatentCache):
+        dist, captions = batches.batch(step, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
+        mark("data")
+    else:
+        pixels, captions = batches.batch(step, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
+        mark("data")
+        with torch.no_grad():
+            dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+    latents = sample_latents(vae, dist, gen)
+    mark("vae_encode")
+    noise = make_noise(latents, gen, cfg.noise_offset)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                              generator=gen, device=device)
+    ids = tokenize(tokenizer, captions).to(device)
+    with accelerator.autocast():
+        cond = text_encoder(ids)[0]
+        mark("text_encoder")
+        loss = unet_loss(unet, scheduler, latents, noise, timesteps, cond,
+                         loss_weights(scheduler, timesteps, cfg.min_snr_gamma))
+    mark("unet_forward")
+    return loss
+
+
+def update(cfg: TrainConfig, accelerator, optimizer, loss: torch.Tensor, mark=_no_mark) -> None:
+    """Backward, clipping and the optimizer step (the rules included)."""
+    accelerator.backward(loss)
+    mark("backward")
+    if cfg.max_grad_norm > 0:
+        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
+    mark("optimizer")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mark("optimizer")
+
+
+def latent_batches(cfg: TrainConfig, data: ConceptData, vae, device, quiet: bool):
+    """A LatentCache when cfg.cache_latents and the augmentation allow it, else the dataset itself."""
+    if not (cfg.cache_latents and data.variants_are_finite):
+        return data
+    cache = LatentCache(data, vae, device, cfg.batch_size)
+    if not quiet:
+        print(f"cached the latents of {len(cache.row)} image variant(s)")
+    return cache
+
+
+def train(cfg: TrainConfig) -> Path:
+    on_gpu = torch.cuda.is_available()
+    # cpu=True is what lets accelerate see a torch.distributed launch on CPUs as MULTI_CPU.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision if on_gpu else "no", cpu=not on_gpu,
+                              step_scheduler_with_optimizer=False)
+    # ---- data first: a bad folder must fail before the run folder is touched or the model loaded
+    examples = read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template)
+    with RunFolder(cfg, accelerator) as run_folder:
+        return _train(cfg, accelerator, examples, run_folder)
+
+
+def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Path:
+    device, world = accelerator.device, accelerator.num_processes
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    out = Path(cfg.output_dir)
+
+    # ---- base model, placeholder tokens, LoRA
+    pipe, data, embedding, pairs = load_models(cfg, accelerator, examples)
+    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    optimizer = make_optimizer(cfg, unet, text_encoder, embedding, pairs)
     lr_schedule = get_lr_schedule(cfg, optimizer)
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
 
@@ -330,6 +403,7 @@ def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Pa
     if accelerator.is_main_process:
         write_json_atomic(out / "config.json", asdict(cfg))
     heldout = make_heldout(cfg, data, vae, tokenizer, scheduler, device)
+    batches = latent_batches(cfg, data, vae, device, quiet=not accelerator.is_main_process)
 
     # ---- loop
     if start_step == 0:
@@ -344,28 +418,14 @@ def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Pa
     for step in bar:
         memory.step_begins()
         step_started = time.perf_counter()
-        pixels, captions = data.batch(step, cfg.batch_size, rank, world)
-        gen = _step_generator(cfg.seed, step, rank, device)
-        with torch.no_grad():
-            latents = encode_latents(vae, pixels.to(device, vae.dtype), gen)
-        noise = make_noise(latents, gen, cfg.noise_offset)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=gen, device=device)
-        ids = tokenize(tokenizer, captions).to(device)
-        with accelerator.autocast():
-            loss = denoising_loss(unet, text_encoder, scheduler, latents, noise, timesteps, ids,
-                                  loss_weights(scheduler, timesteps, cfg.min_snr_gamma))
+        loss = step_loss(cfg, step, accelerator, batches, vae, tokenizer, text_encoder, unet, scheduler)
         if not torch.isfinite(loss):
             raise TrainingDiverged(  # the checkpoints from `step` on hold the weights that gave this loss
                 f"loss became {loss.item()} at step {step}; stopped. Last good checkpoint: "
                 f"{drop_checkpoints_after(out, step, accelerator) or 'none'}. "
                 "Lower the learning rate, or use mixed_precision bf16 or no.")
-        accelerator.backward(loss)
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
-        optimizer.step()
+        update(cfg, accelerator, optimizer, loss)
         lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
         memory.step_ends()
 
         done = step + 1
@@ -399,6 +459,7 @@ def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Pa
             "seconds": elapsed, "steps_per_second": (cfg.steps - start_step) / max(elapsed, 1e-9),
             "training_steps_per_second": (cfg.steps - start_step) / max(step_seconds, 1e-9),
             "device": str(device), "processes": world, "mixed_precision": accelerator.mixed_precision,
+            "latents_cached": isinstance(batches, LatentCache),
             **memory.summary(), "replica_checksums": checksums,
             "final": log.last_values(),
             "diagnostics": balance_diagnostics(pairs),

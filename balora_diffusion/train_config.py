@@ -57,6 +57,9 @@ class TrainConfig:
     repeats: int = field(1, "times each image appears per epoch", ge=1)
     random_crop: bool = field(False, "random instead of centre square crop")
     flip: bool = field(True, "random horizontal flips")
+    cache_latents: bool = field(True, "encode each image (and its mirror image with flip) with the VAE once "
+                                      "before training and sample the stored distribution at every step; "
+                                      "not with random_crop, whose crops differ at every step")
 
     # --- base model and LoRA
     base_model: str = field("", "diffusers folder or single-file .safetensors; empty = the shipped tiny model",

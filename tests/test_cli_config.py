@@ -89,3 +89,16 @@ def test_demo_layers_its_flags_over_its_config(no_training, tmp_path, capsys):
     # without a data_dir: the shipped concept, its token and initialiser
     assert from_file.data_dir == str(paths.DEMO_CONCEPT) and from_file.token == ["<zorb>"]
     assert from_file.init_word == "heart"
+
+
+def test_a_list_flag_given_twice_adds_up_and_given_empty_clears():
+    import argparse
+
+    from balora_diffusion.config import add_config_arguments, flag_values
+    from balora_diffusion.train_config import TrainConfig
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    assert flag_values(TrainConfig, parser.parse_args(["--grid-seeds", "1", "--grid-seeds", "2", "3"]))["grid_seeds"] == [1, 2, 3]
+    with pytest.raises(UserError, match="fusion"):
+        flag_values(TrainConfig, parser.parse_args(["--fusion", "1", "--fusion"]))

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from balora_diffusion.bench.methods import METHOD_SPECS, METHODS_HELP
 from balora_diffusion.atomic import write_json_atomic
 from balora_diffusion.bench.sd15_shapes import text_encoder_shapes, unet_shapes
+from balora_diffusion.bench.plans import add_plan_arguments, timing_plan
 from balora_diffusion.devices import pick_device
 from balora_diffusion.errors import UserError
 
@@ -148,11 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the parameters live: auto (a CUDA GPU when usable, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-test size: one pair per distinct shape (7 instead of 176) and the quick plan")
-    for key, what in (("warmup", "untimed warm-up steps per method"), ("rounds", "rounds over all methods"),
-                      ("steps_per_round", "timed steps per method in each round")):
-        parser.add_argument("--" + key.replace("_", "-"), type=int, default=None, dest=key,
-                            help=f"{what} (default per plan: " +
-                                 ", ".join(f"{k} {v[key]}" for k, v in PLANS.items()) + ")")
+    add_plan_arguments(parser, PLANS, {"warmup": "untimed warm-up steps per method", "rounds": "rounds over all methods",
+                                          "steps_per_round": "timed steps per method in each round"})
     parser.add_argument("--methods", nargs="+", default=list(METHOD_SPECS), metavar="METHOD",
                         help=METHODS_HELP)
     parser.add_argument("--threads", type=int, default=1,
@@ -169,12 +167,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--ranks must be positive integers, got {args.ranks}")
     device = pick_device(args.device)
     labels = list(dict.fromkeys(args.methods))
-    plan = dict(PLANS["quick" if args.quick else device.type])
-    for key in plan:
-        if getattr(args, key) is not None:
-            plan[key] = getattr(args, key)
-    if plan["warmup"] < 0 or plan["rounds"] < 1 or plan["steps_per_round"] < 1:
-        raise UserError(f"need --warmup >= 0, --rounds >= 1 and --steps-per-round >= 1, got {plan}")
+    plan = timing_plan(PLANS, args, device)
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     shapes = sd15_shapes(args.quick)

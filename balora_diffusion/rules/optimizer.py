@@ -13,8 +13,8 @@ from functools import partial
 import torch
 
 from balora_diffusion.errors import UserError
-from balora_diffusion.rules.balora import Balanced, balance_with_gauge, compute_dtype
-from balora_diffusion.rules.hilora import hard_imbalance_with_gauge
+from balora_diffusion.rules.balora import Balanced, balance_many, compute_dtype
+from balora_diffusion.rules.hilora import hard_imbalance_many
 from balora_diffusion.rules.ilora import imbalance_step
 from balora_diffusion.rules.pairs import LoRAPair
 from balora_diffusion.rules.scaled import precondition_grads
@@ -31,13 +31,17 @@ class RuleConfigError(UserError, ValueError):
     """A method, base optimizer or rule option that cannot be used as given."""
 
 
+def _ignore(phase: str) -> None:
+    pass
+
+
 def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
 
 
 def _write(targets: Sequence[torch.Tensor], values: torch.Tensor) -> None:
-    for target, value in zip(targets, values):
-        target.copy_(value.reshape(target.shape))
+    # one multi-tensor copy instead of a kernel launch per parameter
+    torch._foreach_copy_(list(targets), [value.reshape(target.shape) for target, value in zip(targets, values)])
 
 
 class RuleOptimizer(torch.optim.Optimizer):
@@ -79,6 +83,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._position = {id(p): i for i, p in enumerate(self.pairs)}
         self._steps = 0
         self._projected: set[int] = set()
+        # step() calls it with "rule" or "optimizer" as each part ends: a profiler's hook
+        self.phase_ends: Callable[[str], None] = _ignore
 
     def _share_base(self) -> None:
         self.param_groups = self.base.param_groups
@@ -134,12 +140,15 @@ class RuleOptimizer(torch.optim.Optimizer):
             self._precondition()
         # like weight decay, the after-step maps touch only pairs the base step moved
         moved = {id(p) for p in self.pairs if p.A.grad is not None or p.B.grad is not None}
+        self.phase_ends("rule")
         self.base.step()
+        self.phase_ends("optimizer")
         self._steps += 1
         if self.after == "ilora":
             self._imbalance(moved)
         elif self.after is not None and self._steps % self.project_every == 0:
             self._project(moved)
+        self.phase_ends("rule")
         return loss
 
     def _precondition(self) -> None:
@@ -161,12 +170,13 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     def _project(self, moved: set[int]) -> None:
         if self.after == "balora":
-            project = partial(balance_with_gauge, align=self.align, tol=self.tol)
+            project = partial(balance_many, align=self.align, tol=self.tol)
         else:
-            project = partial(hard_imbalance_with_gauge, rho=self.rho, align=self.align, tol=self.tol)
-        for _, batch in self._batches(lambda p: id(p) in moved):
-            As, Bs = self._factors(batch)
-            out: Balanced = project(*self._matrices(batch, As, Bs))
+            project = partial(hard_imbalance_many, rho=self.rho, align=self.align, tol=self.tol)
+        batches = [batch for _, batch in self._batches(lambda p: id(p) in moved)]
+        factors = [self._factors(batch) for batch in batches]
+        outs: list[Balanced] = project([self._matrices(batch, As, Bs) for batch, (As, Bs) in zip(batches, factors)])
+        for batch, (As, Bs), out in zip(batches, factors, outs):
             _write(As, out.A)
             _write(Bs, out.B)
             if self.state_mode == "carry":

@@ -28,6 +28,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                  "adapters fused into the base model, written as a diffusers folder or one .safetensors file"),
     ("inspect",): ("balora_diffusion.commands.inspect",
                    "what an adapter file or run holds: format, targets, rank, alpha, training, balance"),
+    ("app",): ("balora_diffusion.commands.app",
+               "the Gradio app: compare runs' generations, train a concept, read the curves"),
     ("sweep",): ("balora_diffusion.commands.sweep",
                  "train every cell of a grid of methods, learning rates, seeds and options (here or on SLURM)"),
     ("results",): ("balora_diffusion.commands.results",

@@ -66,7 +66,8 @@ def test_every_method_lowers_the_heldout_loss_and_writes_a_run(method, random_sd
     assert run["peak_gpu_memory_mib"] is None and run["peak_train_gpu_memory_mib"] is None  # CPU run
     adapter = load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors"))
     assert any(k.startswith("unet.") for k in adapter) and any(k.startswith("text_encoder.") for k in adapter)
-    assert load_file(str(out / "adapter" / "embeddings.safetensors"))["clip_l"].shape == (1, 32)
+    assert load_file(str(out / "adapter" / "zorb.safetensors"))["<zorb>"].shape == (1, 32)
+    assert (out / "kohya" / f"{method}.safetensors").is_file() and (out / "kohya" / "zorb.safetensors").is_file()
     for png in ("grid.png", "loss.png", "heldout_loss.png", "balance.png"):
         assert (out / png).stat().st_size > 0
     if method in ("balora", "balora+scaled"):
@@ -127,7 +128,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(ra
 
 def test_the_token_embedding_trains_and_is_checkpointed(random_sd_dir, tmp_path):
     out = train(_config(random_sd_dir, tmp_path / "emb", method="balora", steps=6, eval_every=6))
-    saved = load_file(str(out / "adapter" / "embeddings.safetensors"))["clip_l"]
+    saved = load_file(str(out / "adapter" / "zorb.safetensors"))["<zorb>"]
     _assert_trained(saved[0], _init_row(random_sd_dir))
     # the last checkpoint (step 6, the end) holds the trained rows
     trainable = load_tree(list_checkpoints(out / "checkpoints")[-1], "trainable")
@@ -201,12 +202,12 @@ def test_resume_after_a_kill_gives_the_uninterrupted_adapter(random_sd_dir, tmp_
     train(replace(killed, resume="latest"))
     assert _records(tmp_path / "killed") == _records(tmp_path / "straight"), "every step's metrics, once each"
     _assert_equal(_adapter(tmp_path / "straight"), _adapter(tmp_path / "killed"))
-    _assert_trained(_adapter(tmp_path / "killed")["clip_l"][0], _init_row(random_sd_dir))
+    _assert_trained(_adapter(tmp_path / "killed")["<zorb>"][0], _init_row(random_sd_dir))
 
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return {**load_file(str(out / "adapter" / "pytorch_lora_weights.safetensors")),
-            **load_file(str(out / "adapter" / "embeddings.safetensors"))}
+            **load_file(str(out / "adapter" / "zorb.safetensors"))}
 
 
 def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -328,12 +329,13 @@ def _safetensors_header(path: Path) -> dict:
 
 def test_identical_runs_write_identical_adapter_files_without_local_paths(random_sd_dir, tmp_path):
     # Two processes with different string hashing, so nothing may depend on a set's or a map's order.
-    runs = [_config(random_sd_dir, tmp_path / f"run{n}", method="balora", steps=2, eval_every=2) for n in (1, 2)]
+    # the same folder name in two places: the name is the kohya file's and is written into the files
+    runs = [_config(random_sd_dir, tmp_path / f"copy{n}" / "run", method="balora", steps=2, eval_every=2) for n in (1, 2)]
     procs = [_run_cli(_flags(cfg), env={"PYTHONHASHSEED": str(n)}) for n, cfg in enumerate(runs, 1)]
     for proc in procs:
         assert proc.wait(timeout=600) == 0, proc.stdout.read()
-    for name in ("pytorch_lora_weights.safetensors", "embeddings.safetensors"):
-        first, second = (Path(cfg.output_dir) / "adapter" / name for cfg in runs)
+    for name in ("adapter/pytorch_lora_weights.safetensors", "adapter/zorb.safetensors", "kohya/run.safetensors"):
+        first, second = (Path(cfg.output_dir) / name for cfg in runs)
         assert first.read_bytes() == second.read_bytes(), name
         metadata = _safetensors_header(first).get("__metadata__", {})
         assert str(tmp_path.parent) not in json.dumps(metadata), "a path of this machine in the header"

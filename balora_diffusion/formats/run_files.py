@@ -56,7 +56,8 @@ def training_info(cfg: dict, step: int, name: str) -> dict[str, object]:
     keys = ("method", "rank", "alpha", "text_rank", "text_alpha", "lr_unet", "lr_text", "lr_embedding", "steps",
             "seed", "optimizer", "lr_scheduler", "batch_size", "resolution", "token")
     info: dict[str, object] = {key: cfg[key] for key in keys if key in cfg}
-    info.update({"step": step, "name": name, "base_model": cfg.get("base_model") or "balora-diffusion tiny SD",
+    # the base model's file or folder name, not its path: a path says where on this machine it lies
+    info.update({"step": step, "name": name, "base_model": Path(cfg.get("base_model") or "balora-diffusion-tiny-sd").name,
                  "toolkit_version": installed_version("balora-diffusion") or "unknown"})
     if (digest := base_model_hash(cfg.get("base_model", ""))) is not None:
         info["base_model_hash"] = digest

@@ -1,0 +1,1 @@
+"""The Gradio app (installed as balora_diffusion.app; `python -m app` from a source checkout)."""

@@ -1,0 +1,256 @@
+"""The Gradio app over a folder of runs: Compare, Train, Curves.
+
+`App` holds the callbacks as plain methods (tested without a browser); `build_ui` lays them out in
+Gradio and names the endpoints that scripts call with gradio_client: list_runs, compare, train,
+stop, downloads, curves. Started by `balora app --runs DIR` (also `python -m app`, or this file).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from balora_diffusion.app import compare as grids
+from balora_diffusion.app import curves
+from balora_diffusion.app.downloads import stage_downloads
+from balora_diffusion.app.engine import Engine, Sampling
+from balora_diffusion.app.training import MAX_FILE_MB, MAX_IMAGES, MIN_IMAGES, Job, Trainer
+from balora_diffusion.errors import UserError
+from balora_diffusion.rules import METHODS
+from balora_diffusion.runs import COLUMNS, list_runs, read_run
+
+POLL_SECONDS = 1.0
+
+
+def parse_numbers(text: str, kind: type, label: str) -> list:
+    """"0.7, 1" -> [0.7, 1.0]: the numbers in a text box, separated by commas or spaces."""
+    items = [t for t in re.split(r"[,\s]+", str(text).strip()) if t]
+    try:
+        values = [kind(t) for t in items]
+    except ValueError:
+        raise UserError(f"{label}: expected {'integers' if kind is int else 'numbers'} separated by commas, "
+                        f"got {text!r}") from None
+    if not values or any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise UserError(f"{label}: expected at least one finite number, got {text!r}")
+    return values
+
+
+def train_defaults(base_model: str) -> dict:
+    """The Train tab's starting values: the demo recipe on the shipped model (tuned for it), the
+    Mix-of-Show defaults of TrainConfig on any other."""
+    from balora_diffusion.config import read_toml
+    from balora_diffusion.train_config import TrainConfig
+
+    values = {} if base_model else read_toml(TrainConfig, Path("demo"))
+    return {**asdict(TrainConfig()), **values, "base_model": base_model}
+
+
+class App:
+    def __init__(self, runs: Path, base_model: str = "", device: str = "auto", cpu_threads: int = 0):
+        self.runs = Path(runs)
+        self.engine = Engine(self.runs, base_model, device, cpu_threads)
+        self.trainer = Trainer(self.runs, cpu_threads)
+        self.defaults = train_defaults(base_model)
+        self.engine.cache.mkdir(parents=True, exist_ok=True)
+
+    # ---- runs
+    def list_runs(self) -> list[dict]:
+        """Every run under the runs folder, as JSON-ready dicts (NaN as None)."""
+        return [{key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in asdict(run).items()
+                 if key != "path"} for run in list_runs(self.runs)]
+
+    def table(self) -> list[list]:
+        return [run.row() for run in list_runs(self.runs)]
+
+    def finished(self) -> list[str]:
+        return [run.name for run in list_runs(self.runs) if run.state == "finished"]
+
+    # ---- Compare
+    def compare(self, runs: list[str], rows: str, columns: str, prompt: str, negative_prompt: str, seeds: str,
+                steps: int, guidance: float, fusion: str,
+                progress: Callable[[int, int], None] = lambda done, total: None) -> tuple:
+        """(grid image, path of its PNG): the chosen runs x fusion coefficients x seeds."""
+        if not runs:
+            raise UserError("choose at least one run")
+        if not str(prompt).strip():
+            raise UserError("the prompt is empty")
+        if not 1 <= int(steps) <= 200:
+            raise UserError(f"sampling steps must be 1 to 200, got {steps}")
+        if not 0 <= float(guidance) <= 30:
+            raise UserError(f"guidance must be 0 to 30, got {guidance}")
+        infos = [read_run(self.runs, name) for name in runs]
+        sampling = Sampling(prompt=str(prompt).strip(), negative_prompt=str(negative_prompt or "").strip(),
+                            steps=int(steps), guidance=float(guidance))
+        cells = grids.cells_for(infos, parse_numbers(fusion, float, "fusion coefficients"), sampling,
+                                parse_numbers(seeds, int, "seeds"))
+        return grids.render(self.engine, cells, rows, columns, progress)
+
+    # ---- Train
+    def train(self, files: list[str], name: str, token: str, init_word: str, method: str, lr_unet: float,
+              lr_text: float, steps: int, rank: int) -> Job:
+        token = str(token).strip()
+        name = str(name).strip() or f"{re.sub(r'[^A-Za-z0-9]+', '', token) or 'concept'}-{method}-" \
+                                    f"{time.strftime('%Y%m%d-%H%M%S')}"
+        steps, rank = int(steps), int(rank)
+        values = {**self.defaults, "token": [token], "init_word": str(init_word).strip(), "method": method,
+                  "lr_unet": float(lr_unet), "lr_text": float(lr_text), "steps": steps, "rank": rank,
+                  "alpha": float(rank), "text_rank": rank, "text_alpha": float(rank),
+                  "eval_every": max(1, steps // 20)}
+        return self.trainer.start(name, list(files or []), values)
+
+    def job_curves(self, job: Job):
+        """The curves of a training so far; none before it has written its config."""
+        try:
+            return curves.figure([read_run(self.runs, job.name)])
+        except UserError:
+            return None
+
+    def stop(self) -> str:
+        return self.trainer.stop()
+
+    def downloads(self, run: str) -> list[str]:
+        return [str(p) for p in stage_downloads(read_run(self.runs, run).path, self.engine.cache, run)]
+
+    # ---- Curves
+    def curves(self, runs: list[str]):
+        if not runs:
+            raise UserError("choose at least one run")
+        return curves.figure([read_run(self.runs, name) for name in runs])
+
+
+def _shown(fn):
+    """A callback whose UserErrors appear in the page as an error message (and keep the app serving)."""
+    import gradio as gr
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+    return call
+
+
+def build_ui(app: App):
+    import gradio as gr
+
+    d = app.defaults
+    finished = app.finished()
+    first = read_run(app.runs, finished[0]).prompt if finished else ""
+    with gr.Blocks(title="balora-diffusion", analytics_enabled=False) as ui:
+        gr.Markdown(f"## balora-diffusion\nRuns in `{app.runs}`. Compare generations across learning rates, "
+                    "methods and fusion coefficients; train a concept; read the training curves.")
+        with gr.Tab("Compare"):
+            table = gr.Dataframe(value=app.table(), headers=COLUMNS, interactive=False, label="runs")
+            with gr.Row():
+                # custom values: a run trained after the page was built is still a valid name (read_run checks)
+                chosen = gr.Dropdown(finished, value=finished[:12], multiselect=True, label="runs to compare",
+                                     scale=4, allow_custom_value=True)
+                refresh = gr.Button("Refresh runs", scale=1)
+            with gr.Row():
+                rows = gr.Dropdown(grids.LAYOUT_AXES + ["run"], value="learning rate", label="rows")
+                columns = gr.Dropdown(grids.LAYOUT_AXES + ["run"], value="method", label="columns")
+                fusion = gr.Textbox("0.7, 1", label="fusion coefficients (LoRA strength)")
+                seeds = gr.Textbox("1", label="seed(s), the same in every cell")
+            with gr.Row():
+                prompt = gr.Textbox(first, label="prompt", scale=3)
+                negative = gr.Textbox("", label="negative prompt", scale=2)
+                steps = gr.Number(d["sample_steps"], precision=0, label="sampling steps", minimum=1, maximum=200)
+                guidance = gr.Number(d["guidance_scale"], label="guidance", minimum=0, maximum=30)
+            draw = gr.Button("Draw grid", variant="primary", elem_id="draw-grid")
+            grid = gr.Image(type="pil", label="grid", format="png", elem_id="grid", interactive=False)
+            grid_file = gr.File(label="grid as PNG")
+
+        with gr.Tab("Train"):
+            gr.Markdown(f"Upload {MIN_IMAGES} to {MAX_IMAGES} images of the concept (at most {MAX_FILE_MB} MB "
+                        "each), with optional captions as same-name .txt files; a caption must name the token.")
+            uploads = gr.File(file_count="multiple", label="images and captions", type="filepath")
+            with gr.Row():
+                run_name = gr.Textbox("", label="run name (empty: token-method-time)")
+                token = gr.Textbox(d["token"][0], label="token")
+                init_word = gr.Textbox(d["init_word"], label="init word")
+                method = gr.Dropdown(list(METHODS), value=d["method"], label="method")
+            with gr.Row():
+                lr_unet = gr.Number(d["lr_unet"], label="learning rate (UNet)")
+                lr_text = gr.Number(d["lr_text"], label="learning rate (text encoder)")
+                train_steps = gr.Number(d["steps"], precision=0, label="steps", minimum=1)
+                rank = gr.Number(d["rank"], precision=0, label="rank", minimum=1)
+            with gr.Row():
+                start = gr.Button("Train", variant="primary")
+                stop = gr.Button("Stop")
+            status = gr.Markdown(label="status")
+            live = gr.Plot(label="curves")
+            with gr.Row():
+                download_run = gr.Dropdown(finished, label="run", scale=3, allow_custom_value=True)
+                prepare = gr.Button("Download files", scale=1)
+            files = gr.File(label="adapter files (diffusers zip, and every other format the run holds)",
+                            file_count="multiple")
+
+        with gr.Tab("Curves"):
+            curve_runs = gr.Dropdown(finished, value=finished[:12], multiselect=True, label="runs",
+                                     allow_custom_value=True)
+            plot = gr.Button("Plot")
+            figure = gr.Plot(label="curves", elem_id="curves")
+
+        def refreshed():
+            names = app.finished()
+            return (app.table(), gr.update(choices=names), gr.update(choices=names),
+                    gr.update(choices=[r["name"] for r in app.list_runs()]))
+
+        run_pickers = [table, chosen, curve_runs, download_run]
+        refresh.click(_shown(refreshed), None, run_pickers, api_visibility="private")
+        ui.load(_shown(refreshed), None, run_pickers, api_visibility="private")
+        gr.api(_shown(app.list_runs), api_name="list_runs")
+
+        def compare(runs, rows, columns, prompt, negative, seeds, steps, guidance, fusion, progress=gr.Progress()):
+            return app.compare(runs, rows, columns, prompt, negative, seeds, steps, guidance, fusion,
+                               progress=lambda done, total: progress((done, total), desc="drawing", unit="images"))
+
+        draw.click(_shown(compare), [chosen, rows, columns, prompt, negative, seeds, steps, guidance, fusion],
+                   [grid, grid_file], api_name="compare")
+
+        def train(files, name, token, init_word, method, lr_unet, lr_text, steps, rank, progress=gr.Progress()):
+            try:
+                job = app.train(files, name, token, init_word, method, lr_unet, lr_text, steps, rank)
+            except UserError as exc:
+                raise gr.Error(str(exc)) from None
+            while job.running():
+                progress((job.step(), job.steps), desc=f"training {job.name}", unit="steps")
+                yield job.outcome(), app.job_curves(job), None
+                time.sleep(POLL_SECONDS)
+            done = job.process.returncode == 0
+            yield job.outcome(), app.job_curves(job), app.downloads(job.name) if done else None
+
+        start.click(train, [uploads, run_name, token, init_word, method, lr_unet, lr_text, train_steps, rank],
+                    [status, live, files], api_name="train",
+                    # not queued behind a running training: a second one is refused at once (Trainer)
+                    concurrency_limit=None).then(refreshed, None, run_pickers, api_visibility="private")
+        stop.click(app.stop, None, status, api_name="stop", concurrency_limit=None)
+        prepare.click(_shown(app.downloads), download_run, files, api_name="downloads")
+        plot.click(_shown(app.curves), curve_runs, figure, api_name="curves")
+    return ui
+
+
+def serve(app: App, host: str = "127.0.0.1", port: int = 7860, auth: list[tuple[str, str]] | None = None,
+          block: bool = True):
+    """Launch the app's server; with block=False return the running Blocks (its `local_url`)."""
+    ui = build_ui(app)
+    # one request at a time per button (the base model is shared); waiting ones are queued
+    ui.queue(default_concurrency_limit=1, max_size=64)
+    ui.launch(server_name=host, server_port=port, auth=auth or None, share=False, inbrowser=False,
+              ssr_mode=False, max_file_size=f"{MAX_FILE_MB}mb", prevent_thread_lock=not block, show_error=True,
+              # the cache holds the grids and downloads it hands out; nothing else is served
+              allowed_paths=[str(app.engine.cache)], quiet=not block)
+    return ui
+
+
+if __name__ == "__main__":  # python app/app.py --runs DIR
+    import sys
+
+    from balora_diffusion.cli import main
+
+    sys.exit(main(["app", *sys.argv[1:]]))

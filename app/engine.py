@@ -1,0 +1,129 @@
+"""The base model, loaded once and lazily, and the images the app draws with it, cached on disk.
+
+One pipeline serves every request, one request at a time (a lock): a run's adapter is swapped in
+only when the next image needs another run, and its strength (the fusion coefficient) set per
+image. Every image is stored under the runs folder's cache, named by a digest of everything that
+decides it (base model, the run's adapter files, prompt, seed, sampling settings, strength,
+device), so a redraw is a file read and survives a restart of the app.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+from PIL import Image
+
+from balora_diffusion.atomic import atomic_path
+from balora_diffusion.errors import UserError
+from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER
+from balora_diffusion.runs import inside
+
+CACHE = ".app-cache"   # under the runs folder; hidden, so no listing takes it for runs
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What decides an image besides the run and its strength."""
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 1
+    steps: int = 20
+    guidance: float = 5.0
+
+
+def _file_digest(path: Path, memo: dict) -> str:
+    """SHA-256 of a file's bytes, remembered while its size and modification time stay the same."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in memo:
+        memo[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return memo[key]
+
+
+def use_adapter(pipe, run: Path, weight: float, loaded: tuple[Path, object] | None) -> tuple[Path, object]:
+    """Make `pipe` draw with the adapter of run folder `run` at strength `weight` (UNet and text
+    encoder LoRA alike; the new token's embedding stays in at any strength). `loaded` is the
+    (run, formats.fuse.Fused) the pipeline holds now; the one it holds afterwards is returned."""
+    from balora_diffusion.formats.fuse import Fused
+    from balora_diffusion.formats.read import read_adapter
+
+    if loaded is None or loaded[0] != run:
+        adapter = read_adapter(run)  # read whole before the pipeline is touched
+        if loaded is not None:
+            loaded[1].restore()
+        loaded = (run, Fused(pipe, [(adapter, 1.0)]))
+    loaded[1].set_fusion(weight)
+    return loaded
+
+
+class Engine:
+    def __init__(self, runs: Path, base_model: str = "", device: str = "auto", cpu_threads: int = 0):
+        self.runs = Path(runs)
+        self.cache = self.runs / CACHE
+        self.base_model, self.device, self.cpu_threads = base_model, device, cpu_threads
+        self.lock = threading.Lock()
+        self._pipe = None
+        self._loaded: tuple[Path, object] | None = None
+        self._digests: dict = {}
+
+    def pipeline(self):
+        """The base model, loaded on first use (call with `self.lock` held)."""
+        if self._pipe is None:
+            import torch
+
+            from balora_diffusion.models import load_pipeline
+
+            if self.cpu_threads > 0:
+                torch.set_num_threads(self.cpu_threads)
+            self._pipe = load_pipeline(self.base_model or None, device=self.device)
+            self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
+
+    @cached_property
+    def base_identity(self) -> str:
+        """The base model's path and the size and time of each of its files: a new or rebuilt model
+        draws new images."""
+        from balora_diffusion import paths
+
+        root = Path(self.base_model or paths.TINY_SD).resolve()
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        return json.dumps([str(root)] + [[str(f.relative_to(root.parent)), f.stat().st_size, f.stat().st_mtime_ns]
+                                         for f in files if f.is_file()])
+
+    def image_key(self, run: Path, weight: float, sampling: Sampling) -> str:
+        files = [inside(run, p) for p in sorted((run / DIFFUSERS_FOLDER).glob("*.safetensors"))]
+        if not files:
+            raise UserError(f"run {run.name} has no adapter yet (still training, or stopped before its end)")
+        parts = {"base": self.base_identity, "device": self.device,
+                 "adapter": [_file_digest(f, self._digests) for f in files],
+                 "weight": float(weight), **asdict(sampling)}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+    def cached(self, key: str) -> Image.Image | None:
+        path = self.cache / "images" / f"{key}.png"
+        if not path.is_file():
+            return None
+        with Image.open(path) as image:
+            return image.convert("RGB")
+
+    def draw(self, run: Path, weight: float, sampling: Sampling) -> Image.Image:
+        """The image of `run` at strength `weight`: from the cache, else drawn and stored."""
+        key = self.image_key(run, weight, sampling)
+        image = self.cached(key)
+        if image is not None:
+            return image
+        from balora_diffusion.generate import generate
+
+        with self.lock:
+            pipe = self.pipeline()
+            self._loaded = use_adapter(pipe, run, weight, self._loaded)
+            image = generate(pipe, [sampling.prompt], [sampling.seed], steps=sampling.steps,
+                             guidance_scale=sampling.guidance, negative_prompt=sampling.negative_prompt or None,
+                             progress=False)[0][0]
+        with atomic_path(self.cache / "images" / f"{key}.png") as tmp:
+            image.save(tmp, format="PNG")
+        return image

@@ -1,0 +1,68 @@
+"""A screenshot of the Compare tab, drawn in a real headless browser (Debian's chromium through
+playwright; no browser is downloaded). Run from a source checkout:
+
+    python -m app.screenshot --runs runs/sweep --out docs/img/app-compare.png \
+        --prompt "a large <zorb> on a blue background" --fusion "0.7, 1"
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+from pathlib import Path
+
+CHROMIUM = Path("/usr/bin/chromium")
+# As root chromium needs --no-sandbox; the rest keep it from calling out of a closed network.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def launch_chromium(playwright):
+    """Debian's chromium, headless, with a fresh profile folder (playwright makes one per launch)."""
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m app.screenshot", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--base-model", default="")
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--fusion", default="0.7, 1")
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--cpu-threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    args = parser.parse_args()
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from balora_diffusion.app.app import App, serve
+    from balora_diffusion.atomic import atomic_path
+
+    port = free_port()
+    ui = serve(App(args.runs, args.base_model, cpu_threads=args.cpu_threads), "127.0.0.1", port, block=False)
+    try:
+        with sync_playwright() as pw:
+            browser = launch_chromium(pw)
+            page = browser.new_page(viewport={"width": args.width, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            if args.prompt:
+                page.get_by_label("prompt", exact=True).fill(args.prompt)
+            page.get_by_label("fusion coefficients (LoRA strength)").fill(args.fusion)
+            page.get_by_role("button", name="Draw grid").click()
+            expect(page.locator("#grid img")).to_be_visible(timeout=600_000)
+            page.wait_for_function("document.querySelector('#grid img').complete")
+            with atomic_path(args.out) as tmp:
+                page.screenshot(path=str(tmp), full_page=True, type="png")
+            browser.close()
+    finally:
+        ui.close()
+    print(f"screenshot: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

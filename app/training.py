@@ -1,0 +1,133 @@
+"""Training from the app: uploaded images checked and copied into a new run folder, then `balora
+train` in a process of its own, so the page stays responsive and a crash of the training cannot
+take the app down. One training at a time: a second is refused while the first runs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from balora_diffusion.atomic import atomic_path
+from balora_diffusion.data import IMAGE_SUFFIXES, load_image, read_concept_folder
+from balora_diffusion.errors import UserError
+from balora_diffusion.runs import new_run_folder, read_metrics
+
+MIN_IMAGES, MAX_IMAGES = 3, 30
+MAX_FILE_MB = 20  # per uploaded file; the server refuses larger uploads before they reach here
+CONFIG_FILE, LOG_FILE, DATA_FOLDER = "train.toml", "train.log", "data"
+
+
+def stage_uploads(files: list[str | Path], dest: Path) -> int:
+    """Copy uploaded images and their same-name .txt captions into `dest` (which must not exist);
+    anything else, an unreadable image, a file over the size limit or a count outside
+    MIN_IMAGES..MAX_IMAGES is a UserError and leaves nothing behind. Returns the number of images."""
+    images: dict[str, Path] = {}
+    captions: dict[str, Path] = {}
+    for given in files:
+        path = Path(given)
+        suffix = path.suffix.lower()
+        if suffix not in IMAGE_SUFFIXES and suffix != ".txt":
+            raise UserError(f"{path.name}: neither an image ({', '.join(sorted(IMAGE_SUFFIXES))}) nor a .txt caption")
+        if path.stat().st_size > MAX_FILE_MB * 2**20:
+            raise UserError(f"{path.name} is larger than {MAX_FILE_MB} MB")
+        found = captions if suffix == ".txt" else images
+        if path.stem in found:
+            raise UserError(f"two uploads are named {path.stem}{'.txt' if suffix == '.txt' else ''}: "
+                            "each image and caption needs its own name")
+        found[path.stem] = path
+    if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
+        raise UserError(f"{len(images)} image(s) uploaded: a concept needs {MIN_IMAGES} to {MAX_IMAGES}")
+    orphans = sorted(set(captions) - set(images))
+    if orphans:
+        raise UserError(f"caption(s) without an image of the same name: {', '.join(o + '.txt' for o in orphans)}")
+    for path in images.values():
+        load_image(path)  # not an image, or too large to decode: a UserError naming the file
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        for stem, path in images.items():
+            shutil.copyfile(path, tmp / f"{stem}{path.suffix.lower()}")
+            if stem in captions:
+                shutil.copyfile(captions[stem], tmp / f"{stem}.txt")
+    return len(images)
+
+
+@dataclass
+class Job:
+    name: str
+    folder: Path
+    steps: int
+    process: subprocess.Popen
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def step(self) -> int:
+        return max((s for s, _ in read_metrics(self.folder).get("loss", [])), default=0)
+
+    def outcome(self) -> str:
+        """One line: how far it is, or how it ended (the training's own last message if it failed)."""
+        if self.running():
+            return f"training {self.name}: step {self.step()} of {self.steps}"
+        code = self.process.returncode
+        if code == 0:
+            return f"{self.name} finished: {self.steps} steps"
+        return f"{self.name} stopped (exit status {code}): {self.last_message()}"
+
+    def last_message(self) -> str:
+        try:
+            text = (self.folder / LOG_FILE).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "no log"
+        lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("balora:")]
+        return (errors or lines or ["no output"])[-1]
+
+
+class Trainer:
+    def __init__(self, runs: Path, cpu_threads: int = 0):
+        self.runs, self.cpu_threads = Path(runs), cpu_threads
+        self.job: Job | None = None
+        self._lock = threading.Lock()
+
+    def start(self, name: str, uploads: list[str | Path], values: dict) -> Job:
+        """Stage the uploads into a new run folder `name` and start `balora train` there with the
+        options in `values` (TrainConfig's names) on top of `defaults`."""
+        from balora_diffusion.config import to_toml
+        from balora_diffusion.train_config import TrainConfig
+
+        with self._lock:
+            if self.job is not None and self.job.running():
+                raise UserError(f"a training is running already ({self.job.outcome()}): wait for it to end, "
+                                "or stop it, before starting another")
+            folder = new_run_folder(self.runs, name)
+            cfg = TrainConfig(**{**values, "data_dir": str((folder / DATA_FOLDER).resolve()),
+                                 "output_dir": str(folder.resolve()), "cpu_threads": self.cpu_threads})
+            try:
+                stage_uploads(uploads, folder / DATA_FOLDER)
+                read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template)  # captions name the token
+                with atomic_path(folder / CONFIG_FILE) as tmp:
+                    tmp.write_text(to_toml(cfg), encoding="utf-8")
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(self.cpu_threads)} if self.cpu_threads else {})}
+            with (folder / LOG_FILE).open("w") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "balora_diffusion.cli", "train", "--config", str(folder / CONFIG_FILE)],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            self.job = Job(name, folder, cfg.steps, process)
+            return self.job
+
+    def stop(self) -> str:
+        """Interrupt the running training like Ctrl-C would: it ends with a resumable checkpoint."""
+        job = self.job
+        if job is None or not job.running():
+            return "no training is running"
+        job.process.send_signal(signal.SIGINT)
+        return f"stopping {job.name}"

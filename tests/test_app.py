@@ -1,0 +1,356 @@
+"""The Gradio app: its callbacks as plain functions, its named endpoints through gradio_client on
+127.0.0.1, and the page itself in a real headless browser (Debian's chromium, driven by playwright).
+
+Runs are trained on the random-weight SD-architecture model (16 px images), a few steps each.
+"""
+import shutil
+import zipfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from balora_diffusion import paths
+from balora_diffusion.cli import main as cli_main
+from balora_diffusion.errors import UserError
+from balora_diffusion.runs import RunInfo
+from balora_diffusion.train import train
+from balora_diffusion.train_config import TrainConfig
+
+gr = pytest.importorskip("gradio", reason="the app's extra is not installed: pip install -e '.[app]'")
+
+from balora_diffusion.app import training  # noqa: E402
+from balora_diffusion.app.app import App, parse_numbers, serve  # noqa: E402
+from balora_diffusion.app.compare import Cell, layout  # noqa: E402
+from balora_diffusion.app.engine import Sampling  # noqa: E402
+from balora_diffusion.app.screenshot import CHROMIUM, free_port, launch_chromium  # noqa: E402
+
+LRS, METHODS = [1e-3, 1e-2], ["lora", "balora"]
+QUICK = dict(token=["<zorb>"], init_word="heart", caption_template="a {token}", flip=False, steps=3, batch_size=2,
+             lr_text=1e-3, lr_embedding=1e-2, eval_every=3, checkpoint_every=3, heldout_size=2, grid_seeds=[1],
+             fusion=[1.0], sample_steps=2, cpu_threads=1)
+PROMPT = "a <zorb>"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, random_sd_dir) -> Path:
+    """A 2 x 2 sweep (learning rate x method) in runs/sweep/, and an unfinished run beside it."""
+    root = tmp_path_factory.mktemp("app") / "runs"
+    for lr in LRS:
+        for method in METHODS:
+            train(TrainConfig(data_dir=str(paths.DEMO_CONCEPT), base_model=str(random_sd_dir), method=method,
+                              lr_unet=lr, output_dir=str(root / "sweep" / f"lr{lr:g}-{method}"), **QUICK))
+    unfinished = root / "unfinished"
+    shutil.copytree(root / "sweep" / f"lr{LRS[0]:g}-lora", unfinished, ignore=shutil.ignore_patterns("run.json", "adapter"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def app(runs, random_sd_dir) -> App:
+    return App(runs, str(random_sd_dir), device="cpu", cpu_threads=1)
+
+
+def sweep_names() -> list[str]:
+    return [f"sweep/lr{lr:g}-{m}" for lr in LRS for m in METHODS]
+
+
+def reference_image(model, run: Path, weight: float, seed: int = 1, steps: int = 2) -> np.ndarray:
+    """The image a user gets from the run's files with diffusers alone, strength through
+    cross_attention_kwargs (which scales the UNet and, in encode_prompt, the text-encoder LoRA)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(run / "adapter"), weight_name=LORA_FILE)
+    (embedding,) = [p for p in (run / "adapter").glob("*.safetensors") if p.name != LORA_FILE]
+    pipe.load_textual_inversion(str(embedding), token="<zorb>", tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
+               cross_attention_kwargs={"scale": weight})
+    return np.asarray(out.images[0], dtype=np.float64)
+
+
+# ---------------------------------------------------------------- callbacks as plain functions
+
+def test_list_runs_summarises_every_run(app):
+    listed = {r["name"]: r for r in app.list_runs()}
+    assert set(listed) == {*sweep_names(), "unfinished"}
+    one = listed[f"sweep/lr{LRS[1]:g}-balora"]
+    assert (one["method"], one["lr_unet"], one["rank"], one["steps"], one["step"], one["state"]) == \
+        ("balora", LRS[1], 4, 3, 3, "finished")
+    assert one["heldout_loss"] > 0
+    assert listed["unfinished"]["state"] == "stopped"
+    assert app.finished() == sorted(sweep_names())
+
+
+def test_each_image_is_what_diffusers_draws_from_the_runs_files_whatever_was_drawn_before(app, runs, random_sd_dir):
+    sampling = Sampling(PROMPT, steps=2)
+    a, b = runs / "sweep" / f"lr{LRS[1]:g}-lora", runs / "sweep" / f"lr{LRS[1]:g}-balora"
+    drawn = {}
+    for run, weight in [(a, 1.0), (b, 1.0), (a, 0.5), (b, 0.0)]:  # every draw swaps the adapter or its strength
+        drawn[run, weight] = np.asarray(app.engine.draw(run, weight, sampling), dtype=np.float64)
+    for (run, weight), image in drawn.items():
+        assert np.abs(image - reference_image(random_sd_dir, run, weight)).mean() < 1.0, (run.name, weight)
+    assert np.abs(drawn[a, 1.0] - drawn[a, 0.5]).mean() > 1.0, "the strength changes the image"
+    assert np.abs(drawn[a, 1.0] - drawn[b, 1.0]).mean() > 1.0, "two runs draw different images"
+
+
+def test_compare_lays_out_learning_rates_by_methods_at_two_strengths_and_caches_on_disk(app, runs, random_sd_dir):
+    steps = []
+    grid, path = app.compare(sweep_names(), "learning rate", "method", PROMPT, "", "1", 2, 5.0, "0.5, 1",
+                             progress=lambda done, total: steps.append((done, total)))
+    assert steps[0] == (0, 8) and steps[-1] == (8, 8)
+    assert Image.open(path).size == grid.size
+    cell = 96  # image_grid's cell size for 16 px images
+    assert grid.width > 4 * cell and grid.height > 2 * cell
+    # restart: a new app over the same folder draws the same grid without the model
+    again = App(runs, str(random_sd_dir), device="cpu", cpu_threads=1)
+    again.engine.pipeline = lambda: pytest.fail("a cached grid must not load the model")
+    grid2, _ = again.compare(sweep_names(), "learning rate", "method", PROMPT, "", "1", 2, 5.0, "0.5, 1")
+    assert np.array_equal(np.asarray(grid), np.asarray(grid2))
+    with pytest.raises(pytest.fail.Exception, match="must not load"):
+        again.compare(sweep_names(), "learning rate", "method", PROMPT + " again", "", "1", 2, 5.0, "0.5, 1")
+
+
+def test_every_input_of_an_image_is_in_its_cache_key(app, runs, tmp_path):
+    run = runs / "sweep" / f"lr{LRS[0]:g}-lora"
+    base = Sampling(PROMPT, "", 1, 2, 5.0)
+    variants = [replace(base, prompt="x"), replace(base, negative_prompt="x"), replace(base, seed=2),
+                replace(base, steps=3), replace(base, guidance=4.0)]
+    keys = {app.engine.image_key(run, 1.0, s) for s in [base, *variants]} | {app.engine.image_key(run, 0.5, base)}
+    assert len(keys) == len(variants) + 2
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    assert app.engine.image_key(other, 1.0, base) == app.engine.image_key(run, 1.0, base)  # content, not path
+    emb = other / "adapter" / "zorb.safetensors"
+    emb.write_bytes(emb.read_bytes()[:-4] + b"\0\0\0\1")
+    assert app.engine.image_key(other, 1.0, base) != app.engine.image_key(run, 1.0, base)
+
+
+def _cell(name, lr, method, weight, seed=1, rank=4):
+    run = RunInfo(name=name, path=Path(name), state="finished", method=method, lr_unet=lr, rank=rank)
+    return Cell(run, weight, Sampling(PROMPT, seed=seed))
+
+
+def test_layout_puts_every_image_in_its_own_cell():
+    cells = [_cell(f"{m}{lr}", lr, m, w) for lr in (1e-2, 1e-3) for m in ("lora", "balora") for w in (1.0, 0.7)]
+    rows, cols, placed = layout(cells, "learning rate", "method")
+    assert rows == ["lr 0.001", "lr 0.01"]
+    assert cols == ["balora · w=0.7", "balora · w=1", "lora · w=0.7", "lora · w=1"]
+    assert len(placed) == len(cells)
+    for (i, j), cell in placed.items():
+        assert rows[i] == f"lr {cell.run.lr_unet:g}" and cols[j] == f"{cell.run.method} · w={cell.weight:g}"
+    # runs that differ on no axis are told apart by name
+    twins = [_cell("a", 1e-3, "lora", 1.0), _cell("b", 1e-3, "lora", 1.0)]
+    rows, cols, placed = layout(twins, "learning rate", "method")
+    assert cols == ["lora · a", "lora · b"] and len(placed) == 2
+    # a missing combination (lr 0.001 with balora) stays empty
+    rows, cols, placed = layout(cells[:-2], "learning rate", "method")
+    assert len(placed) == 6 and (0, 0) not in placed and (0, 1) not in placed and (0, 2) in placed
+    with pytest.raises(UserError, match="both 'method'"):
+        layout(cells, "method", "method")
+    with pytest.raises(UserError, match="unknown axis 'colour'"):
+        layout(cells, "colour", "method")
+
+
+def test_bad_compare_inputs_are_one_clear_message(app):
+    args = dict(runs=sweep_names()[:1], rows="learning rate", columns="method", prompt=PROMPT, negative_prompt="",
+                seeds="1", steps=2, guidance=5.0, fusion="1")
+    for change, message in [({"runs": []}, "choose at least one run"), ({"prompt": " "}, "prompt is empty"),
+                            ({"seeds": "1, x"}, "seeds: expected integers"), ({"fusion": "nan"}, "finite"),
+                            ({"runs": ["../sweep"]}, "not a run name"), ({"runs": ["unfinished"]}, "no adapter yet"),
+                            ({"steps": 0}, "steps must be 1 to 200"), ({"seeds": ", ".join(map(str, range(500)))},
+                                                                       "at most 400")]:
+        with pytest.raises(UserError, match=message):
+            app.compare(**{**args, **change})
+    assert parse_numbers("0.7 1,0", float, "x") == [0.7, 1.0, 0.0]
+
+
+def test_curves_and_downloads(app, runs):
+    fig = app.curves(sweep_names())
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[:2] == ["training loss (moving average over 10 steps)", "held-out loss"]
+    assert any("imbalance" in t for t in titles) and any("condition number of B" in t for t in titles)
+    assert {line.get_label() for line in fig.axes[0].lines} == {f"{n.split('-')[-1]}: {n}" for n in sweep_names()}
+    files = [Path(p) for p in app.downloads(sweep_names()[0])]
+    # the diffusers folder as a zip; the kohya LoRA and the embedding under the names the run gave them
+    assert [p.name for p in files] == ["sweep_lr0.001-lora-diffusers.zip", "lr0.001-lora.safetensors", "zorb.safetensors"]
+    assert all(p.is_relative_to(app.engine.cache) for p in files)
+    run = runs / sweep_names()[0]
+    assert files[1].read_bytes() == (run / "kohya" / "lr0.001-lora.safetensors").read_bytes()
+    with zipfile.ZipFile(files[0]) as archive:
+        assert sorted(archive.namelist()) == ["sweep_lr0.001-lora/pytorch_lora_weights.safetensors",
+                                              "sweep_lr0.001-lora/zorb.safetensors"]
+        assert archive.read("sweep_lr0.001-lora/zorb.safetensors") == (run / "adapter" / "zorb.safetensors").read_bytes()
+    with pytest.raises(UserError, match="no adapter files"):
+        app.downloads("unfinished")
+
+
+# ---------------------------------------------------------------- uploads and training
+
+def _uploads(tmp_path, n=3, captions=True) -> list[Path]:
+    pngs = sorted(paths.DEMO_CONCEPT.glob("*.png"))[:n]
+    return pngs + ([p.with_suffix(".txt") for p in pngs] if captions else [])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("too few", "2 image"), ("too many", "31 image"), ("not an image", "cannot read image"),
+    ("not allowed", "neither an image"), ("too large", "larger than"), ("orphan caption", "without an image"),
+    ("same name", "two uploads are named 00")])
+def test_bad_uploads_are_refused_and_leave_nothing(tmp_path, monkeypatch, case, message):
+    files = _uploads(tmp_path)
+    if case == "too few":
+        files = files[:2]
+    elif case == "too many":
+        files = [shutil.copy(files[0], tmp_path / f"{i:02d}.png") for i in range(31)]
+    elif case == "not an image":
+        files.append(tmp_path / "fake.png")
+        files[-1].write_text("<html>")
+    elif case == "not allowed":
+        files.append(tmp_path / "run.sh")
+        files[-1].write_text("rm -rf /")
+    elif case == "too large":
+        monkeypatch.setattr(training, "MAX_FILE_MB", 0.001)
+    elif case == "orphan caption":
+        files.append(tmp_path / "lonely.txt")
+        files[-1].write_text("a <zorb>")
+    elif case == "same name":
+        files.append(tmp_path / "00.jpg")
+        Image.open(files[0]).save(files[-1])
+    with pytest.raises(UserError, match=message):
+        training.stage_uploads(files, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_second_training_is_refused_while_one_runs(tmp_path, random_sd_dir):
+    trainer = training.Trainer(tmp_path / "runs", cpu_threads=1)
+    values = {**QUICK, "base_model": str(random_sd_dir), "steps": 2000, "checkpoint_every": 1000}
+    job = trainer.start("first", _uploads(tmp_path), values)
+    try:
+        with pytest.raises(UserError, match="a training is running already"):
+            trainer.start("second", _uploads(tmp_path), values)
+        assert not (tmp_path / "runs" / "second").exists()
+        deadline = time.time() + 120
+        while job.step() < 1 and job.running() and time.time() < deadline:
+            time.sleep(0.2)
+        assert job.running(), job.last_message()
+        assert trainer.stop() == "stopping first"
+        job.process.wait(60)
+    finally:
+        if job.running():
+            job.process.kill()
+    assert job.process.returncode == 130
+    assert job.outcome().startswith("first stopped (exit status 130): balora: interrupted")
+    # the refused caption check and a finished run name are refused before anything starts
+    with pytest.raises(UserError, match="never names <zorb>"):
+        trainer.start("third", _uploads(tmp_path, captions=False), {**values, "caption_template": "a photo"})
+    assert not (tmp_path / "runs" / "third").exists()
+    with pytest.raises(UserError, match="exists"):
+        trainer.start("first", _uploads(tmp_path), values)
+
+
+# ---------------------------------------------------------------- the command
+
+@pytest.mark.parametrize("flags, message", [
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 would open the app to the network"),
+    (["--host", "192.168.1.5", "--allow-remote", "true"], "needs an --auth-file"),
+    (["--host", "0.0.0.0", "--allow-remote", "true", "--auth-file", "AUTH"], "line 1: expected user:password"),
+    (["--port", "70000"], "port must be < 65536"),
+    (["--base-model", "nowhere"], "base model not found"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+])
+def test_the_command_refuses_unsafe_or_bad_options_in_one_line(tmp_path, capsys, flags, message):
+    (tmp_path / "auth").write_text("nopassword\n")
+    flags = [str(tmp_path / "auth") if f == "AUTH" else f for f in flags]
+    assert cli_main(["app", "--runs", str(tmp_path / "runs"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("balora: error: ") and message in err
+
+
+# ---------------------------------------------------------------- a live server
+
+@pytest.fixture(scope="module")
+def server(app):
+    port = free_port()
+    ui = serve(app, "127.0.0.1", port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    ui.close()
+
+
+def test_gradio_client_lists_compares_and_trains(server, app, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(server, verbose=False)
+    assert {r["name"] for r in client.predict(api_name="/list_runs")} == {*sweep_names(), "unfinished"}
+    image, png = client.predict(sweep_names(), "learning rate", "method", PROMPT, "", "1", 2, 5.0, "0.5, 1",
+                                api_name="/compare")
+    expected, _ = app.compare(sweep_names(), "learning rate", "method", PROMPT, "", "1", 2, 5.0, "0.5, 1")
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), np.asarray(expected))
+    with pytest.raises(AppError, match="not a run name"):
+        client.predict(["../../etc"], "learning rate", "method", PROMPT, "", "1", 2, 5.0, "1", api_name="/compare")
+
+    status, _, files = client.predict([handle_file(p) for p in _uploads(tmp_path)], "from-client", "<zorb>", "heart",
+                                      "ilora", 1e-2, 1e-3, 2, 2, api_name="/train")
+    assert status == "from-client finished: 2 steps", status
+    assert [Path(f).name for f in files] == ["from-client-diffusers.zip", "from-client.safetensors", "zorb.safetensors"]
+    listed = {r["name"]: r for r in client.predict(api_name="/list_runs")}
+    assert (listed["from-client"]["state"], listed["from-client"]["method"], listed["from-client"]["rank"]) == \
+        ("finished", "ilora", 2)
+    image, _ = client.predict(["from-client"], "learning rate", "method", PROMPT, "", "1", 2, 5.0, "1",
+                              api_name="/compare")
+    assert Image.open(image).width > 96
+
+
+def test_the_page_draws_a_grid_in_a_real_browser(server, app, tmp_path):
+    if not CHROMIUM.is_file():
+        pytest.skip("Debian's chromium is not installed (`make test` installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    # what the page shows before anything is changed: every finished run it found, drawn with the defaults
+    expected, _ = app.compare(sorted(sweep_names()), "learning rate", "method", PROMPT, "", "1", 20, 5.0, "0.7, 1")
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1200})
+            page.goto(server)
+            expect(page.get_by_role("tab", name="Compare")).to_be_visible()
+            table = page.get_by_role("grid", name="runs")
+            for name in sweep_names():
+                expect(table.get_by_role("gridcell", name=name, exact=True)).to_be_visible()
+            page.get_by_role("button", name="Draw grid").click()
+            grid = page.locator("#grid img")
+            expect(grid).to_be_visible(timeout=120_000)
+            page.wait_for_function("document.querySelector('#grid img').complete")
+            size = grid.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+            assert tuple(size) == expected.size
+            page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+            # a mistake is a message in the page, and the page goes on working
+            page.get_by_label("prompt", exact=True).fill("")
+            page.get_by_role("button", name="Draw grid").click()
+            expect(page.get_by_text("the prompt is empty").first).to_be_visible(timeout=30_000)
+            page.get_by_role("tab", name="Curves").click()
+            page.get_by_role("button", name="Plot").click()
+            expect(page.locator("#curves img")).to_be_visible(timeout=60_000)
+        finally:
+            browser.close()
+
+
+def test_with_an_auth_file_the_server_wants_a_login(app):
+    from gradio_client import Client
+
+    port = free_port()
+    ui = serve(app, "127.0.0.1", port, auth=[("ann", "secret")], block=False)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        with pytest.raises(Exception, match="(?i)login|auth|401|credentials"):
+            Client(url, verbose=False)
+        names = {r["name"] for r in Client(url, auth=("ann", "secret"), verbose=False).predict(api_name="/list_runs")}
+        assert set(sweep_names()) <= names
+    finally:
+        ui.close()

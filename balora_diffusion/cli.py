@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from balora_diffusion.errors import UserError
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         words, argv = nxt, argv[1:]
     module_name, help_text = COMMANDS[words]
+    # A process started in the background of a script (or by one that was) inherits SIGINT ignored,
+    # and Python then leaves it ignored: Ctrl-C, or the app's Stop button, would not reach a training
+    # that promises to stop at once with a resumable checkpoint.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for name, keep in _NOTICE_FILTERS.items():  # before the libraries are imported and log
         logging.getLogger(name).addFilter(keep)
     try:

@@ -308,10 +308,14 @@ def test_resume_refuses_a_changed_training_option_and_names_it(random_sd_dir, tm
     assert json.loads((out / "run.json").read_text())["resumed_from"] == 2
 
 
-def test_ctrl_c_exits_130_with_one_line_naming_the_checkpoint_and_how_to_resume(random_sd_dir, tmp_path):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_exits_130_with_one_line_naming_the_checkpoint_and_how_to_resume(random_sd_dir, tmp_path, inherited):
     cfg = _config(random_sd_dir, tmp_path / "run", steps=100_000, checkpoint_every=2, eval_every=100_000)
+    # "ignored": started the way a script's background job is (SIGINT ignored, which exec keeps)
+    handler = signal.SIG_IGN if inherited == "ignored" else signal.SIG_DFL
     with (tmp_path / "stderr.txt").open("w") as err:
-        proc = _run_cli(_flags(cfg), stdout=subprocess.DEVNULL, stderr=err)
+        proc = _run_cli(_flags(cfg), stdout=subprocess.DEVNULL, stderr=err,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, handler))
         _wait_until(proc, lambda: list_checkpoints(tmp_path / "run" / "checkpoints"))
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130

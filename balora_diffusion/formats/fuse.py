@@ -16,13 +16,11 @@ import torch
 
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule
-from balora_diffusion.formats.names import text_encoder_path
+from balora_diffusion.formats.names import canonical_text_path
 
 
 def _layers(pipe) -> dict[str, dict[str, torch.nn.Module]]:
-    text = {}
-    for name, module in pipe.text_encoder.named_modules():
-        text[text_encoder_path(name) or name.removeprefix("text_model.")] = module
+    text = {canonical_text_path(name): module for name, module in pipe.text_encoder.named_modules()}
     return {UNET: dict(pipe.unet.named_modules()), TEXT_ENCODER: text}
 
 

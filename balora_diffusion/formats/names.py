@@ -27,6 +27,11 @@ def text_encoder_path(name: str) -> str | None:
     return f"encoder.layers.{found.group(1)}.{layer}"
 
 
+def canonical_text_path(name: str) -> str:
+    """A text-encoder module name in the canonical spelling: without transformers 4's `text_model.`."""
+    return text_encoder_path(name) or name.removeprefix("text_model.")
+
+
 @cache
 def sd15_unet() -> torch.nn.Module:
     from diffusers import UNet2DConditionModel

@@ -22,7 +22,7 @@ from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraMo
 from balora_diffusion.formats.diffusers_lora import write_diffusers
 from balora_diffusion.formats.embedding import write_embedding
 from balora_diffusion.formats.kohya_lora import write_kohya
-from balora_diffusion.formats.names import text_encoder_path
+from balora_diffusion.formats.names import canonical_text_path
 from balora_diffusion.versions import installed_version
 
 DIFFUSERS_FOLDER = "adapter"
@@ -32,7 +32,12 @@ _EMBEDDING = re.compile(r"text_encoder\.(?:text_model\.)?embeddings\.token_embed
 
 
 def _canonical(part: str, path: str) -> str:
-    return (text_encoder_path(path) or path) if part == TEXT_ENCODER else path
+    return canonical_text_path(path) if part == TEXT_ENCODER else path
+
+
+def _sha256(file: Path) -> str:
+    with file.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def base_model_hash(base_model: str) -> str | None:
@@ -40,14 +45,12 @@ def base_model_hash(base_model: str) -> str | None:
     (name, SHA-256) list of a diffusers folder's weight files; None when the model is not here."""
     path = Path(base_model) if base_model else paths.TINY_SD
     if path.is_file():
-        with path.open("rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return _sha256(path)
     if not path.is_dir():
         return None
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()):
-        with file.open("rb") as f:
-            digest.update(f"{file.relative_to(path).as_posix()}:{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
+        digest.update(f"{file.relative_to(path).as_posix()}:{_sha256(file)}\n".encode())
     return digest.hexdigest()
 
 

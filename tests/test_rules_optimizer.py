@@ -141,6 +141,50 @@ def test_wrapper_equals_base_step_plus_reference_rule_per_pair(method, after, sc
         torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5, msg=name)
 
 
+class MixedShapes(nn.Module):
+    """A Linear and a 1x1 conv whose LoRA matrices have one shape: one batch, 2-d and 4-d parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.mix = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        return self.mix(torch.tanh(self.fc(x))[:, :, None, None]).flatten(1)
+
+
+@pytest.mark.parametrize("method,after", [("balora", "balora"), ("pilora", "ilora")])
+def test_a_batch_of_linear_and_conv_factors_is_written_back_in_each_ones_shape(method, after):
+    torch.manual_seed(0)
+    net = inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["fc", "mix"]), MixedShapes())
+    x, y = torch.randn(8, 16), torch.randn(8, 16)
+    for p in lora_params(net):
+        nn.init.normal_(p, std=0.3)
+    twin = copy.deepcopy(net)
+    pairs, lr = find_lora_pairs(net), 1e-2
+    assert {p.A.dim() for p in pairs} == {2, 4} and len({matrices(p)[0].shape for p in pairs}) == 1
+    optimizer = build_optimizer(method, [{"params": lora_params(net), "lr": lr}], pairs, lam=3.0)
+    optimizer.zero_grad()
+    ((net(x) - y) ** 2).mean().backward()
+    optimizer.step()
+
+    twin_pairs = find_lora_pairs(twin)
+    plain = torch.optim.AdamW([{"params": lora_params(twin), "lr": lr}])
+    ((twin(x) - y) ** 2).mean().backward()
+    if method == "pilora":
+        for pair in twin_pairs:
+            gA, gB = precondition_grads_reference(*matrices(pair), pair.a_matrix(pair.A.grad),
+                                                  pair.b_matrix(pair.B.grad), 1e-6)
+            pair.A.grad.copy_(gA.reshape(pair.A.shape))
+            pair.B.grad.copy_(gB.reshape(pair.B.shape))
+    plain.step()
+    for pair in twin_pairs:
+        write(pair, *REFERENCE_AFTER[after](*(t.double() for t in matrices(pair)), lr))
+    for (name, p), q in zip(net.named_parameters(), twin.parameters()):
+        assert p.shape == q.shape, name
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("method", ["balora", "balora+scaled", "hilora"])
 def test_zero_and_rank_deficient_pairs_survive_and_then_train(method):
     net = make_model()

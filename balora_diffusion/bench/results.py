@@ -37,6 +37,12 @@ class Claim:
         return "holds" if all(measured) else "does not hold" if not any(measured) else "mixed"
 
 
+def _shared(runs: list[dict]) -> str:
+    """Says so when other jobs already loaded the machine as a run started (its own workers come later)."""
+    busy = any(r["load_average_start"] > 1 for r in runs)
+    return " (other jobs shared the machine's cores)" if busy else ""
+
+
 def _num(x, spec: str = ".3g") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "never"
@@ -247,8 +253,8 @@ Cost: {p["wall_time_s"] / 60:.1f} minutes of wall time in {len(runs)} run(s) of 
 {"; ".join(f'{r["cpu_count"]} CPU cores, Python {r["python"]}, torch {r["torch"]}' for r in runs)}, with {plan["workers"]}
 worker(s) of one thread each ({p["cell_seconds"]:.0f} s of cell wall time, {p["cpu_seconds"]:.0f} s of CPU time);
 one-minute load average {", ".join(f'{r["load_average_start"]:.1f} at the start and {r["load_average_end"]:.1f} at the end'
-                                   for r in runs)} (other jobs shared the machine's two cores). On two idle cores
-the cells need about their CPU time over two, {p["cpu_seconds"] / 2 / 60:.0f} minutes: the grid
+                                   for r in runs)}{_shared(runs)}. The cells' CPU time over two
+cores is {p["cpu_seconds"] / 2 / 60:.0f} minutes, the floor on two idle cores: the grid
 ({plan["steps"]} steps, {len(plan["lrs"])} learning rates, {len(plan["lambdas"])} lambdas for the iLoRA family,
 scoring with {plan["sample_steps"]} sampling steps) was sized to fit 60 minutes there.
 

@@ -449,10 +449,17 @@ def test_generate_writes_a_grid_images_and_a_record(run, tmp_path):
     files = {r["file"] for r in record["images"]}
     assert files == {str(p.relative_to(out)) for p in (out / "images").glob("*.png")}
     first = next(r for r in record["images"] if r["fusion"] == 1 and r["seed"] == 2 and r["prompt"] == "a <zorb>")
-    # same seed, same image: a second run draws it again pixel for pixel
+    # same seed, same image: drawn alone in a second run, only float rounding differs (the first run batched it
+    # with another prompt, and CPU kernels may round differently at another batch size)
     _cli("generate", "--adapter", run, "--prompt", "a <zorb>", "--seeds", "2", "--steps", "4", "--out", tmp_path / "again")
     again = json.loads((tmp_path / "again" / "generate.json").read_text())["images"][0]["file"]
-    assert np.array_equal(np.asarray(Image.open(out / first["file"])), np.asarray(Image.open(tmp_path / "again" / again)))
+    a, b = (np.asarray(Image.open(path)).astype(int) for path in (out / first["file"], tmp_path / "again" / again))
+    assert np.abs(a - b).max() <= 3 and np.abs(a - b).mean() < 0.2
+    # the same command again: the same files, pixel for pixel
+    _cli("generate", "--adapter", f"{run}:1", "--prompt", "a <zorb>", "--prompt", "a <zorb> on a red background",
+         "--fusion", "0", "1", "--seeds", "1", "2", "--steps", "4", "--out", tmp_path / "same")
+    for name in files:
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(tmp_path / "same" / name))), name
     assert Image.open(out / "grid.png").size[0] > 4 * 64
 
 

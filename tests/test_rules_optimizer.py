@@ -110,6 +110,24 @@ REFERENCE_AFTER = {
 }
 
 
+def reference_step(pairs, plain, loss, method, after, lr, reg):
+    """What the wrapper's step should do: the reference preconditioner per pair, `plain`'s step, the
+    reference after-step map per pair."""
+    plain.zero_grad()
+    loss().backward()
+    if method in ("scaled", "pilora", "balora+scaled"):
+        for pair in pairs:
+            gA, gB = precondition_grads_reference(*matrices(pair), pair.a_matrix(pair.A.grad),
+                                                  pair.b_matrix(pair.B.grad), reg)
+            pair.A.grad.copy_(gA.reshape(pair.A.shape))
+            pair.B.grad.copy_(gB.reshape(pair.B.shape))
+    plain.step()
+    if after is not None:
+        for pair in pairs:
+            A, B = (t.double() for t in matrices(pair))
+            write(pair, *REFERENCE_AFTER[after](A, B, lr))
+
+
 @pytest.mark.parametrize("method,after,scaled", [
     ("balora", "balora", False), ("hilora", "hilora", False), ("ilora", "ilora", False),
     ("scaled", None, False), ("pilora", "ilora", True), ("balora+scaled", "balora", True),
@@ -124,19 +142,7 @@ def test_wrapper_equals_base_step_plus_reference_rule_per_pair(method, after, sc
     twin_pairs = find_lora_pairs(twin)
     plain = torch.optim.AdamW(groups_of(twin, lr))
     for _ in range(2):
-        plain.zero_grad()
-        loss_of(twin, data).backward()
-        if method in ("scaled", "pilora", "balora+scaled"):
-            for pair in twin_pairs:
-                gA, gB = precondition_grads_reference(*matrices(pair), pair.a_matrix(pair.A.grad),
-                                                      pair.b_matrix(pair.B.grad), reg)
-                pair.A.grad.copy_(gA.reshape(pair.A.shape))
-                pair.B.grad.copy_(gB.reshape(pair.B.shape))
-        plain.step()
-        if after is not None:
-            for pair in twin_pairs:
-                A, B = (t.double() for t in matrices(pair))
-                write(pair, *REFERENCE_AFTER[after](A, B, lr))
+        reference_step(twin_pairs, plain, lambda: loss_of(twin, data), method, after, lr, reg)
     for (name, p), q in zip(net.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5, msg=name)
 
@@ -168,18 +174,8 @@ def test_a_batch_of_linear_and_conv_factors_is_written_back_in_each_ones_shape(m
     ((net(x) - y) ** 2).mean().backward()
     optimizer.step()
 
-    twin_pairs = find_lora_pairs(twin)
     plain = torch.optim.AdamW([{"params": lora_params(twin), "lr": lr}])
-    ((twin(x) - y) ** 2).mean().backward()
-    if method == "pilora":
-        for pair in twin_pairs:
-            gA, gB = precondition_grads_reference(*matrices(pair), pair.a_matrix(pair.A.grad),
-                                                  pair.b_matrix(pair.B.grad), 1e-6)
-            pair.A.grad.copy_(gA.reshape(pair.A.shape))
-            pair.B.grad.copy_(gB.reshape(pair.B.shape))
-    plain.step()
-    for pair in twin_pairs:
-        write(pair, *REFERENCE_AFTER[after](*(t.double() for t in matrices(pair)), lr))
+    reference_step(find_lora_pairs(twin), plain, lambda: ((twin(x) - y) ** 2).mean(), method, after, lr, 1e-6)
     for (name, p), q in zip(net.named_parameters(), twin.parameters()):
         assert p.shape == q.shape, name
         torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5, msg=name)

@@ -27,6 +27,7 @@ from balora_diffusion.data import (ConceptData, check_caption_tokens, check_imag
                                    read_concept_folder)
 from balora_diffusion.embeddings import add_placeholder_tokens
 from balora_diffusion.errors import UserError
+from balora_diffusion.text_encoding import encode_captions
 from balora_diffusion.lora import balance_diagnostics, find_lora_pairs, inject_lora
 from balora_diffusion.models import load_pipeline
 from balora_diffusion.rules import build_optimizer
@@ -333,9 +334,9 @@ def step_loss(cfg: TrainConfig, step: int, accelerator, batches, vae, tokenizer,
     noise = make_noise(latents, gen, cfg.noise_offset)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=gen, device=device)
-    ids = tokenize(tokenizer, captions).to(device)
+    ids = tokenize(tokenizer, captions)
     with accelerator.autocast():
-        cond = text_encoder(ids)[0]
+        cond = encode_captions(text_encoder, ids, device)
         mark("text_encoder")
         loss = unet_loss(unet, scheduler, latents, noise, timesteps, cond,
                          loss_weights(scheduler, timesteps, cfg.min_snr_gamma))

@@ -1,0 +1,32 @@
+"""The text encoder's conditioning for a training batch, each distinct caption encoded once.
+
+A batch of one concept's images often repeats a caption ("a <zorb>" for every image without a
+caption file). Without dropout the encoder maps equal token rows to equal hidden states, so
+encoding the distinct rows and gathering them gives the same conditioning, and the gather's
+backward sums the copies' gradients, which is the gradient of encoding every copy.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def has_active_dropout(text_encoder: torch.nn.Module) -> bool:
+    """Whether a forward pass in the encoder's current mode draws dropout masks (then equal captions
+    get different hidden states and must each be encoded)."""
+    if not text_encoder.training:
+        return False
+    config = getattr(getattr(text_encoder, "module", text_encoder), "config", None)  # DDP wraps the model
+    if any(getattr(config, name, 0.0) for name in ("dropout", "attention_dropout")):
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in text_encoder.modules())
+
+
+def encode_captions(text_encoder: torch.nn.Module, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Hidden states [batch, tokens, width] for the token rows `ids` (on the CPU, where the distinct
+    rows are found without a device synchronisation)."""
+    if has_active_dropout(text_encoder):
+        return text_encoder(ids.to(device))[0]
+    unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    if len(unique) == len(ids):
+        return text_encoder(ids.to(device))[0]
+    return text_encoder(unique.to(device))[0].index_select(0, inverse.to(device))

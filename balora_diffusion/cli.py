@@ -117,5 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130  # 128 + SIGINT: what a shell reports for a program that Ctrl-C ended
 
 
+def entry() -> None:
+    """The `balora` executable."""
+    from balora_diffusion.collector import exit_without_final_collection
+
+    exit_without_final_collection(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

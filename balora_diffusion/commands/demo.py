@@ -39,9 +39,12 @@ def run(args: argparse.Namespace) -> int:
     seeds = SEEDS if args.seeds is None else parse_flag(TrainConfig, "grid_seeds", args.seeds, "--seeds")
 
     from balora_diffusion.atomic import write_json_atomic
+    from balora_diffusion.collector import libraries_loading
     from balora_diffusion.concept import fidelity, load_concept
-    from balora_diffusion.generate import generate, write_grid
-    from balora_diffusion.train import train
+
+    with libraries_loading():
+        from balora_diffusion.generate import generate, write_grid
+        from balora_diffusion.train import train
 
     concept = load_concept(cfg.data_dir)
     cfg = replace(cfg, token=[concept.token], init_word=concept.initializer,

@@ -109,11 +109,14 @@ def run(args: argparse.Namespace) -> int:
     _check_out(out, cfg.overwrite)
 
     from balora_diffusion.atomic import atomic_path, write_json_atomic
-    from balora_diffusion.formats.fuse import Fused
-    from balora_diffusion.formats.read import read_adapter
-    from balora_diffusion.generate import fusion_grid, generate, image_grid, save_image, set_scheduler
-    from balora_diffusion.models import load_pipeline
-    from balora_diffusion.train import library_versions
+    from balora_diffusion.collector import libraries_loading
+
+    with libraries_loading():
+        from balora_diffusion.formats.fuse import Fused
+        from balora_diffusion.formats.read import read_adapter
+        from balora_diffusion.generate import fusion_grid, generate, image_grid, save_image, set_scheduler
+        from balora_diffusion.models import load_pipeline
+        from balora_diffusion.train import library_versions
 
     if cfg.cpu_threads:
         import torch

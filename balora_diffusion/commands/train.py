@@ -21,7 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(TrainConfig, args)
     # only now: importing the loop (torch, diffusers) takes seconds a bad option should not wait for
-    from balora_diffusion.train import train
+    from balora_diffusion.collector import libraries_loading
+
+    with libraries_loading():
+        from balora_diffusion.train import train
 
     out = train(cfg)
     print(f"adapter written to {out / 'adapter'}; grid: {out / 'grid.png'}")

@@ -29,6 +29,7 @@ from balora_diffusion.embeddings import add_placeholder_tokens
 from balora_diffusion.errors import UserError
 from balora_diffusion.text_encoding import encode_captions
 from balora_diffusion.lora import balance_diagnostics, find_lora_pairs, inject_lora
+from balora_diffusion.lora_node import use_single_node_forward
 from balora_diffusion.models import load_pipeline
 from balora_diffusion.rules import build_optimizer
 from balora_diffusion.formats.run_files import adapter_from_models, training_info, write_run_adapters
@@ -287,6 +288,8 @@ def load_models(cfg: TrainConfig, accelerator, examples):
     check_caption_tokens(examples, tokenizer, cfg.token)
     torch.manual_seed(cfg.seed)
     inject_lora(unet, text_encoder, cfg)
+    use_single_node_forward(unet)
+    use_single_node_forward(text_encoder)
     # peft creates the factors in the base's dtype; fp16 factors cannot take AdamW's small steps.
     cast_training_params([unet, text_encoder], dtype=torch.float32)
     if cfg.gradient_checkpointing:

@@ -306,10 +306,15 @@ def make_optimizer(cfg: TrainConfig, unet, text_encoder, embedding, pairs):
         groups.append({"name": "token_embedding", "lr": cfg.lr_embedding, "params": [embedding.extra]})
     else:
         embedding.extra.requires_grad_(False)
+    base_kwargs = {"weight_decay": cfg.weight_decay}
+    if cfg.optimizer != "sgd":
+        base_kwargs["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer in ("adamw", "adam"):
+        # torch's default Adam on the CPU loops over the parameters in Python, a few kernels each;
+        # the fused one is one kernel per parameter, the same update.
+        base_kwargs["fused"] = unet.device.type in ("cpu", "cuda")
     return build_optimizer(
-        cfg.method, groups, pairs, base=cfg.optimizer,
-        base_kwargs={"betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.weight_decay}
-        if cfg.optimizer != "sgd" else {"weight_decay": cfg.weight_decay},
+        cfg.method, groups, pairs, base=cfg.optimizer, base_kwargs=base_kwargs,
         loraplus_ratio=cfg.loraplus_ratio, reg=cfg.precond_reg, lam=cfg.ilora_lambda,
         project_every=cfg.project_every, state=cfg.balora_state)
 

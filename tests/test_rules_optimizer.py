@@ -1,5 +1,7 @@
 """The RuleOptimizer wrapper and LoRA pair discovery on a small peft-wrapped model (Conv2d + Linear)."""
 import copy
+import time
+from collections import defaultdict
 
 import pytest
 import torch
@@ -451,3 +453,24 @@ def test_balance_diagnostics_match_their_definitions():
     batched = balance_diagnostics([LoRAPair(nn.Parameter(A.expand(3, 2, 5).clone()),
                                             nn.Parameter(B.expand(3, 4, 2).clone()), name="b")])["b"]
     assert batched["ratio"] == pytest.approx([p["ratio"]] * 3)
+
+
+@pytest.mark.parametrize("method", ["lora", "scaled", "balora"])
+def test_time_spent_before_the_step_body_is_the_optimizers_not_the_rules(method):
+    """What runs before RuleOptimizer.step's body (torch's step hooks, accelerate's wrapper) is not the rule."""
+    net, data = make_model(), make_data()
+    optimizer = build_optimizer(method, groups_of(net), find_lora_pairs(net))
+    optimizer.register_step_pre_hook(lambda *_: time.sleep(0.2))
+    spent, last = defaultdict(float), [0.0]
+
+    def phase_ends(phase):
+        now = time.perf_counter()
+        spent[phase] += now - last[0]
+        last[0] = now
+
+    optimizer.phase_ends = phase_ends
+    loss_of(net, data).backward()
+    last[0] = time.perf_counter()
+    optimizer.step()
+    assert spent["optimizer"] >= 0.2
+    assert spent["rule"] < 0.2

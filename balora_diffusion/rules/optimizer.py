@@ -139,10 +139,12 @@ class RuleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # what ran before this body (torch's step hooks, accelerate's wrapper) is the optimizer's time
+        self.phase_ends("optimizer")
         if self.precondition:
             self._precondition()
         # like weight decay, the after-step maps touch only pairs the base step moved
-        moved = {id(p) for p in self.pairs if p.A.grad is not None or p.B.grad is not None}
+        moved = {id(p) for p in self.pairs if p.A.grad is not None or p.B.grad is not None} if self.after else set()
         self.phase_ends("rule")
         self.base.step()
         self.phase_ends("optimizer")

@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The `balora` executable."""
     from balora_diffusion.collector import exit_without_final_collection
+    from balora_diffusion.skipped_imports import skip_unused_libraries
 
+    skip_unused_libraries()
     exit_without_final_collection(main())
 
 

@@ -2,8 +2,8 @@
 
 torchvision sits beside torch in most Stable Diffusion environments, and transformers' image
 utilities (pulled in by `transformers.modeling_utils`, so by every CLIP text encoder) import it
-when it is there. Nothing here calls it, but with a CUDA build of torch it is one of the largest
-things a process maps: its libraries load the CUDA ones. The executable marks it absent before
+when it is there. Nothing here calls it, yet every command would pay its import and its own
+libraries' resident memory (most of what it loads, torch loads anyway). The executable marks it absent before
 anything imports (None in `sys.modules`, Python's way to make an import fail as for a missing
 package), so transformers and diffusers take their torchvision-free paths (PIL image processors)
 from the start. Library users importing balora_diffusion keep their process as it is.

@@ -2,8 +2,9 @@
 
 Names of runs come from outside (a web page, a script): `resolve_run` accepts only a name that
 leads, with every symlink followed, to a run folder inside the runs folder, so that neither `..`,
-an absolute path nor a link out of the folder reaches anything else. Every file handed out is
-checked the same way (`inside`).
+an absolute path nor a link out of the folder reaches anything else. Every file read or handed
+out is checked the same way (`inside`, `own_file`): a file of a run that links out of it is
+treated as absent.
 """
 from __future__ import annotations
 
@@ -59,8 +60,18 @@ def inside(root: Path, path: Path) -> Path:
     return real
 
 
+def own_file(folder: Path, name: str | Path) -> Path | None:
+    """`folder`/`name` resolved, if it is a file that stays inside `folder` once symlinks are
+    followed; else None."""
+    try:
+        real = inside(folder, Path(folder) / name)
+    except UserError:
+        return None
+    return real if real.is_file() else None
+
+
 def _is_run(folder: Path) -> bool:
-    return any((folder / marker).is_file() for marker in RUN_MARKERS)
+    return any(own_file(folder, marker) for marker in RUN_MARKERS)
 
 
 def _run_path(root: Path, name: str) -> Path:
@@ -120,9 +131,10 @@ def list_runs(root: Path) -> list[RunInfo]:
     return sorted(found, key=lambda run: run.name)
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(folder: Path, name: str) -> dict:
+    path = own_file(folder, name)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8")) if path else {}
     except (OSError, ValueError):
         return {}  # unreadable or half-written by a run that is starting: listed with what else is known
     return data if isinstance(data, dict) else {}
@@ -130,8 +142,11 @@ def _read_json(path: Path) -> dict:
 
 def _training(folder: Path) -> bool:
     """Whether a training holds the run folder's lock (runfolder.RunFolder) right now."""
+    lock = own_file(folder, LOCK)
+    if lock is None:
+        return False
     try:
-        with (folder / LOCK).open("r") as handle:
+        with lock.open("r") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -144,8 +159,8 @@ def _training(folder: Path) -> bool:
 
 def read_run(root: Path, name: str) -> RunInfo:
     folder = resolve_run(root, name)
-    run = _read_json(folder / "run.json")
-    config = run.get("config") or _read_json(folder / "config.json")
+    run = _read_json(folder, "run.json")
+    config = run.get("config") or _read_json(folder, "config.json")
     metrics = read_metrics(folder)
     last = {key: points[-1][1] for key, points in metrics.items() if points}
     state = "finished" if run else "training" if _training(folder) else "stopped"
@@ -174,8 +189,8 @@ def read_metrics(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """metrics.jsonl as {name: [(step, value), ...]}. A line that does not parse is skipped: a
     training that is running may be half-way through writing it."""
     series: dict[str, list[tuple[int, float]]] = {}
-    path = Path(folder) / "metrics.jsonl"
-    if not path.is_file():
+    path = own_file(folder, "metrics.jsonl")
+    if path is None:
         return series
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
@@ -195,12 +210,4 @@ def adapter_files(folder: Path) -> list[Path]:
 
     folder = Path(folder)
     found = [p for sub in (DIFFUSERS_FOLDER, KOHYA_FOLDER, ".") for p in sorted((folder / sub).glob("*.safetensors"))]
-    files = []
-    for path in found:
-        try:
-            real = inside(folder, path)
-        except UserError:
-            continue
-        if real.is_file():
-            files.append(real)
-    return files
+    return [real for path in found if (real := own_file(folder, path.relative_to(folder)))]

@@ -114,3 +114,21 @@ def test_a_new_run_folder_must_be_new_and_inside(tmp_path):
         new_run_folder(tmp_path / "runs", "../b")
     with pytest.raises(UserError, match="outside"):
         inside(tmp_path / "runs", tmp_path)
+
+
+def test_files_of_a_run_that_link_out_of_it_are_never_read(tmp_path):
+    runs = tmp_path / "runs"
+    secret = make_run(tmp_path / "secret", method="stolen", grid_prompts=["a secret prompt"],
+                      metrics=((99, "loss", 7.0),))
+    linked = make_run(runs / "linked")
+    for name in ("run.json", "metrics.jsonl"):
+        (linked / name).unlink()
+        os.symlink(secret / name, linked / name)
+    only_marker = runs / "only-marker"
+    only_marker.mkdir()
+    os.symlink(secret / "run.json", only_marker / "run.json")
+    listed = list_runs(runs)
+    assert [r.name for r in listed] == ["linked"]  # its own config.json makes it a run; a linked marker does not
+    assert "stolen" not in repr(listed) and "secret" not in repr(listed)
+    assert (listed[0].method, listed[0].step, listed[0].state) == ("ilora", 0, "stopped")
+    assert read_metrics(linked) == {}

@@ -126,3 +126,40 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None,
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
     return pipe.to(torch_device)
+
+
+# transformers 5 writes a CLIPTextModel's weights without the `text_model.` prefix and reads either
+# spelling; transformers 4 (the stack of diffusers 0.35 and older) reads only the prefixed names and,
+# given the others, starts the text encoder from random weights without an error.
+HUB_TEXT_PREFIX = "text_model."
+
+
+def save_pipeline(pipe, folder: str | Path) -> None:
+    """`pipe.save_pretrained` (safetensors), with the text encoder under the key names of the hub's
+    SD 1.x checkpoints, so that the folder loads the same in older and newer transformers."""
+    with quiet_diffusers():
+        pipe.save_pretrained(folder, safe_serialization=True)
+    use_hub_text_names(Path(folder) / "text_encoder")
+
+
+def use_hub_text_names(folder: Path) -> None:
+    """Rewrite a saved CLIP text encoder's weight files (and shard index) with prefixed key names."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from balora_diffusion.atomic import atomic_path, write_json_atomic
+
+    def hub(key: str) -> str:
+        return key if key.startswith(HUB_TEXT_PREFIX) else HUB_TEXT_PREFIX + key
+
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            if all(k.startswith(HUB_TEXT_PREFIX) for k in f.keys()):
+                continue
+            tensors, metadata = {hub(k): f.get_tensor(k) for k in f.keys()}, f.metadata()
+        with atomic_path(file) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    for index in folder.glob("*.safetensors.index.json"):
+        data = json.loads(index.read_text())
+        data["weight_map"] = {hub(k): v for k, v in data.get("weight_map", {}).items()}
+        write_json_atomic(index, data)

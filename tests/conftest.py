@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from balora_diffusion import paths  # noqa: E402
+from balora_diffusion.models import save_pipeline  # noqa: E402
 
 # Tiny models: a second thread costs more in synchronisation than it saves, and on a shared
 # 2-core machine it makes timings erratic.
@@ -47,5 +48,5 @@ def build_random_pipeline(seed: int = 0):
 def random_sd_dir(tmp_path_factory) -> Path:
     """A saved random-weight SD-architecture diffusers folder (fp32, 16 px images, 8 px latents)."""
     path = tmp_path_factory.mktemp("random-sd") / "pipe"
-    build_random_pipeline().save_pretrained(path)
+    save_pipeline(build_random_pipeline(), path)
     return path

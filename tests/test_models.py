@@ -50,6 +50,34 @@ def test_loads_offline_through_the_sd15_classes_in_fp32_on_cpu(pipe):
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
 
 
+def _hub_text_names(config_dir) -> set[str]:
+    """The text encoder's key names as the hub's SD 1.x checkpoints spell them, which every
+    transformers release reads (transformers 5's own module names lack the `text_model.` prefix)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    own = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir)).state_dict()
+    return {k if k.startswith("text_model.") else "text_model." + k for k in own}
+
+
+def _text_weight_names(folder) -> set[str]:
+    with safe_open(str(folder / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
+def test_shipped_text_encoder_uses_the_hub_key_names():
+    assert _text_weight_names(DEFAULT_MODEL_DIR) == _hub_text_names(DEFAULT_MODEL_DIR / "text_encoder")
+
+
+def test_saved_pipelines_use_the_hub_text_names_and_load_back_equal(pipe, tmp_path):
+    from balora_diffusion.models import save_pipeline
+
+    save_pipeline(pipe, tmp_path / "saved")
+    assert _text_weight_names(tmp_path / "saved") == _hub_text_names(DEFAULT_MODEL_DIR / "text_encoder")
+    again = load_pipeline(tmp_path / "saved")
+    for (name, a), (_, b) in zip(pipe.text_encoder.state_dict().items(), again.text_encoder.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_scheduler_records_the_training_parameterisation(pipe):
     config = pipe.scheduler.config
     assert config.prediction_type == "v_prediction"

@@ -43,7 +43,7 @@ from balora_diffusion.checkpoint import checkpoint_step, list_checkpoints, load_
 from balora_diffusion.config import add_config_arguments, config_from_args, field
 from balora_diffusion.devices import pick_device
 from balora_diffusion.errors import UserError
-from balora_diffusion.models import quiet_diffusers
+from balora_diffusion.models import quiet_diffusers, save_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 QUICK_CONFIG = REPO / "training" / "tiny_model_quick.toml"
@@ -376,7 +376,7 @@ def export_pipeline(out: Path, vae, unet, text_encoder, tokenizer_dir: Path, inf
                                        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir), unet=half(unet),
                                        scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-        pipe.save_pretrained(tmp, safe_serialization=True)
+    save_pipeline(pipe, tmp)
     # ship the real BPE files (vocab.json + merges.txt) as vendored, not a re-serialisation of them
     shutil.rmtree(tmp / "tokenizer")
     shutil.copytree(tokenizer_dir, tmp / "tokenizer")

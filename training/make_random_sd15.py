@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from balora_diffusion.models import save_pipeline
 from balora_diffusion.paths import SD15_CONFIG as CONFIG
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if args.dtype == "fp16":
         pipe.to(torch.float16)
-    pipe.save_pretrained(args.out)
+    save_pipeline(pipe, args.out)
     print(f"wrote {args.out}: unet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.0f} M parameters")
     return 0
 

@@ -11,6 +11,7 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from PIL import Image
 
@@ -18,7 +19,7 @@ from balora_diffusion.app.engine import Engine, Sampling
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.errors import UserError
 from balora_diffusion.generate import image_grid
-from balora_diffusion.runs import RunInfo
+from balora_diffusion.runs import RunInfo, own_file
 
 # axis name -> (value of a cell, label of a value)
 AXES: dict[str, tuple[Callable, Callable]] = {
@@ -100,9 +101,9 @@ def render(engine: Engine, cells: Sequence[Cell], rows: str, columns: str,
     title = (f"{sampling.prompt!r}" + (f", negative {sampling.negative_prompt!r}" if sampling.negative_prompt else "")
              + f"; {sampling.steps} steps, guidance {sampling.guidance:g}; rows: {rows}")
     grid = image_grid(grid_rows, row_labels, col_labels, title=title)
-    name = hashlib.sha256(grid.tobytes()).hexdigest()[:16]
-    path = engine.cache / "grids" / f"grid-{name}.png"
-    if not path.is_file():
+    name = f"grid-{hashlib.sha256(grid.tobytes()).hexdigest()[:16]}.png"
+    path = engine.cache / "grids" / name
+    if own_file(engine.cache, Path("grids", name)) is None:
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")
     return grid, str(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER
-from balora_diffusion.runs import adapter_files
+from balora_diffusion.runs import adapter_files, own_file
 
 
 def stage_downloads(run: Path, cache: Path, label: str) -> list[Path]:
@@ -37,7 +37,7 @@ def stage_downloads(run: Path, cache: Path, label: str) -> list[Path]:
     safe = label.replace("/", "_")
     archive_name = f"{safe}-diffusers.zip"
     staged = [folder / archive_name] + [folder / name for name in others]
-    if all(p.is_file() for p in staged):
+    if all(own_file(cache, p.relative_to(cache)) for p in staged):
         return staged
     with atomic_path(folder) as tmp:
         tmp.mkdir()

@@ -19,8 +19,9 @@ from PIL import Image
 
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.errors import UserError
+from balora_diffusion.formats.diffusers_lora import LORA_FILE
 from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER
-from balora_diffusion.runs import inside
+from balora_diffusion.runs import inside, own_file
 
 CACHE = ".app-cache"   # under the runs folder; hidden, so no listing takes it for runs
 
@@ -52,7 +53,9 @@ def use_adapter(pipe, run: Path, weight: float, loaded: tuple[Path, object] | No
     from balora_diffusion.formats.read import read_adapter
 
     if loaded is None or loaded[0] != run:
-        adapter = read_adapter(run)  # read whole before the pipeline is touched
+        # the LoRA file itself (and the embedding beside it), never the run folder: a folder reader
+        # would look into nested folders and checkpoints that Engine.image_key has not checked
+        adapter = read_adapter(run / DIFFUSERS_FOLDER / LORA_FILE)  # read whole before the pipeline is touched
         if loaded is not None:
             loaded[1].restore()
         loaded = (run, Fused(pipe, [(adapter, 1.0)]))
@@ -63,7 +66,7 @@ def use_adapter(pipe, run: Path, weight: float, loaded: tuple[Path, object] | No
 class Engine:
     def __init__(self, runs: Path, base_model: str = "", device: str = "auto", cpu_threads: int = 0):
         self.runs = Path(runs)
-        self.cache = self.runs / CACHE
+        self.cache = inside(self.runs, self.runs / CACHE)  # the server hands out files from here
         self.base_model, self.device, self.cpu_threads = base_model, device, cpu_threads
         self.lock = threading.Lock()
         self._pipe = None
@@ -95,8 +98,9 @@ class Engine:
                                          for f in files if f.is_file()])
 
     def image_key(self, run: Path, weight: float, sampling: Sampling) -> str:
+        """The digest naming the image; a UserError if any adapter file of `run` links out of it."""
         files = [inside(run, p) for p in sorted((run / DIFFUSERS_FOLDER).glob("*.safetensors"))]
-        if not files:
+        if own_file(run, Path(DIFFUSERS_FOLDER, LORA_FILE)) is None:
             raise UserError(f"run {run.name} has no adapter yet (still training, or stopped before its end)")
         parts = {"base": self.base_identity, "device": self.device,
                  "adapter": [_file_digest(f, self._digests) for f in files],
@@ -104,8 +108,8 @@ class Engine:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     def cached(self, key: str) -> Image.Image | None:
-        path = self.cache / "images" / f"{key}.png"
-        if not path.is_file():
+        path = own_file(self.cache, Path("images", f"{key}.png"))
+        if path is None:
             return None
         with Image.open(path) as image:
             return image.convert("RGB")

@@ -3,6 +3,7 @@
 
 Runs are trained on the random-weight SD-architecture model (16 px images), a few steps each.
 """
+import os
 import shutil
 import zipfile
 import time
@@ -189,6 +190,67 @@ def test_curves_and_downloads(app, runs):
         assert archive.read("sweep_lr0.001-lora/zorb.safetensors") == (run / "adapter" / "zorb.safetensors").read_bytes()
     with pytest.raises(UserError, match="no adapter files"):
         app.downloads("unfinished")
+
+
+# ---------------------------------------------------------------- files that link out of the runs folder
+
+def _beside_outside(tmp_path, runs, random_sd_dir, inner: str, outer: str) -> tuple[App, Path, Path]:
+    """An app over a runs folder holding a copy of sweep run `inner` (as "run"), and a copy of sweep
+    run `outer` outside that folder."""
+    run = shutil.copytree(runs / "sweep" / inner, tmp_path / "runs" / "run")
+    outside = shutil.copytree(runs / "sweep" / outer, tmp_path / "outside")
+    return App(tmp_path / "runs", str(random_sd_dir), device="cpu", cpu_threads=1), run, outside
+
+
+def test_an_adapter_folder_linking_out_is_never_drawn(tmp_path, runs, random_sd_dir, app):
+    hostile, run, outside = _beside_outside(tmp_path, runs, random_sd_dir, f"lr{LRS[1]:g}-lora", f"lr{LRS[1]:g}-balora")
+    os.symlink(outside / "adapter", run / "adapter" / "adapter")  # where a folder reader looks first
+    sampling = Sampling(PROMPT, seed=7, steps=2)
+    drawn = np.asarray(hostile.engine.draw(run, 1.0, sampling), dtype=np.float64)
+    own = np.asarray(app.engine.draw(runs / "sweep" / f"lr{LRS[1]:g}-lora", 1.0, sampling), dtype=np.float64)
+    assert np.abs(drawn - own).mean() < 1.0
+
+
+def test_a_checkpoint_linking_out_is_never_drawn(tmp_path, runs, random_sd_dir):
+    hostile, run, outside = _beside_outside(tmp_path, runs, random_sd_dir, f"lr{LRS[0]:g}-lora", f"lr{LRS[1]:g}-lora")
+    (run / "adapter" / LORA_FILE).unlink()  # the embedding stays: the run looks half-exported
+    for newest in sorted((run / "checkpoints").iterdir())[-1:]:
+        shutil.rmtree(newest)
+        os.symlink(outside / "checkpoints" / newest.name, newest)
+    with pytest.raises(UserError, match="no adapter yet"):
+        hostile.compare(["run"], "learning rate", "method", PROMPT, "", "1", 2, 5.0, "1")
+
+
+def test_a_cached_image_linking_out_is_never_shown(tmp_path, runs, random_sd_dir):
+    hostile, run, _ = _beside_outside(tmp_path, runs, random_sd_dir, f"lr{LRS[0]:g}-lora", f"lr{LRS[0]:g}-lora")
+    sampling = Sampling(PROMPT, steps=2)
+    planted = hostile.engine.cache / "images" / f"{hostile.engine.image_key(run, 1.0, sampling)}.png"
+    planted.parent.mkdir(parents=True)
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(tmp_path / "secret.png")
+    os.symlink(tmp_path / "secret.png", planted)
+    drawn = np.asarray(hostile.engine.draw(run, 1.0, sampling))
+    assert not (drawn == [255, 0, 0]).all()
+
+
+def test_a_grid_or_download_in_the_cache_linking_out_is_never_handed_out(tmp_path, runs, random_sd_dir):
+    hostile, run, _ = _beside_outside(tmp_path, runs, random_sd_dir, f"lr{LRS[0]:g}-lora", f"lr{LRS[0]:g}-lora")
+    (tmp_path / "secret").write_bytes(b"secret")
+    _, grid = hostile.compare(["run"], "learning rate", "method", PROMPT, "", "1", 2, 5.0, "1")
+    handed = [Path(grid), *map(Path, hostile.downloads("run"))]
+    for path in handed:
+        path.unlink()
+        os.symlink(tmp_path / "secret", path)
+    _, grid = hostile.compare(["run"], "learning rate", "method", PROMPT, "", "1", 2, 5.0, "1")
+    again = [Path(grid), *map(Path, hostile.downloads("run"))]
+    assert again == handed and not any(p.is_symlink() or p.read_bytes() == b"secret" for p in again)
+
+
+def test_a_cache_folder_linking_out_is_refused(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "runs" / ".app-cache")
+    with pytest.raises(UserError, match="outside"):
+        App(tmp_path / "runs", device="cpu")
 
 
 # ---------------------------------------------------------------- uploads and training

@@ -5,6 +5,9 @@ Runs are trained on the random-weight SD-architecture model (16 px images), a fe
 """
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import zipfile
 import time
 from dataclasses import replace
@@ -332,6 +335,19 @@ def test_the_command_refuses_unsafe_or_bad_options_in_one_line(tmp_path, capsys,
     assert cli_main(["app", "--runs", str(tmp_path / "runs"), *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("balora: error: ") and message in err
+
+
+def test_a_port_in_use_is_one_line_naming_it(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "balora_diffusion.cli", "app", "--runs", str(tmp_path / "runs"),
+                                 "--port", str(port)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("balora: error: ") and str(port) in lines[0], lines
 
 
 # ---------------------------------------------------------------- a live server

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from balora_diffusion.config import add_config_arguments, check_config, config_from_args, field
+from balora_diffusion import threads
 from balora_diffusion.errors import UserError
 
 LOOPBACK_NAMES = {"localhost"}
@@ -36,8 +38,7 @@ class AppConfig:
     base_model: str = field("", "diffusers folder or single-file .safetensors the runs were trained on; "
                                 "empty = the shipped tiny model", path=True)
     device: str = field("auto", "device of the base model: auto (CUDA if present), cpu, cuda, cuda:N", nonempty=True)
-    cpu_threads: int = field(0, "torch CPU threads of the app and of the trainings it starts; 0 = torch's default",
-                             ge=0)
+    cpu_threads: int = field(0, "the app's and the trainings it starts: " + threads.HELP, ge=0)
     allow_remote: bool = field(False, "listen on a non-loopback --host (then --auth-file is required)")
     auth_file: str = field("", "file of `user:password` lines: the logins the page asks for", path=True)
 
@@ -78,9 +79,28 @@ def check_access(cfg: AppConfig) -> list[tuple[str, str]] | None:
     return read_auth(Path(cfg.auth_file))
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server listens on now, before torch and Gradio load (the server would
+    fail only after them, in a traceback). Address reuse as the server sets it, so that a port that
+    only waits out a closed connection is not taken for busy."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host} port {port}: {exc.strerror} (another server uses it? "
+                            "choose another --port)") from None
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(AppConfig, args)
     auth = check_access(cfg)
+    check_port_free(cfg.host, cfg.port)
     from balora_diffusion.devices import pick_device  # imports torch
 
     pick_device(cfg.device)  # a device that is not here fails now, not at the first request

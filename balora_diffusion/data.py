@@ -132,21 +132,29 @@ def read_concept_folder(folder: str | Path, tokens: list[str], caption_template:
     return examples
 
 
-def check_caption_tokens(examples: list[Example], tokenizer, tokens: list[str]) -> None:
-    """Every placeholder token must be among the ids the text encoder reads: training truncates a
-    caption to tokenizer.model_max_length ids (start and end tokens included), and a token cut off
-    there would silently never be trained. Needs the tokenizer with `tokens` added."""
+def window_problem(tokenizer, text: str, tokens: list[str]) -> str | None:
+    """What cuts placeholder tokens out of `text`, as "is N tokens and <t> falls past the text
+    encoder's first M (start and end included)"; None when the text encoder reads every one. The
+    text is truncated to tokenizer.model_max_length ids, start and end tokens included. Needs the
+    tokenizer with `tokens` added."""
     window = tokenizer.model_max_length
-    token_ids = dict(zip(tokens, tokenizer.convert_tokens_to_ids(tokens)))
+    kept = tokenizer(text, truncation=True, max_length=window).input_ids
+    missing = [t for t, i in zip(tokens, tokenizer.convert_tokens_to_ids(tokens)) if i not in kept]
+    if not missing:
+        return None
+    # verbose=False: the untruncated count is wanted here, not the tokenizer's warning about it
+    total = len(tokenizer(text, verbose=False).input_ids)
+    return (f"is {total} tokens and {', '.join(missing)} falls past the text encoder's first {window} "
+            "(start and end included)")
+
+
+def check_caption_tokens(examples: list[Example], tokenizer, tokens: list[str]) -> None:
+    """Every placeholder token must be among the ids the text encoder reads (window_problem): a
+    token cut off there would silently never be trained."""
     for ex in examples:
-        kept = tokenizer(ex.caption, truncation=True, max_length=window).input_ids
-        missing = [t for t, i in token_ids.items() if i not in kept]
-        if missing:
-            # verbose=False: the untruncated count is wanted here, not the tokenizer's warning about it
-            total = len(tokenizer(ex.caption, verbose=False).input_ids)
-            raise UserError(f"caption of {ex.path.name} ({ex.caption_source}) is {total} tokens and "
-                            f"{', '.join(missing)} falls past the text encoder's first {window} (start and end "
-                            "included), so it would never be trained: shorten the caption or name the token earlier")
+        if problem := window_problem(tokenizer, ex.caption, tokens):
+            raise UserError(f"caption of {ex.path.name} ({ex.caption_source}) {problem}, so it would never be "
+                            "trained: shorten the caption or name the token earlier")
 
 
 def check_image_sizes(examples: list[Example], resolution: int, quiet: bool = False) -> None:

@@ -24,6 +24,10 @@ from balora_diffusion.rules import METHODS
 from balora_diffusion.runs import COLUMNS, list_runs, read_run
 
 POLL_SECONDS = 1.0
+# The text encoder reads 77 tokens of a prompt; a longer text is a mistake, and tokenizing a huge
+# one would hold the only drawing slot.
+MAX_PROMPT_CHARS = 1000
+SEED_LIMIT = 2**63  # torch's generators take seeds below it
 
 
 def parse_numbers(text: str, kind: type, label: str) -> list:
@@ -37,6 +41,40 @@ def parse_numbers(text: str, kind: type, label: str) -> list:
     if not values or any(isinstance(v, float) and not math.isfinite(v) for v in values):
         raise UserError(f"{label}: expected at least one finite number, got {text!r}")
     return values
+
+
+def checked_number(value, kind: type, label: str, low: float, high: float = math.inf) -> int | float:
+    """A number box's value as `kind` (int or float) from `low` to `high`; a cleared box (None),
+    text, NaN or a fraction where an integer is wanted is a UserError."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not low <= number <= high or (kind is int and not number.is_integer()):
+        bounds = f"from {low:g}" + ("" if high == math.inf else f" to {high:g}")
+        raise UserError(f"{label} must be {'an integer' if kind is int else 'a number'} {bounds}, got {value!r}")
+    return kind(number)
+
+
+def checked_token(token: str) -> str:
+    """The placeholder token of the Train tab: one word (the captions must name it as typed)."""
+    token = str(token or "").strip()
+    if not token:
+        raise UserError("the token is empty: type the placeholder word the captions name, e.g. <zorb>")
+    if len(token.split()) > 1:
+        raise UserError(f"the token must be one word without spaces, got {token!r}")
+    return token
+
+
+def base_tokenizer(base_model: str):
+    """The base model's tokenizer on its own, for checking prompts before the model loads: a
+    diffusers folder's own, else CLIP's, which every SD 1.x model shares."""
+    from transformers import CLIPTokenizer
+
+    from balora_diffusion import paths
+
+    folder = Path(base_model) / "tokenizer" if base_model else paths.TINY_SD / "tokenizer"
+    return CLIPTokenizer.from_pretrained(folder if folder.is_dir() else paths.TOKENIZER)
 
 
 def train_defaults(base_model: str) -> dict:
@@ -56,6 +94,7 @@ class App:
         self.trainer = Trainer(self.runs, cpu_threads)
         self.defaults = train_defaults(base_model)
         self.engine.cache.mkdir(parents=True, exist_ok=True)
+        self._tokenizers: dict[tuple[str, ...], object] = {}
 
     # ---- runs
     def list_runs(self) -> list[dict]:
@@ -76,29 +115,56 @@ class App:
         """(grid image, path of its PNG): the chosen runs x fusion coefficients x seeds."""
         if not runs:
             raise UserError("choose at least one run")
-        if not str(prompt).strip():
+        prompt, negative_prompt = str(prompt or "").strip(), str(negative_prompt or "").strip()
+        if not prompt:
             raise UserError("the prompt is empty")
-        if not 1 <= int(steps) <= 200:
-            raise UserError(f"sampling steps must be 1 to 200, got {steps}")
-        if not 0 <= float(guidance) <= 30:
-            raise UserError(f"guidance must be 0 to 30, got {guidance}")
+        for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+            if len(text) > MAX_PROMPT_CHARS:
+                raise UserError(f"the {label} is {len(text)} characters; at most {MAX_PROMPT_CHARS} (the text "
+                                "encoder reads only its first 77 tokens)")
+        sampling = Sampling(prompt=prompt, negative_prompt=negative_prompt,
+                            steps=checked_number(steps, int, "sampling steps", 1, 200),
+                            guidance=checked_number(guidance, float, "guidance", 0, 30))
+        seed_list = parse_numbers(seeds, int, "seeds")
+        if not all(0 <= seed < SEED_LIMIT for seed in seed_list):
+            raise UserError(f"seeds must be 0 to {SEED_LIMIT - 1}, got {seeds!r}")
         infos = [read_run(self.runs, name) for name in runs]
-        sampling = Sampling(prompt=str(prompt).strip(), negative_prompt=str(negative_prompt or "").strip(),
-                            steps=int(steps), guidance=float(guidance))
-        cells = grids.cells_for(infos, parse_numbers(fusion, float, "fusion coefficients"), sampling,
-                                parse_numbers(seeds, int, "seeds"))
+        for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+            self.check_window(label, text, infos)
+        cells = grids.cells_for(infos, parse_numbers(fusion, float, "fusion coefficients"), sampling, seed_list)
         return grids.render(self.engine, cells, rows, columns, progress)
+
+    def check_window(self, label: str, text: str, runs: list) -> None:
+        """Refuse a text in which a run's learned token falls past the text encoder's window: the
+        run would draw it as if the token were not there."""
+        from balora_diffusion.data import window_problem
+
+        for tokens in {tuple(t for t in run.tokens if t in text) for run in runs} - {()}:
+            if problem := window_problem(self.tokenizer_with(tokens), text, list(tokens)):
+                raise UserError(f"the {label} {problem}, so it would be drawn without it: shorten the {label} or "
+                                "name the token earlier")
+
+    def tokenizer_with(self, tokens: tuple[str, ...]):
+        """The base tokenizer with `tokens` added, as a run's pipeline reads its prompts."""
+        if tokens not in self._tokenizers:
+            tokenizer = base_tokenizer(self.engine.base_model)
+            tokenizer.add_tokens(list(tokens))
+            self._tokenizers[tokens] = tokenizer
+        return self._tokenizers[tokens]
 
     # ---- Train
     def train(self, files: list[str], name: str, token: str, init_word: str, method: str, lr_unet: float,
               lr_text: float, steps: int, rank: int) -> Job:
-        token = str(token).strip()
-        name = str(name).strip() or f"{re.sub(r'[^A-Za-z0-9]+', '', token) or 'concept'}-{method}-" \
-                                    f"{time.strftime('%Y%m%d-%H%M%S')}"
-        steps, rank = int(steps), int(rank)
-        values = {**self.defaults, "token": [token], "init_word": str(init_word).strip(), "method": method,
-                  "lr_unet": float(lr_unet), "lr_text": float(lr_text), "steps": steps, "rank": rank,
-                  "alpha": float(rank), "text_rank": rank, "text_alpha": float(rank),
+        """Start a training; every option is checked (TrainConfig's checks included, in Trainer.start)
+        before a run folder is made."""
+        token = checked_token(token)
+        name = str(name or "").strip() or f"{re.sub(r'[^A-Za-z0-9]+', '', token) or 'concept'}-{method}-" \
+                                          f"{time.strftime('%Y%m%d-%H%M%S')}"
+        steps, rank = checked_number(steps, int, "steps", 1), checked_number(rank, int, "rank", 1)
+        values = {**self.defaults, "token": [token], "init_word": str(init_word or "").strip(), "method": method,
+                  "lr_unet": checked_number(lr_unet, float, "learning rate (UNet)", 0),
+                  "lr_text": checked_number(lr_text, float, "learning rate (text encoder)", 0),
+                  "steps": steps, "rank": rank, "alpha": float(rank), "text_rank": rank, "text_alpha": float(rank),
                   "eval_every": max(1, steps // 20)}
         return self.trainer.start(name, list(files or []), values)
 

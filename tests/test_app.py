@@ -168,10 +168,20 @@ def test_bad_compare_inputs_are_one_clear_message(app):
     for change, message in [({"runs": []}, "choose at least one run"), ({"prompt": " "}, "prompt is empty"),
                             ({"seeds": "1, x"}, "seeds: expected integers"), ({"fusion": "nan"}, "finite"),
                             ({"runs": ["../sweep"]}, "not a run name"), ({"runs": ["unfinished"]}, "no adapter yet"),
-                            ({"steps": 0}, "steps must be 1 to 200"), ({"seeds": ", ".join(map(str, range(500)))},
-                                                                       "at most 400")]:
+                            ({"steps": 0}, "sampling steps must be an integer from 1 to 200"),
+                            ({"seeds": ", ".join(map(str, range(500)))}, "at most 400"),
+                            # a cleared number box arrives as None
+                            ({"steps": None}, "sampling steps must be"), ({"guidance": None}, "guidance must be"),
+                            ({"seeds": None}, "seeds: expected integers"), ({"steps": 2.5}, "must be an integer"),
+                            ({"seeds": str(2**63)}, "seeds must be 0 to"), ({"seeds": "-1"}, "seeds must be 0 to"),
+                            ({"prompt": "a <zorb> " * 100_000}, "prompt is 899999 characters; at most 1000"),
+                            ({"negative_prompt": "x" * 1001}, "negative prompt is 1001 characters"),
+                            ({"prompt": "word " * 80 + "<zorb>"}, "prompt is 83 tokens and <zorb> falls past"),
+                            ({"negative_prompt": "word " * 80 + "<zorb>"}, "negative prompt is 83 tokens")]:
         with pytest.raises(UserError, match=message):
             app.compare(**{**args, **change})
+    # the token is no word of the base tokenizer's: it counts as one token, as the run's pipeline reads it
+    app.compare(**{**args, "prompt": "word " * 74 + "<zorb>"})
     assert parse_numbers("0.7 1,0", float, "x") == [0.7, 1.0, 0.0]
 
 
@@ -290,6 +300,26 @@ def test_bad_uploads_are_refused_and_leave_nothing(tmp_path, monkeypatch, case, 
     with pytest.raises(UserError, match=message):
         training.stage_uploads(files, tmp_path / "dest")
     assert not (tmp_path / "dest").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"token": ""}, "the token is empty"), ({"token": "<a b>"}, "one word"), ({"init_word": " "}, "init_word"),
+    ({"steps": None}, "steps must be an integer from 1"), ({"rank": None}, "rank must be"),
+    ({"rank": 1.5}, "rank must be an integer"), ({"lr_unet": None}, "learning rate \\(UNet\\) must be"),
+    ({"lr_text": "fast"}, "learning rate \\(text encoder\\) must be"), ({"method": "bolora"}, "bolora"),
+    ({"name": "../up"}, "not a run name")])
+def test_bad_train_options_are_one_message_and_leave_no_folder(tmp_path, random_sd_dir, change, message):
+    app = App(tmp_path / "runs", str(random_sd_dir), device="cpu", cpu_threads=1)
+    options = dict(files=_uploads(tmp_path), name="", token="<zorb>", init_word="heart", method="lora", lr_unet=1e-3,
+                   lr_text=1e-4, steps=2, rank=2)
+    try:
+        with pytest.raises(UserError, match=message):
+            app.train(**{**options, **change})
+    finally:
+        if app.trainer.job is not None:
+            app.trainer.job.process.kill()
+    assert app.trainer.job is None
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".app-cache"]
 
 
 def test_a_second_training_is_refused_while_one_runs(tmp_path, random_sd_dir):

@@ -56,6 +56,11 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def is_leftover(path: Path) -> bool:
+    """Whether `path` is named as a killed atomic write leaves it (`temp_sibling`)."""
+    return bool(_TEMP_NAME.fullmatch(path.name))
+
+
 def remove_leftovers(folder: Path) -> list[Path]:
     """Delete what killed atomic writes left in `folder` and return it. Only for a caller that knows
     no other process is writing there (a training that holds its run folder's lock)."""

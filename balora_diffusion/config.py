@@ -9,7 +9,7 @@ calls `check_config` is checked whichever way it is built (TOML, flags, Python),
 heavy runs, and every problem is a one-line UserError naming the option:
 
     choices=[...]           the value (each element of a list) is one of these
-    ge=, gt=, lt=           bounds of a number (of each element of a list); floats must be finite
+    ge=, gt=, le=, lt=      bounds of a number (of each element of a list); floats must be finite
     nonempty=True           a string or list that may not be empty
     check=f                 f(value) -> None, or the problem as text; runs after every cheaper
                             check, as it may import something slow
@@ -64,7 +64,7 @@ def parse_bool(text: str) -> bool:
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 _PARSERS = {bool: parse_bool, int: int, float: float}
-_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
 def _describe(value: Any) -> str:

@@ -71,7 +71,18 @@ def resume_checkpoint(out: Path, cfg: TrainConfig) -> Path:
         if damage:
             raise UserError(f"--resume {cfg.resume}: not an intact checkpoint folder ({damage})")
     check_resumable(ckpt.load_tree(folder, "config"), cfg, folder)
+    check_steps_left(folder, cfg)
     return folder
+
+
+def check_steps_left(folder: Path, cfg: TrainConfig) -> None:
+    """Refuse a resume whose --steps end before the checkpoint's step: it would train nothing and
+    rewrite the run's outputs as a shorter run that it never was. Equal steps go on: a run killed
+    after its last checkpoint still writes its adapter that way."""
+    step = int(ckpt.load_tree(folder, "meta")["step"])  # the folder's name may have been changed
+    if cfg.steps < step:
+        raise UserError(f"--resume: {folder} is at step {step}, past --steps {cfg.steps}: give --steps {step} or "
+                        "more to continue it, or train a shorter run into another --output-dir")
 
 
 def check_resumable(saved: dict, cfg: TrainConfig, folder: Path) -> None:

@@ -268,6 +268,22 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+def resolution_step(pipe) -> int:
+    """The pixels a training resolution must be a multiple of: the VAE halves the image once per
+    block after its first, and the UNet the latents once per down block after its first. A side
+    that does not halve evenly is rounded at some level, and the UNet's skip connections then
+    meet features of another size than the model was trained on."""
+    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+
+
+def check_resolution(resolution: int, pipe) -> None:
+    step = resolution_step(pipe)
+    if resolution % step:
+        nearest = max(step, round(resolution / step) * step)
+        raise UserError(f"resolution {resolution} px: this base model needs a multiple of {step} px "
+                        f"(e.g. {nearest})")
+
+
 def load_models(cfg: TrainConfig, accelerator, examples):
     """The base pipeline with the placeholder tokens and LoRA in, its frozen parts frozen, the
     dataset at the training resolution, the token embedding and the LoRA pairs."""
@@ -279,6 +295,7 @@ def load_models(cfg: TrainConfig, accelerator, examples):
                          single_file_config=cfg.base_config or None)
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     resolution = cfg.resolution or unet.config.sample_size * pipe.vae_scale_factor
+    check_resolution(resolution, pipe)
     check_image_sizes(examples, resolution, quiet=not accelerator.is_main_process)
     data = ConceptData(examples, resolution=resolution, repeats=cfg.repeats, seed=cfg.seed,
                        random_crop=cfg.random_crop, flip=cfg.flip)
@@ -380,6 +397,8 @@ def train(cfg: TrainConfig) -> Path:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision if on_gpu else "no", cpu=not on_gpu,
                               step_scheduler_with_optimizer=False)
     # ---- data first: a bad folder must fail before the run folder is touched or the model loaded
+    if not cfg.data_dir:
+        raise UserError("no concept folder: give --data-dir FOLDER (or data_dir in the config)")
     examples = read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template)
     with RunFolder(cfg, accelerator) as run_folder:
         return _train(cfg, accelerator, examples, run_folder)

@@ -12,6 +12,11 @@ from balora_diffusion.errors import UserError
 
 # The loop derives per-step seeds by multiplying the seed: 32 bits keep them inside torch's 64.
 SEED = {"ge": 0, "lt": 2**32}
+# Image sides in pixels: SD 1.x was trained at 512 px (768 for 2.x-sized fine-tunes); past 2048 its
+# images fall apart into repeated tiles, while the memory of a step grows with the side's fourth
+# power through attention. 0 stands for the base model's native size.
+MAX_SIDE = 2048
+IMAGE_SIDE = {"ge": 0, "le": MAX_SIDE}
 
 
 def _method_problem(method: str) -> str | None:
@@ -53,7 +58,8 @@ class TrainConfig:
                            nonempty=True)
     caption_template: str = field("a photo of a {token}", "caption for images without a .txt file; {token} = the token(s)",
                                   check=_template_problem)
-    resolution: int = field(0, "training resolution in pixels; 0 = the base model's native resolution", ge=0)
+    resolution: int = field(0, "training resolution in pixels, a multiple of what the base model halves its "
+                               "images by; 0 = the base model's native resolution", **IMAGE_SIDE)
     repeats: int = field(1, "times each image appears per epoch", ge=1)
     random_crop: bool = field(False, "random instead of centre square crop")
     flip: bool = field(True, "random horizontal flips")

@@ -122,6 +122,14 @@ CASES = {
     "unknown flag": (lambda w: w.train("--stepz", "3"), "--stepz"),
     "flag without its value": (lambda w: w.train("--seed"), "--seed"),
     "unknown command": (lambda w: ["trian"], "trian"),
+    "training resolution past the limit": (lambda w: w.train("--resolution", "100000"), "2048"),
+    "generate at a size past the limit": (lambda w: w.generate("--prompt", "a", "--size", "100000"), "2048"),
+    "training resolution the model cannot halve": (lambda w: w.train("--resolution", "18"), "multiple of 4"),
+    "train from the demo config without a concept": (lambda w: ["train", "--config", "demo", "--output-dir", "out"],
+                                                     "--data-dir"),
+    "generate into a folder that refuses writes": (lambda w: w.generate("--prompt", "a", "--out", "/proc/new"), "/proc"),
+    "generate with the token past the text window": (lambda w: w.generate("--prompt", "word " * 80 + "<zorb>",
+                                                                          adapter=w.prior), "<zorb>"),
     # --- TOML configs
     "config missing": (lambda w: w.train("--config", "nope.toml"), "nope.toml"),
     "config not TOML": (lambda w: w.train("--config", w.file("bad.toml", "steps = = 3\n")), "TOML"),
@@ -167,6 +175,9 @@ CASES = {
                                                                  data=paths.DEMO_CONCEPT, out="prior"), "method"),
     "resume from truncated checkpoints": (lambda w: [_truncate_checkpoints(w.prior),
                                                      w.train("--resume", "latest", out="prior")][1], "checkpoint"),
+    "resume with fewer steps than the checkpoint": (lambda w: w.train("--resume", "latest", "--steps", "1",
+                                                                      data=paths.DEMO_CONCEPT, out="prior"),
+                                                    "step 2"),
     # --- adapters: generate, export, merge, inspect
     "generate without a prompt": (lambda w: w.generate(), "prompt"),
     "generate with a missing adapter": (lambda w: w.generate("--prompt", "a", adapter=w.root / "gone"), "gone"),
@@ -209,11 +220,29 @@ CASES = {
     "sweep without a concept": (lambda w: ["sweep", "--out", "out"], "data_dir"),
     "concept benchmark with no time": (lambda w: ["bench", "concept", "--quick", "--max-minutes", "0", "--out", "out"],
                                        "max-minutes"),
+    "sweep into a finished run": (lambda w: _tiny_sweep(w, w.prior), "prior"),
+    "sweep into a file": (lambda w: _tiny_sweep(w, w.file("notes.txt", "hi")), "notes.txt"),
+    "sweep into a folder that refuses writes": (lambda w: _tiny_sweep(w, "/proc/sweep"), "/proc"),
+    **{f"{bench} benchmark into a file": (lambda w, bench=bench: ["bench", bench, "--quick", "--out",
+                                                                  w.file("taken", "mine")], "taken")
+       for bench in ("synthetic", "overhead", "loop", "base-model", "concept")},
+    "synthetic benchmark over its earlier output": (lambda w: ["bench", "synthetic", "--quick", "--out", w.file(
+        "bench/synthetic.json", "{}").parent], "synthetic.json"),
+    "results page into a file": (lambda w: ["results", "--quick", "--out", w.file("taken", "mine"),
+                                            "--concept", "concept-bench", "--synthetic", "synthetic-bench"], "taken"),
     # --- demo
     "demo with zero steps": (lambda w: ["demo", "--steps", "0", "--output-dir", "out"], "steps"),
     "demo with an unknown method": (lambda w: ["demo", "--method", "bolora", "--output-dir", "out"], "bolora"),
     "demo with a missing config": (lambda w: ["demo", "--config", "nope.toml", "--output-dir", "out"], "nope.toml"),
 }
+
+
+def _tiny_sweep(w: Work, out) -> list[str]:
+    """A one-cell sweep of the quick training options into `out`."""
+    options = ["data_dir=" + str(w.concept), "base_model=" + str(w.model), "token=<zorb>", "init_word=heart",
+               "steps=1", "eval_every=1", "checkpoint_every=1", "sample_steps=1", "grid_seeds=1", "fusion=1",
+               "heldout_size=2", "batch_size=2"]
+    return ["sweep", "--methods", "lora", "--score", "false", "--set", *options, "--out", str(out)]
 
 
 def _kohya_with(w: Work, change) -> Path:

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from balora_diffusion import world
 from balora_diffusion.atomic import write_json_atomic
+from balora_diffusion.bench.outputs import claim_out
 from balora_diffusion.errors import UserError
 from balora_diffusion.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate, write_grid
+from balora_diffusion.outputs import add_overwrite_flag
 
 ATTRIBUTES = {"background": "background", "object": "colour", "shape": "shape"}  # classify key -> Scene field
 SPLITS = ("heldout", "seen")
@@ -38,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "DIR/base_model.png (labelled grid)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK_HELDOUT} held-out and {QUICK_SEEN} seen prompts, one seed")
+    add_overwrite_flag(parser, "an earlier run's files in --out")
 
 
 def pick(items: list, n: int, seed: int = 0) -> list:
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seeds < 1 or args.steps < 1 or args.batch_size < 1 or args.seen < 0:
         raise UserError("--seeds, --steps and --batch-size must be >= 1 and --seen >= 0")
+    claim_out(args, ("base_model.json", "base_model.png"))
     pipe = load_pipeline(args.model, args.device)
     jobs = prompt_scenes(args.seen, args.quick)
     seeds = [1] if args.quick else list(range(1, args.seeds + 1))

@@ -30,6 +30,7 @@ from balora_diffusion.atomic import atomic_path, write_json_atomic
 from balora_diffusion.bench import curves as C
 from balora_diffusion.concept import load_concept
 from balora_diffusion.errors import UserError
+from balora_diffusion.outputs import check_writable
 
 METHODS = ("lora", "loraplus", "scaled", "ilora", "pilora", "balora", "balora+scaled", "hilora")
 LAMBDA_METHODS = ("ilora", "pilora")
@@ -273,10 +274,12 @@ def run_bench(plan: Plan, out: Path, max_minutes: float | None = None) -> dict:
     """Train the cells that are not finished (all of one seed before the next, so that a benchmark
     stopped by `max_minutes` has every method), then analyse the finished ones."""
     from balora_diffusion.bench.cell import cell_result
-    from balora_diffusion.bench.sweep import expand, run_cells, scoring_settings, write_summary
+    from balora_diffusion.bench.sweep import check_sweep_folder, expand, run_cells, scoring_settings, write_summary
 
+    check_writable(out / "concept.json")
     configs = sweep_configs(plan, out)
     cells = sorted((cell for config in configs for cell in expand(config)), key=lambda c: c.labels["seed"])
+    check_sweep_folder(Path(configs[0].out), cells)
     scoring = scoring_settings(configs[0], cells)
     todo = sum(cell_result(Path(c.values["output_dir"])) is None for c in cells)
     load_start, started = os.getloadavg()[0], time.perf_counter()

@@ -26,10 +26,13 @@ from tqdm import tqdm
 
 from balora_diffusion.atomic import write_json_atomic
 from balora_diffusion.config import parse_bool
+from balora_diffusion.bench.outputs import claim_out
 from balora_diffusion.bench.plans import add_plan_arguments, timing_plan
 from balora_diffusion.devices import pick_device
 from balora_diffusion.errors import UserError
+from balora_diffusion.outputs import add_overwrite_flag
 from balora_diffusion.paths import DEMO_CONCEPT, TINY_SD
+from balora_diffusion.train_config import MAX_SIDE
 
 PHASES = ("data", "vae_encode", "text_encoder", "unet_forward", "backward", "optimizer", "rule")
 DEFAULT_METHODS = ["lora", "loraplus", "scaled", "ilora", "pilora", "balora", "hilora"]
@@ -259,7 +262,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", default="",
                         help="diffusers folder (e.g. one written by training/make_random_sd15.py); "
                              "default: the shipped tiny model")
-    parser.add_argument("--resolution", type=int, default=0, help="training resolution; 0 = the model's native one")
+    parser.add_argument("--resolution", type=int, default=0,
+                        help=f"training resolution, at most {MAX_SIDE}; 0 = the model's native one")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, metavar="METHOD",
                         help=f"update rules to compare (default: {' '.join(DEFAULT_METHODS)}); lora is always "
                              "run first, as the baseline of the ratios")
@@ -274,6 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "steps_per_round": "plain timed steps per method and round (plus one profiled step)"})
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="folder to write loop.json into (optional)")
+    add_overwrite_flag(parser, "an earlier loop.json in --out")
 
 
 def _check(args: argparse.Namespace, device: torch.device) -> dict[str, int]:
@@ -282,10 +287,11 @@ def _check(args: argparse.Namespace, device: torch.device) -> dict[str, int]:
     for method in args.methods:
         parse_method(method)
     args.methods = list(dict.fromkeys(["lora", *args.methods]))
-    if args.rank < 1 or args.batch_size < 1 or args.threads < 1 or args.resolution < 0:
-        raise UserError("--rank, --batch-size and --threads must be >= 1 and --resolution >= 0")
+    if args.rank < 1 or args.batch_size < 1 or args.threads < 1 or not 0 <= args.resolution <= MAX_SIDE:
+        raise UserError(f"--rank, --batch-size and --threads must be >= 1 and --resolution 0 to {MAX_SIDE}")
     if args.base_model and not (Path(args.base_model) / "unet").is_dir():
         raise UserError(f"--base-model {args.base_model}: not a diffusers folder (no unet/ in it)")
+    claim_out(args, ("loop.json",))
     return timing_plan(PLANS, args, device)
 
 

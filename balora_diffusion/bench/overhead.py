@@ -25,10 +25,12 @@ from tqdm import tqdm
 
 from balora_diffusion.bench.methods import METHOD_SPECS, METHODS_HELP
 from balora_diffusion.atomic import write_json_atomic
+from balora_diffusion.bench.outputs import claim_out
 from balora_diffusion.bench.sd15_shapes import text_encoder_shapes, unet_shapes
 from balora_diffusion.bench.plans import add_plan_arguments, timing_plan
 from balora_diffusion.devices import pick_device
 from balora_diffusion.errors import UserError
+from balora_diffusion.outputs import add_overwrite_flag
 
 BASELINE = "adamw"
 LR = 1e-4
@@ -157,6 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default 1: the per-parameter ops are small, and on a busy machine "
                              "a second thread made every step ~10x slower in our measurements)")
     parser.add_argument("--out", type=Path, default=None, help="folder to write overhead.json into (optional)")
+    add_overwrite_flag(parser, "an earlier overhead.json in --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     shapes = sd15_shapes(args.quick)
+    claim_out(args, ("overhead.json",))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -16,15 +16,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from balora_diffusion import paths
-from balora_diffusion.atomic import atomic_path, write_json_atomic
-from balora_diffusion.bench.cell import LOG, cell_result, run_cell
+from balora_diffusion.atomic import atomic_path, is_leftover, write_json_atomic
+from balora_diffusion.bench.cell import CELL_FILE, LOG, cell_result, run_cell
 from balora_diffusion.config import field, parse_flag, read_toml
 from balora_diffusion.errors import UserError
+from balora_diffusion.outputs import check_writable
 from balora_diffusion.train_config import SEED, TrainConfig
 
 # Set by the cell itself, never by --set.
 CELL_KEYS = ("method", "lr_unet", "lr_text", "seed", "output_dir", "resume", "overwrite")
 POLL_SECONDS = 1.0
+# What a sweep writes at the top of its folder besides the cells' run folders.
+SWEEP_FILES = ("summary.json", "summary.md", "grid.png", ".submitit")
 DEFAULT_FUSIONS = [0.7, 1.0]
 
 
@@ -152,6 +155,23 @@ def expand(sweep: SweepConfig) -> list[Cell]:
     if len({c.name for c in cells}) < len(cells):
         raise UserError("two cells of the sweep would share a run folder: a method, lr or seed is given twice")
     return cells
+
+
+def check_sweep_folder(out: Path, cells: list[Cell]) -> None:
+    """Refuse an --out that is a file, cannot be written in, or holds anything but a sweep's own
+    output: this sweep's cells, cells of an earlier grid in the same folder (a sweep grows by
+    rerunning it with more values), its summary files, and the debris of killed writes. Where the
+    folder holds someone's run or files, the cells' run folders and the summary would be mixed in."""
+    check_writable(out / SWEEP_FILES[0])
+    names = {c.name for c in cells} | set(SWEEP_FILES)
+    for entry in sorted(out.iterdir()) if out.is_dir() else ():
+        if not (entry.name in names or is_leftover(entry) or _is_cell(entry)):
+            raise UserError(f"--out {out} holds {entry.name}, which no sweep wrote: a sweep writes only into a new "
+                            "folder or its own (give another --out)")
+
+
+def _is_cell(folder: Path) -> bool:
+    return folder.is_dir() and ((folder / CELL_FILE).is_file() or (folder / LOG).is_file())
 
 
 def scoring_settings(sweep: SweepConfig, cells: list[Cell]) -> dict | None:
@@ -345,6 +365,7 @@ def _sample_prompt(scoring: dict) -> str:
 
 def run_sweep(sweep: SweepConfig) -> list[dict]:
     cells = expand(sweep)
+    check_sweep_folder(Path(sweep.out), cells)
     scoring = scoring_settings(sweep, cells)
     records = run_cells(sweep, cells, scoring)
     write_summary(Path(sweep.out), {"sweep": asdict(sweep), "scoring": scoring}, cells, records, sweep.fusions)

@@ -22,8 +22,10 @@ from tqdm import tqdm
 from balora_diffusion.bench import curves as C
 from balora_diffusion.bench.methods import METHOD_SPECS, METHODS_HELP, describe
 from balora_diffusion.atomic import write_json_atomic
+from balora_diffusion.bench.outputs import claim_out
 from balora_diffusion.bench.synthetic_problems import OneLayer, TwoLayer
 from balora_diffusion.errors import UserError
+from balora_diffusion.outputs import add_overwrite_flag
 
 THRESHOLDS = {"steps_to_1e-2": 1e-2, "steps_to_1e-4": 1e-4}  # JSON key -> gap threshold
 # Plain Adam: AdamW with weight decay 0 is exactly Adam (torch defaults otherwise).
@@ -152,6 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"number of random seeds per experiment (default 8, {QUICK_SEEDS} with --quick)")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_SPECS), metavar="METHOD",
                         help=METHODS_HELP)
+    add_overwrite_flag(parser, "an earlier run's files in --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -163,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds must be >= 1, got {n_seeds}")
     labels = list(dict.fromkeys(args.methods))
     experiments = [e.quick() if args.quick else e for e in EXPERIMENTS]
+    claim_out(args, ("synthetic.json", "synthetic_protocol.json", "synthetic.png"))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 20x20 matrices: threads only add synchronisation cost

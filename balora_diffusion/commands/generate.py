@@ -9,6 +9,8 @@ from pathlib import Path
 
 from balora_diffusion.config import check_config, config_from_args, field, add_config_arguments
 from balora_diffusion.errors import UserError
+from balora_diffusion.outputs import check_writable
+from balora_diffusion.train_config import IMAGE_SIDE
 
 SCHEDULER_NAMES = ["dpm++", "dpm++-karras", "ddim", "euler", "euler-a", "unipc", "pndm", "ddpm"]
 
@@ -56,8 +58,8 @@ class GenerateConfig:
                                 nonempty=True)
     steps: int = field(25, "sampling steps", ge=1)
     guidance: float = field(7.5, "classifier-free guidance scale", ge=0)
-    size: int = field(0, "image width and height in pixels; 0 = the base model's native size", ge=0,
-                      check=_size_problem)
+    size: int = field(0, "image width and height in pixels, a multiple of 8; 0 = the base model's native size",
+                      check=_size_problem, **IMAGE_SIDE)
     scheduler: str = field("dpm++", "sampler", choices=SCHEDULER_NAMES)
     base_model: str = field("", "diffusers folder or single-file .safetensors; empty = the shipped tiny model",
                             path=True)
@@ -101,6 +103,23 @@ def _check_out(out: Path, overwrite: bool) -> None:
             raise UserError(f"--out {out} holds other files; give an empty or new folder")
         if not overwrite:
             raise UserError(f"--out {out} holds an earlier generate; add --overwrite true to replace it")
+    check_writable(out)
+
+
+def _check_prompt_windows(tokenizer, prompts: list[str], tokens: list[str]) -> None:
+    """Refuse a prompt in which an adapter's learned token falls past the text encoder's window:
+    it would be drawn as if the token were not there."""
+    from balora_diffusion.data import window_problem
+
+    for prompt in prompts:
+        named = [t for t in tokens if t in prompt]
+        if named and (problem := window_problem(tokenizer, prompt, named)):
+            raise UserError(f"the prompt {_shortened(prompt)!r} {problem}, so it would be drawn without it: "
+                            "shorten the prompt or name the token earlier")
+
+
+def _shortened(text: str, keep: int = 40) -> str:
+    return text if len(text) <= keep else f"{text[:keep]}..."
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,8 +150,10 @@ def run(args: argparse.Namespace) -> int:
     call = dict(steps=cfg.steps, guidance_scale=cfg.guidance, negative_prompt=cfg.negative_prompt or None,
                 batch_size=cfg.batch_size, height=size, width=size)
     if adapters:
+        fused = Fused(pipe, adapters)
+        _check_prompt_windows(pipe.tokenizer, prompts, fused.tokens)
         fusions = list(cfg.fusion)
-        images = fusion_grid(pipe, Fused(pipe, adapters), prompts, cfg.seeds, fusions, **call)
+        images = fusion_grid(pipe, fused, prompts, cfg.seeds, fusions, **call)
     else:
         fusions = [0.0]  # nothing to fuse: the base model alone
         images = [generate(pipe, prompts, cfg.seeds, **call)]

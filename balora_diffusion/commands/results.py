@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from balora_diffusion.atomic import atomic_path
+from balora_diffusion.outputs import add_overwrite_flag, claim
 
 PAGE = "results.md"
 CONCEPT_DIR, SYNTHETIC_DIR = Path("runs/bench/concept"), Path("runs/bench/synthetic")
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="run missing benchmarks at their --quick size (a smoke test of the page, not results)")
+    add_overwrite_flag(parser, "the page and its figures (and the files of a benchmark left unfinished)")
 
 
 def _ensure(folder: Path, name: str, run) -> dict:
@@ -39,13 +41,14 @@ def run(args: argparse.Namespace) -> int:
     from balora_diffusion.bench.methods import METHOD_SPECS
     from balora_diffusion.bench.results import render_page
 
+    claim([args.out / PAGE, *(args.out / "img" / target for _, _, target in FIGURES)], args.overwrite)
     quick = " --quick" if args.quick else ""
     synthetic = _ensure(args.synthetic, "synthetic.json", lambda: synthetic_bench.run(argparse.Namespace(
-        out=args.synthetic, quick=args.quick, seeds=None, methods=list(METHOD_SPECS))))
+        out=args.synthetic, quick=args.quick, seeds=None, methods=list(METHOD_SPECS), overwrite=args.overwrite)))
     protocol = json.loads((args.synthetic / "synthetic_protocol.json").read_text())
     concept = _ensure(args.concept, "concept.json", lambda: concept_bench.run_bench(
         concept_bench.QUICK if args.quick else concept_bench.FULL, args.concept))
-    commands = {"page": f"balora results --out {args.out}{quick}",
+    commands = {"page": f"balora results --out {args.out}{quick} --overwrite true",
                 "concept": f"balora bench concept --out {args.concept}{quick}",
                 "synthetic": f"balora bench synthetic --out {args.synthetic}{quick}"}
     table = (args.concept / "concept.md").read_text(encoding="utf-8")

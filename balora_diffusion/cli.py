@@ -45,6 +45,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                               "prompt-following accuracy of a base model on the procedural world"),
     ("bench", "concept"): ("balora_diffusion.bench.concept",
                            "every method on the shipped concept: convergence, lr robustness, fidelity, adherence"),
+    ("bench", "peer"): ("balora_diffusion.bench.peer",
+                        "our trainer against diffusers' DreamBooth-LoRA script, same settings: steps/s and memory"),
     ("bench", "contention"): ("balora_diffusion.bench.contention",
                               "the main job alone and beside busy processes, per CPU thread setting"),
 }

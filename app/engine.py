@@ -76,13 +76,11 @@ class Engine:
     def pipeline(self):
         """The base model, loaded on first use (call with `self.lock` held)."""
         if self._pipe is None:
-            import torch
-
             from balora_diffusion.models import load_pipeline
+            from balora_diffusion.threads import use_cpu_threads
 
-            if self.cpu_threads > 0:
-                torch.set_num_threads(self.cpu_threads)
             self._pipe = load_pipeline(self.base_model or None, device=self.device)
+            use_cpu_threads(self.cpu_threads, [self._pipe.unet, self._pipe.text_encoder, self._pipe.vae])
             self._pipe.set_progress_bar_config(disable=True)
         return self._pipe
 

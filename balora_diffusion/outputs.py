@@ -37,7 +37,8 @@ def claim(outputs: Iterable[str | Path], overwrite: bool, *, flag: str = "--out"
     for path in outputs:
         if path.is_symlink() or path.exists():
             if not overwrite:
-                raise UserError(f"{flag} {outputs[0]}: {path} already exists; {OVERWRITE_HINT}")
+                which = f"{flag} {path}" if path == outputs[0] else f"{flag} {outputs[0]}: {path}"
+                raise UserError(f"{which} already exists; {OVERWRITE_HINT}")
         check_writable(path, flag=flag)
 
 

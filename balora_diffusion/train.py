@@ -38,6 +38,7 @@ from balora_diffusion.generate import generate, write_grid
 from balora_diffusion.latent_cache import LatentCache
 from balora_diffusion.runfolder import RunFolder
 from balora_diffusion.runlog import RunLog
+from balora_diffusion.threads import use_cpu_threads
 from balora_diffusion.train_config import TrainConfig
 from balora_diffusion.versions import installed_version
 
@@ -294,6 +295,7 @@ def load_models(cfg: TrainConfig, accelerator, examples):
     pipe = load_pipeline(cfg.base_model or None, device=device, dtype=base_dtype,
                          single_file_config=cfg.base_config or None)
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    use_cpu_threads(cfg.cpu_threads, [unet, text_encoder, vae])
     resolution = cfg.resolution or unet.config.sample_size * pipe.vae_scale_factor
     check_resolution(resolution, pipe)
     check_image_sizes(examples, resolution, quiet=not accelerator.is_main_process)
@@ -406,8 +408,6 @@ def train(cfg: TrainConfig) -> Path:
 
 def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Path:
     device, world = accelerator.device, accelerator.num_processes
-    if cfg.cpu_threads > 0:
-        torch.set_num_threads(cfg.cpu_threads)
     out = Path(cfg.output_dir)
 
     # ---- base model, placeholder tokens, LoRA
@@ -486,8 +486,8 @@ def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Pa
             "steps": cfg.steps, "resumed_from": start_step or None,
             "seconds": elapsed, "steps_per_second": (cfg.steps - start_step) / max(elapsed, 1e-9),
             "training_steps_per_second": (cfg.steps - start_step) / max(step_seconds, 1e-9),
-            "device": str(device), "processes": world, "mixed_precision": accelerator.mixed_precision,
-            "latents_cached": isinstance(batches, LatentCache),
+            "device": str(device), "processes": world, "cpu_threads": torch.get_num_threads(),
+            "mixed_precision": accelerator.mixed_precision, "latents_cached": isinstance(batches, LatentCache),
             **memory.summary(), "replica_checksums": checksums,
             "final": log.last_values(),
             "diagnostics": balance_diagnostics(pairs),

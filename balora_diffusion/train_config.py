@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from balora_diffusion.config import check_config, field
+from balora_diffusion import threads
 from balora_diffusion.errors import UserError
 
 # The loop derives per-step seeds by multiplying the seed: 32 bits keep them inside torch's 64.
@@ -113,8 +114,7 @@ class TrainConfig:
     min_snr_gamma: float = field(0.0, "min-SNR loss weighting gamma; 0 disables it", ge=0)
     max_grad_norm: float = field(1.0, "gradient clipping norm; 0 disables it", ge=0)
     seed: int = field(0, "seed of batches, noise and LoRA initialisation", **SEED)
-    cpu_threads: int = field(0, "torch CPU threads; 0 = torch's default. Small models on a busy CPU often "
-                                "run faster with 1", ge=0)
+    cpu_threads: int = field(0, threads.HELP, ge=0)
 
     # --- evaluation and outputs
     output_dir: str = field("runs/train", "run folder (created; checkpoints, logs, adapter, grids)",

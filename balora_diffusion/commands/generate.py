@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from balora_diffusion.config import check_config, config_from_args, field, add_config_arguments
+from balora_diffusion import threads
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_writable
 from balora_diffusion.train_config import IMAGE_SIDE
@@ -69,8 +70,7 @@ class GenerateConfig:
     dtype: str = field("auto", "dtype of the model: auto = fp16 on CUDA, fp32 on the CPU",
                        choices=["auto", "fp32", "fp16", "bf16"])
     batch_size: int = field(8, "images drawn at once", ge=1)
-    cpu_threads: int = field(0, "torch CPU threads; 0 = torch's default. Small models on a busy CPU often run "
-                                "faster with 1", ge=0)
+    cpu_threads: int = field(0, threads.HELP, ge=0)
     out: str = field("runs/generate", "output folder: grid.png, images/, generate.json", nonempty=True, path=True)
     overwrite: bool = field(False, "replace an output folder that holds an earlier generate")
 
@@ -135,16 +135,14 @@ def run(args: argparse.Namespace) -> int:
         from balora_diffusion.formats.read import read_adapter
         from balora_diffusion.generate import fusion_grid, generate, image_grid, save_image, set_scheduler
         from balora_diffusion.models import load_pipeline
+        from balora_diffusion.threads import use_cpu_threads
         from balora_diffusion.train import library_versions
 
-    if cfg.cpu_threads:
-        import torch
-
-        torch.set_num_threads(cfg.cpu_threads)
     specs = [adapter_spec(text) for text in cfg.adapter]
     adapters = [(read_adapter(path), weight) for path, weight in specs]  # every file read before the model loads
     pipe = load_pipeline(cfg.base_model or None, device=cfg.device, dtype=None if cfg.dtype == "auto" else cfg.dtype,
                          single_file_config=cfg.base_config or None)
+    use_cpu_threads(cfg.cpu_threads, [pipe.unet, pipe.text_encoder, pipe.vae])
     set_scheduler(pipe, cfg.scheduler)
     size = cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     call = dict(steps=cfg.steps, guidance_scale=cfg.guidance, negative_prompt=cfg.negative_prompt or None,

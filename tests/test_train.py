@@ -161,11 +161,12 @@ def _run_cli(args, env=None, **kw):
                             **{"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, **kw})
 
 
-def _wait_until(proc: subprocess.Popen, condition, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
+def _wait_until(proc: subprocess.Popen, condition, timeout: float | None = 300) -> None:
+    """Poll `condition` while `proc` runs; timeout None: however long a busy machine takes."""
+    deadline = None if timeout is None else time.time() + timeout
     while not condition():
         assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "timed out"
+        assert deadline is None or time.time() < deadline, "timed out"
         time.sleep(0.05)
 
 
@@ -317,9 +318,11 @@ def test_ctrl_c_exits_130_with_one_line_naming_the_checkpoint_and_how_to_resume(
     with (tmp_path / "stderr.txt").open("w") as err:
         proc = _run_cli(_flags(cfg), stdout=subprocess.DEVNULL, stderr=err,
                         preexec_fn=lambda: signal.signal(signal.SIGINT, handler))
-        _wait_until(proc, lambda: list_checkpoints(tmp_path / "run" / "checkpoints"))
+        # Ctrl-C once the first checkpoint is there, and the end waited for, however long each
+        # takes on a busy machine: the test is about what the interrupted run says, not its speed
+        _wait_until(proc, lambda: list_checkpoints(tmp_path / "run" / "checkpoints"), timeout=None)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130
+        assert proc.wait() == 130
     text = (tmp_path / "stderr.txt").read_text()
     assert "Traceback" not in text, text[-3000:]
     (line,) = _our_lines(text)

@@ -6,7 +6,7 @@ with one seed start from the same noise (what makes a grid's columns comparable)
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,22 +82,39 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    """Greedy word wrap to `width` pixels (a single over-long word keeps its own line)."""
+    """Greedy word wrap to `width` pixels; a word wider than that is broken (a long run name would
+    otherwise run into its neighbour's label)."""
     lines: list[str] = []
     for word in text.split():
-        if lines and draw.textlength(lines[-1] + " " + word, font=font) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append(word)
+        for piece in _pieces(draw, word, font, width):
+            if lines and draw.textlength(lines[-1] + " " + piece, font=font) <= width:
+                lines[-1] += " " + piece
+            else:
+                lines.append(piece)
     return "\n".join(lines)
+
+
+def _pieces(draw: ImageDraw.ImageDraw, word: str, font, width: int) -> list[str]:
+    """`word` cut into pieces no wider than `width` pixels (one character at least), after a
+    "/", "-" or "_" where one falls in the piece."""
+    pieces = []
+    while word:
+        fits = max(1, next((n for n in range(len(word), 0, -1) if draw.textlength(word[:n], font=font) <= width), 1))
+        if fits < len(word):
+            fits = max((word.rfind(c, 0, fits) + 1 for c in "/-_"), default=0) or fits
+        pieces.append(word[:fits])
+        word = word[fits:]
+    return pieces
 
 
 def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] | None = None,
                col_labels: Sequence[str] | None = None, *, cell: int | None = None,
-               title: str | None = None, font_size: int = 13, pad: int = 4) -> Image.Image:
+               title: str | None = None, font_size: int = 13, pad: int = 4,
+               captions: Mapping[tuple[int, int], str] | None = None) -> Image.Image:
     """A grid with one row per entry of `rows`, optional text labels on the left and on top,
-    and an optional title. Cells are resized to `cell` pixels (default: twice the image size,
-    at least 96) with nearest-neighbour, so small images stay crisp."""
+    an optional title, and optional captions over the foot of cells ({(row, column): text}).
+    Cells are resized to `cell` pixels (default: twice the image size, at least 96) with
+    nearest-neighbour, so small images stay crisp."""
     n_rows = len(rows)
     n_cols = max((len(r) for r in rows), default=0)
     if n_rows == 0 or n_cols == 0:
@@ -140,6 +157,12 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] 
         for j, img in enumerate(row):
             tile = img.convert("RGB").resize((cell, cell), Image.NEAREST)
             canvas.paste(tile, (label_w + j * (cell + pad), y))
+            if (i, j) in (captions or {}):
+                text = _wrap(scratch, captions[i, j], font, cell - 2 * pad)
+                bottom = y + cell - extent(text)[1] - 2 * pad
+                draw.rectangle((label_w + j * (cell + pad), bottom, label_w + j * (cell + pad) + cell - 1, y + cell - 1),
+                               fill="white")
+                draw.multiline_text((label_w + j * (cell + pad) + pad, bottom + pad // 2), text, fill="black", font=font)
     return canvas
 
 

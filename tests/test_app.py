@@ -143,19 +143,19 @@ def _cell(name, lr, method, weight, seed=1, rank=4):
 
 def test_layout_puts_every_image_in_its_own_cell():
     cells = [_cell(f"{m}{lr}", lr, m, w) for lr in (1e-2, 1e-3) for m in ("lora", "balora") for w in (1.0, 0.7)]
-    rows, cols, placed = layout(cells, "learning rate", "method")
-    assert rows == ["lr 0.001", "lr 0.01"]
-    assert cols == ["balora · w=0.7", "balora · w=1", "lora · w=0.7", "lora · w=1"]
-    assert len(placed) == len(cells)
-    for (i, j), cell in placed.items():
-        assert rows[i] == f"lr {cell.run.lr_unet:g}" and cols[j] == f"{cell.run.method} · w={cell.weight:g}"
-    # runs that differ on no axis are told apart by name
+    grid = layout(cells, "learning rate", "method")
+    assert grid.rows == ["lr 0.001", "lr 0.01"]
+    assert grid.columns == ["balora · w=0.7", "balora · w=1", "lora · w=0.7", "lora · w=1"]
+    assert len(grid.placed) == len(cells)
+    for (i, j), cell in grid.placed.items():
+        assert grid.rows[i] == f"lr {cell.run.lr_unet:g}" and grid.columns[j] == f"{cell.run.method} · w={cell.weight:g}"
+    # runs that differ on no axis share a split column, each cell captioned with its run's name
     twins = [_cell("a", 1e-3, "lora", 1.0), _cell("b", 1e-3, "lora", 1.0)]
-    rows, cols, placed = layout(twins, "learning rate", "method")
-    assert cols == ["lora · a", "lora · b"] and len(placed) == 2
+    grid = layout(twins, "learning rate", "method")
+    assert grid.columns == ["lora", "lora"] and grid.captions == {(0, 0): "a", (0, 1): "b"}
     # a missing combination (lr 0.001 with balora) stays empty
-    rows, cols, placed = layout(cells[:-2], "learning rate", "method")
-    assert len(placed) == 6 and (0, 0) not in placed and (0, 1) not in placed and (0, 2) in placed
+    grid = layout(cells[:-2], "learning rate", "method")
+    assert len(grid.placed) == 6 and (0, 0) not in grid.placed and (0, 1) not in grid.placed and (0, 2) in grid.placed
     with pytest.raises(UserError, match="both 'method'"):
         layout(cells, "method", "method")
     with pytest.raises(UserError, match="unknown axis 'colour'"):

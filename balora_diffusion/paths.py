@@ -26,7 +26,9 @@ ASSETS = _folder("balora_diffusion.assets")
 TINY_SD = ASSETS / "tiny-sd"                     # the shipped base model (a diffusers folder)
 TOKENIZER = ASSETS / "tokenizer"                 # CLIP's BPE tokenizer
 SD15_CONFIG = ASSETS / "sd15-config"             # SD 1.5 component configs for single-file models
-DEMO_CONCEPT = ASSETS / "concepts" / "zorb"      # the demo concept: images, captions, concept.toml
+CONCEPTS = ASSETS / "concepts"
+DEMO_CONCEPT = CONCEPTS / "zorb"                 # the demo concept: images, captions, concept.toml
+RING_CONCEPT = CONCEPTS / "quax"                 # a second concept, to fuse with the first
 CONFIGS = _folder("balora_diffusion.training_configs")
 
 

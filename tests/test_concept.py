@@ -155,3 +155,23 @@ def test_load_concept_reads_a_valid_folder(tmp_path):
     concept = load_concept(tmp_path)
     assert concept.colours == {"red": (255, 0, 0)} and concept.initializer == "cat"
     assert [p.name for p in concept.images] == ["a.JPG", "b.png"]
+
+
+def test_the_second_concept_is_a_two_tone_ring_that_the_first_ones_score_does_not_take(demo, script):
+    ring = load_concept(paths.RING_CONCEPT)
+    assert ring.token == script.RING_TOKEN and ring.token != demo.token and len(ring.images) == 6
+    for example in read_concept_folder(ring.path, [ring.token], ring.caption_template):
+        pixels = np.asarray(example.image, dtype=np.int64)
+        ys, _ = np.mgrid[0:128, 0:128]
+        top, bottom = (np.all(pixels == rgb, axis=-1) for rgb in ring.colours.values())
+        assert example.image.size == (128, 128) and top.sum() > 100 and bottom.sum() > 100
+        assert ys[top].mean() < ys[bottom].mean()  # first colour on top
+        # a ring: the centre shows the background
+        centre = np.array(np.nonzero(top | bottom)).mean(axis=1).round().astype(int)
+        assert np.array_equal(pixels[centre[0], centre[1]], pixels[0, 0])
+    for rgb in ring.colours.values():
+        for other in [*world.COLOURS.values(), *world.BACKGROUNDS.values(), *demo.colours.values()]:
+            assert np.linalg.norm(np.subtract(rgb, other)) > 100
+    assert min(fidelity(Image.open(p), ring) for p in ring.images) > 0.8
+    assert max(fidelity(Image.open(p), demo) for p in ring.images) < 0.2
+    assert max(fidelity(Image.open(p), ring) for p in demo.images) < 0.2

@@ -1,11 +1,14 @@
-"""Generate the shipped demo concept, assets/concepts/zorb/: a two-tone heart the world never shows.
+"""Generate the shipped concepts, assets/concepts/zorb/ and quax/: two-tone shapes the world never shows.
 
-A "<zorb>" is a heart, left half pink and right half cyan: a silhouette and a colour pair that
-balora_diffusion.world does not contain, bold enough to survive the tiny model's 64 px VAE.
-The images are 128 x 128 (so the trainer's resize path runs), on world backgrounds, at varied
-sizes and positions, with world-style captions in same-name .txt files, plus concept.toml.
+A "<zorb>" is a heart, left half pink and right half cyan; a "<quax>" is a thick ring, top half lime
+and bottom half brown: silhouettes and colour pairs that balora_diffusion.world does not contain, bold
+enough to survive the tiny model's 64 px VAE. Two, so that several concepts can be fused into one
+adapter (`balora fuse`). The images are 128 x 128 (so the trainer's resize path runs), on world
+backgrounds, at varied sizes and positions, with world-style captions in same-name .txt files, plus
+concept.toml.
 
-    python training/make_demo_concept.py              # rewrites assets/concepts/zorb
+    python training/make_demo_concept.py                   # rewrites assets/concepts/zorb
+    python training/make_demo_concept.py --concept quax    # rewrites assets/concepts/quax
 """
 from __future__ import annotations
 
@@ -27,13 +30,16 @@ from balora_diffusion.atomic import atomic_path  # noqa: E402
 
 TOKEN = "<zorb>"
 COLOURS = {"pink": (255, 105, 190), "cyan": (0, 200, 210)}  # left half, right half
+RING_TOKEN = "<quax>"
+RING_COLOURS = {"lime": (120, 250, 60), "brown": (120, 70, 20)}  # top half, bottom half
+RING_INNER = 0.5  # inner radius as a share of the outer: thick enough to stay a ring at 64 px
 # (background, size, position) of the training images: every background, both sizes, all positions.
 CONTEXTS = (("white", "large", "center"), ("black", "small", "left"), ("gray", "large", "right"),
             ("blue", "small", "top"), ("green", "large", "bottom"), ("gray", "small", "center"))
 # New contexts: each pairs a size / position / background differently from the training images.
-EVAL_PROMPTS = (f"a large {TOKEN} on a blue background", f"a small {TOKEN} on a white background",
-                f"a large {TOKEN} on the left on a black background", f"a small {TOKEN} at the bottom on a green background",
-                f"a large {TOKEN} at the top on a gray background", f"a {TOKEN} on a blue background")
+EVAL_CONTEXTS = ("a large {} on a blue background", "a small {} on a white background",
+                 "a large {} on the left on a black background", "a small {} at the bottom on a green background",
+                 "a large {} at the top on a gray background", "a {} on a blue background")
 
 
 def heart_outline(n: int = 256) -> np.ndarray:
@@ -45,55 +51,86 @@ def heart_outline(n: int = 256) -> np.ndarray:
     return points * (world.MAX_EXTENT / np.linalg.norm(points, axis=1).max())
 
 
-def caption(size: str, position: str, background: str) -> str:
+def caption(size: str, position: str, background: str, token: str = TOKEN) -> str:
     """World-style caption with the placeholder token where the shape and colour words would be."""
-    return world.Scene("circle", "red", background, size, position).caption().replace("red circle", TOKEN)
+    return world.Scene("circle", "red", background, size, position).caption().replace("red circle", token)
 
 
-def render_zorb(background: str, size: str, position: str, resolution: int = 128,
-                jitter_seed: int | None = None) -> Image.Image:
-    """A <zorb> placed like a world shape of that size and position (same jitter ranges)."""
+def _two_tone(silhouette, colours, across: bool, background: str, size: str, position: str, resolution: int,
+              jitter_seed: int | None) -> Image.Image:
+    """A shape placed like a world shape of that size and position (same jitter ranges), split along its
+    rotated vertical axis (left, right) or, `across`, its horizontal one (top, bottom) into two colours.
+    silhouette(cx, cy, radius, rotation) gives the point-in-shape test of the whole shape."""
     cx, cy, radius, angle = world.placement(size, position, jitter_seed)
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-    rotation = np.array([[c, -s], [s, c]])
-    heart = Outline(np.array([cx, cy]) + radius * heart_outline() @ rotation.T)
+    whole = silhouette(cx, cy, radius, np.array([[c, -s], [s, c]]))
 
-    def half(right: bool):
-        # inside the heart and on one side of its (rotated) vertical axis: the halves never overlap
+    def half(second: bool):
+        # inside the shape and on one side of its axis: the halves never overlap
         def inside(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-            hit = heart.contains_points(np.stack([x.ravel(), y.ravel()], axis=1)).reshape(x.shape)
-            return hit & (((x - cx) * c + (y - cy) * s >= 0) == right)
+            side = (y - cy) * c - (x - cx) * s if across else (x - cx) * c + (y - cy) * s
+            return whole(x, y) & ((side >= 0) == second)
         return inside
 
     reach = radius * world.MAX_EXTENT
     bounds = (cx - reach, cy - reach, cx + reach, cy + reach)
-    layers = [(world.rasterize(half(right), resolution, bounds), rgb) for right, rgb in zip((False, True), COLOURS.values())]
+    layers = [(world.rasterize(half(second), resolution, bounds), rgb) for second, rgb in zip((False, True), colours)]
     return world.paint(world.BACKGROUNDS[background], layers)
 
 
-def concept_toml() -> str:
-    lines = [f"token = {json.dumps(TOKEN)}", 'initializer = "heart"', 'class_word = "heart"',
+def _heart(cx: float, cy: float, radius: float, rotation: np.ndarray):
+    heart = Outline(np.array([cx, cy]) + radius * heart_outline() @ rotation.T)
+    return lambda x, y: heart.contains_points(np.stack([x.ravel(), y.ravel()], axis=1)).reshape(x.shape)
+
+
+def _ring(cx: float, cy: float, radius: float, rotation: np.ndarray):
+    outer = radius * world.MAX_EXTENT
+    return lambda x, y: (np.hypot(x - cx, y - cy) <= outer) & (np.hypot(x - cx, y - cy) >= RING_INNER * outer)
+
+
+def render_zorb(background: str, size: str, position: str, resolution: int = 128,
+                jitter_seed: int | None = None) -> Image.Image:
+    """A <zorb>: a heart, left half and right half in COLOURS."""
+    return _two_tone(_heart, COLOURS.values(), False, background, size, position, resolution, jitter_seed)
+
+
+def render_quax(background: str, size: str, position: str, resolution: int = 128,
+                jitter_seed: int | None = None) -> Image.Image:
+    """A <quax>: a thick ring, top half and bottom half in RING_COLOURS."""
+    return _two_tone(_ring, RING_COLOURS.values(), True, background, size, position, resolution, jitter_seed)
+
+
+# name -> (token, initializer and class word, colours, renderer)
+CONCEPTS = {"zorb": (TOKEN, "heart", COLOURS, render_zorb), "quax": (RING_TOKEN, "ring", RING_COLOURS, render_quax)}
+
+
+def concept_toml(name: str = "zorb") -> str:
+    token, word, colours, _ = CONCEPTS[name]
+    lines = [f"token = {json.dumps(token)}", f"initializer = {json.dumps(word)}", f"class_word = {json.dumps(word)}",
              'caption_template = "a {token}"', "eval_prompts = ["]
-    lines += [f"    {json.dumps(p)}," for p in EVAL_PROMPTS] + ["]", "", "[colours]"]
-    lines += [f"{name} = [{', '.join(map(str, rgb))}]" for name, rgb in COLOURS.items()]
+    lines += [f"    {json.dumps(context.format(token))}," for context in EVAL_CONTEXTS] + ["]", "", "[colours]"]
+    lines += [f"{colour} = [{', '.join(map(str, rgb))}]" for colour, rgb in colours.items()]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=paths.DEMO_CONCEPT,
-                        help="concept folder to (re)write as a whole (default: assets/concepts/zorb)")
+    parser.add_argument("--concept", choices=sorted(CONCEPTS), default="zorb", help="which concept (default: zorb)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="concept folder to (re)write as a whole (default: assets/concepts/<concept>)")
     parser.add_argument("--resolution", type=int, default=128, help="side of the square images in pixels (default: 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image position/size/rotation jitter")
     args = parser.parse_args(argv)
-    with atomic_path(args.out) as tmp:
+    token, _, _, render = CONCEPTS[args.concept]
+    out = args.out or paths.CONCEPTS / args.concept
+    with atomic_path(out) as tmp:
         tmp.mkdir()
         for i, (background, size, position) in enumerate(CONTEXTS):
-            render_zorb(background, size, position, args.resolution, jitter_seed=args.seed * 1000 + i).save(
+            render(background, size, position, args.resolution, jitter_seed=args.seed * 1000 + i).save(
                 tmp / f"{i:02d}.png", optimize=True)
-            (tmp / f"{i:02d}.txt").write_text(caption(size, position, background) + "\n", encoding="utf-8")
-        (tmp / "concept.toml").write_text(concept_toml(), encoding="utf-8")
-    print(f"wrote {len(CONTEXTS)} images of {TOKEN} to {args.out}")
+            (tmp / f"{i:02d}.txt").write_text(caption(size, position, background, token) + "\n", encoding="utf-8")
+        (tmp / "concept.toml").write_text(concept_toml(args.concept), encoding="utf-8")
+    print(f"wrote {len(CONTEXTS)} images of {token} to {out}")
     return 0
 
 

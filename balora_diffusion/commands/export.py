@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from balora_diffusion.errors import UserError
+from balora_diffusion.outputs import add_overwrite_flag, claim
 
 FORMATS = ("diffusers", "kohya")
 
@@ -19,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="a folder (diffusers) or a .safetensors file (kohya); the token embedding is written "
                              "beside a kohya file, into a diffusers folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace files already at --out")
+    add_overwrite_flag(parser, "the files already at --out (the adapter and its token embedding)")
     parser.epilog = ("A1111 / Forge: the kohya file goes to models/Lora (prompt: <lora:NAME:1>), the embedding "
                      "to embeddings/ (typed by its file name). ComfyUI: models/loras and models/embeddings "
                      "(prompt: embedding:NAME).")
@@ -42,8 +43,7 @@ def _targets(args: argparse.Namespace, adapter) -> list[Path]:
         files.append(folder / embedding_file_name(adapter.tokens))
         if files[-1] == files[0]:
             raise UserError(f"--out {out} is the name the token embedding takes; choose another file name")
-    if not args.overwrite and (taken := [str(f) for f in files if f.exists()]):
-        raise UserError(f"{', '.join(taken)} already exist(s); add --overwrite to replace")
+    claim(files, args.overwrite)
     return files
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from balora_diffusion.errors import UserError
+from balora_diffusion.outputs import add_overwrite_flag, claim
 
 DTYPES = ("fp16", "fp32", "bf16")
 
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-config", default="", help="for a single-file base model: its config folder")
     parser.add_argument("--save-dtype", choices=DTYPES, default="fp16",
                         help="dtype of the floating-point weights of a .safetensors output (default fp16)")
-    parser.add_argument("--overwrite", action="store_true", help="replace what is at --out")
+    add_overwrite_flag(parser, "what is at --out and the token embedding file(s) beside a .safetensors output")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,8 +31,6 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.out.expanduser()
     single = out.suffix == ".safetensors"
-    if out.exists() and not args.overwrite:
-        raise UserError(f"--out {out} already exists; add --overwrite to replace it")
     if not single and out.suffix:
         raise UserError(f"--out {out}: give a folder (diffusers) or a .safetensors file")
     specs = [adapter_spec(text) for text in args.adapter]
@@ -46,9 +45,12 @@ def run(args: argparse.Namespace) -> int:
     from balora_diffusion.models import load_pipeline, quiet_diffusers
 
     adapters = [(read_adapter(path), weight) for path, weight in specs]
-    with_tokens = [a for a, _ in adapters if a.embedding is not None]
-    if single and any(embedding_file_name(a.tokens) == out.name for a in with_tokens):
-        raise UserError(f"--out {out} is the file name a token embedding takes beside it; choose another name")
+    with_tokens = [a for a, _ in adapters if a.embedding is not None] if single else []
+    beside = [out.parent / embedding_file_name(a.tokens) for a in with_tokens]
+    if out in beside or len(set(beside)) < len(beside):
+        raise UserError(f"--out {out}: the token embeddings of the adapters would be written to "
+                        f"{', '.join(str(p) for p in beside)}, and no two files may share a name")
+    claim([out, *beside], args.overwrite)
     # merged on the CPU in fp32: the sum of small updates would round away in half precision
     pipe = load_pipeline(args.base_model or None, device="cpu", dtype="fp32",
                          single_file_config=args.base_config or None)

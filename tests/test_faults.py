@@ -205,6 +205,44 @@ CASES = {
         "--out", "new"], "LoHa"),
     "inspect a folder holding no adapter": (lambda w: ["inspect", w.concept], "not a run folder"),
     "inspect random bytes": (lambda w: ["inspect", w.file("noise.safetensors", os.urandom(2048))], "noise.safetensors"),
+    "generate with a NaN in a LoRA": (lambda w: w.generate("--prompt", "a", adapter=_kohya_factor(
+        w, "lora_down.weight", float("nan"))), "k_proj.lora_down.weight"),
+    "generate with an Inf in a LoRA": (lambda w: w.generate("--prompt", "a", adapter=_kohya_factor(
+        w, "lora_up.weight", float("inf"))), "k_proj.lora_up.weight"),
+    "merge a LoRA holding a NaN": (lambda w: _merge(w, _kohya_factor(w, "lora_up.weight", float("nan"))),
+                                   "k_proj.lora_up.weight"),
+    "merge a LoRA with an infinite alpha": (lambda w: _merge(w, _kohya_factor(w, "alpha", float("inf"))), "alpha"),
+    "inspect a LoRA holding a NaN": (lambda w: ["inspect", _kohya_factor(w, "lora_down.weight", float("nan"))],
+                                     "k_proj.lora_down.weight"),
+    "inspect a LoRA holding an Inf": (lambda w: ["inspect", _kohya_factor(w, "lora_up.weight", float("-inf"))],
+                                      "k_proj.lora_up.weight"),
+    "inspect a NaN token embedding": (lambda w: ["inspect", _nan_embedding(w)], "<zorb>"),
+    "inspect a checkpoint holding a NaN": (lambda w: ["inspect", _poisoned_checkpoint(w.prior)], "lora_A"),
+    "inspect a LoRA of rank zero": (lambda w: ["inspect", _kohya_with(w, lambda t: t.update(
+        {k: t[k][:0] if k.endswith("down.weight") else t[k][:, :0] for k in t if "layers_0_self_attn_k_proj.lora" in k}))],
+        "k_proj"),
+    "inspect a scalar factor without alpha": (lambda w: ["inspect", _kohya_with(w, lambda t: t.update(
+        {k: t[k].sum() for k in t if k.endswith("down.weight")}) or _drop_alphas(t))], "lora_down.weight"),
+    "inspect a vector alpha": (lambda w: ["inspect", _kohya_factor(w, "alpha", lambda t: t.reshape(1).repeat(2))],
+                               "alpha"),
+    "inspect a true-or-false alpha": (lambda w: ["inspect", _kohya_factor(w, "alpha", lambda t: t > 0)], "alpha"),
+    "inspect integer factors": (lambda w: ["inspect", _kohya_factor(w, "lora_down.weight", lambda t: t.int())],
+                                "k_proj.lora_down.weight"),
+    "inspect a rank above the layer": (lambda w: ["inspect", _kohya_with(w, lambda t: t.update(
+        {k: t[k].repeat(16, 1) if k.endswith("down.weight") else t[k].repeat(1, 16)
+         for k in t if "layers_0_self_attn_k_proj.lora" in k}))], "k_proj"),
+    "inspect a diffusers alpha that is a word": (lambda w: ["inspect", _diffusers_metadata(
+        w, '{"unet.lora_alpha": "big"}')], "alpha"),
+    "inspect diffusers metadata that is no mapping": (lambda w: ["inspect", _diffusers_metadata(w, "[1]")],
+                                                      "lora_adapter_metadata"),
+    "inspect a kohya token list of numbers": (lambda w: ["inspect", _kohya_metadata(w, {"balora.token": "[1]"})],
+                                              "balora.token"),
+    "merge over an embedding beside the output": (lambda w: [w.file("zorb.safetensors", b"mine"), _merge(
+        w, w.prior, out="new.safetensors")][1], "--overwrite true"),
+    "merge under a file": (lambda w: _merge(w, w.prior, out=w.file("notes.txt", "hi") / "new.safetensors"), "is a file"),
+    "merge into /proc": (lambda w: _merge(w, w.prior, out="/proc/new"), "cannot write"),
+    "export under a file": (lambda w: w.export(w.prior, out=w.file("notes.txt", "hi") / "new.safetensors"), "is a file"),
+    "export into /proc": (lambda w: w.export(w.prior, out="/proc/new.safetensors"), "cannot write"),
     # --- sweeps and benchmarks
     "sweep with an unknown method": (lambda w: ["sweep", "--methods", "lora", "bolora", "--out", "out"], "bolora"),
     "sweep with a learning rate that is no number": (lambda w: ["sweep", "--lrs", "fast", "--out", "out"], "fast"),
@@ -254,6 +292,70 @@ def _kohya_with(w: Work, change) -> Path:
     path = w.root / "changed.safetensors"
     save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(path))
     return path
+
+
+def _kohya_factor(w: Work, slot: str, value) -> Path:
+    """The kohya file with the text encoder's first layer's `slot` (lora_down.weight, lora_up.weight, alpha)
+    changed: a float goes into its first element, a function maps the tensor."""
+    key = f"lora_te_text_model_encoder_layers_0_self_attn_k_proj.{slot}"
+
+    def change(tensors):
+        if callable(value):
+            tensors[key] = value(tensors[key])
+        else:
+            tensors[key].view(-1)[0] = value
+    return _kohya_with(w, change)
+
+
+def _drop_alphas(tensors: dict) -> None:
+    for key in [k for k in tensors if k.endswith(".alpha")]:
+        del tensors[key]
+
+
+def _nan_embedding(w: Work) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path = w.root / "zorb.safetensors"
+    save_file({"<zorb>": torch.full((1, 32), float("nan"))}, str(path))
+    return path
+
+
+def _merge(w: Work, adapter, out="new") -> list:
+    return ["merge", "--adapter", adapter, "--base-model", w.model, "--out", out]
+
+
+def _metadata_copy(w: Work, source: Path, metadata: dict) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    path = w.root / "changed.safetensors"
+    save_file(load_file(source), str(path), metadata=metadata)
+    return path
+
+
+def _diffusers_metadata(w: Work, config: str) -> Path:
+    return _metadata_copy(w, w.prior / "adapter" / "pytorch_lora_weights.safetensors", {"lora_adapter_metadata": config})
+
+
+def _kohya_metadata(w: Work, metadata: dict) -> Path:
+    return _metadata_copy(w, w.prior / "kohya" / "run.safetensors", metadata)
+
+
+def _poisoned_checkpoint(run: Path) -> Path:
+    """A copy of the run's newest checkpoint with a NaN in one LoRA factor, its manifest made to match."""
+    from safetensors.torch import load_file, save_file
+
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    copy = run.parent / "poisoned" / newest.name
+    shutil.copytree(newest, copy)
+    tensors = load_file(copy / "trainable.safetensors")
+    tree = json.loads((copy / "trainable.json").read_text())
+    first = next(ref["__tensor__"] for key, ref in tree["__dict__"] if "lora_A" in key)
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, str(copy / "trainable.safetensors"))
+    (copy / "manifest.json").write_text(json.dumps({f.name: {"bytes": f.stat().st_size, "sha256": hashlib.sha256(
+        f.read_bytes()).hexdigest()} for f in sorted(copy.iterdir()) if f.name != "manifest.json"}))
+    return copy
 
 
 def _damaged(checkpoints: Path) -> Path:

@@ -365,6 +365,193 @@ def test_a_shape_that_does_not_fit_the_base_model_changes_nothing(pipe, tmp_path
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
 
 
+# --- hostile files: refused whole at read time, naming what is wrong ---------------------------------------------
+
+LAYER = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+DOWN, UP, ALPHA = f"{LAYER}.lora_down.weight", f"{LAYER}.lora_up.weight", f"{LAYER}.alpha"
+
+
+def _kohya_file(tmp_path: Path, **changes) -> Path:
+    """A one-layer kohya LoRA (rank 4 on a 64-wide layer) with tensors replaced or, given None, left out."""
+    tensors = {DOWN: torch.randn(4, 64), UP: torch.randn(64, 4), ALPHA: torch.tensor(4.0)}
+    for key, value in changes.items():
+        key = {"down": DOWN, "up": UP, "alpha": ALPHA}[key]
+        if value is None:
+            del tensors[key]
+        else:
+            tensors[key] = value
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors, str(path))
+    return path
+
+
+def _with_nan(shape) -> torch.Tensor:
+    tensor = torch.randn(shape)
+    tensor.view(-1)[1] = float("nan")
+    return tensor
+
+
+@pytest.mark.parametrize("changes, key, message", [
+    ({"down": _with_nan((4, 64))}, DOWN, "non-finite"),
+    ({"up": torch.full((64, 4), float("inf"))}, UP, "non-finite"),
+    ({"alpha": torch.tensor(float("nan"))}, ALPHA, "finite"),
+    ({"alpha": torch.tensor(float("-inf"))}, ALPHA, "finite"),
+    ({"down": torch.zeros(0, 64), "up": torch.zeros(64, 0)}, DOWN, "empty"),
+    ({"down": torch.tensor(1.0), "alpha": None}, DOWN, "LoRA product"),
+    ({"up": torch.tensor(1.0)}, DOWN, "LoRA product"),
+    ({"down": torch.randn(64), "up": torch.randn(64)}, DOWN, "LoRA product"),
+    ({"alpha": torch.tensor(True)}, ALPHA, "bool"),
+    ({"alpha": torch.tensor([1.0, 2.0])}, ALPHA, "not one number"),
+    ({"up": torch.randn(64, 3)}, DOWN, "LoRA product"),
+    ({"down": torch.randn(96, 64), "up": torch.randn(64, 96)}, DOWN, "rank 96"),
+    ({"down": torch.ones(4, 64, dtype=torch.int32)}, DOWN, "int32"),
+    ({"up": torch.ones(64, 4, dtype=torch.bool)}, UP, "bool"),
+], ids=["nan down", "inf up", "nan alpha", "-inf alpha", "rank zero", "scalar down without alpha", "scalar up",
+        "1-d factors", "bool alpha", "vector alpha", "ranks disagree", "rank above the layer", "int factor", "bool factor"])
+def test_a_malformed_kohya_lora_is_refused_naming_the_key(tmp_path, changes, key, message):
+    with pytest.raises(UserError, match=message) as info:
+        read_adapter(_kohya_file(tmp_path, **changes))
+    assert key in str(info.value)
+
+
+def test_an_integer_alpha_is_a_number(tmp_path):
+    # kohya's trainer stores alpha = rank as an integer tensor when none was asked for
+    assert read_adapter(_kohya_file(tmp_path, alpha=torch.tensor(8))).text_encoder[
+        "encoder.layers.0.self_attn.q_proj"].alpha == 8.0
+
+
+def test_the_same_checks_hold_for_the_diffusers_layout(tmp_path):
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{key}.lora_A.weight": _with_nan((4, 320)), f"{key}.lora_B.weight": torch.randn(320, 4)},
+              str(tmp_path / LORA_FILE))
+    with pytest.raises(UserError, match=re.escape(f"{key}.lora_A.weight holds non-finite")):
+        read_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{", "is not JSON"),
+    ("[1]", "not a JSON object"),
+    ('{"unet.lora_alpha": "big"}', "unet.lora_alpha: alpha 'big' is not a finite number"),
+    ('{"unet.lora_alpha": NaN}', "unet.lora_alpha: alpha nan"),
+    ('{"unet.lora_alpha": true}', "unet.lora_alpha: alpha True"),
+    ('{"unet.alpha_pattern": [1]}', "unet.alpha_pattern is not a mapping"),
+    ('{"unet.alpha_pattern": {"to_q": null}}', "unet.alpha_pattern 'to_q': alpha None"),
+])
+def test_diffusers_alpha_metadata_that_is_no_number_is_refused(tmp_path, config, message):
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{key}.lora_A.weight": torch.randn(4, 320), f"{key}.lora_B.weight": torch.randn(320, 4)},
+              str(tmp_path / "lora.safetensors"), metadata={"lora_adapter_metadata": config})
+    with pytest.raises(UserError, match=re.escape(message)):
+        read_adapter(tmp_path / "lora.safetensors")
+
+
+def test_a_peft_config_that_is_no_object_is_refused(tmp_path):
+    save_file({"base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.randn(4, 320),
+               "base_model.model.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.randn(320, 4)},
+              str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text('"lora"')
+    with pytest.raises(UserError, match="adapter_config.json is not a JSON object"):
+        read_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("vectors, message", [
+    (torch.full((1, 32), float("nan")), "non-finite"),
+    (torch.ones(1, 32, dtype=torch.int64), "int64"),
+    (torch.ones(1, 0), r"shape \[1, 0\]"),
+])
+def test_an_unusable_embedding_is_refused_naming_its_token(tmp_path, vectors, message):
+    save_file({"<zorb>": vectors}, str(tmp_path / "zorb.safetensors"))
+    with pytest.raises(UserError, match=message) as info:
+        read_adapter(tmp_path / "zorb.safetensors")
+    assert "<zorb>" in str(info.value)
+
+
+@pytest.mark.parametrize("beside, message", [
+    ({"<zorb>": torch.full((1, 32), float("inf"))}, "non-finite"),
+    ({"<zorb>": torch.tensor(1.0)}, "is not a token embedding"),
+])
+def test_a_bad_embedding_beside_a_lora_is_refused(tmp_path, beside, message):
+    save_file({DOWN: torch.randn(4, 64), UP: torch.randn(64, 4)}, str(tmp_path / "lora.safetensors"),
+              metadata={"balora.token": '["<zorb>"]'})
+    save_file(beside, str(tmp_path / "zorb.safetensors"))
+    with pytest.raises(UserError, match=message):
+        read_adapter(tmp_path / "lora.safetensors")
+
+
+@pytest.mark.parametrize("tokens", ["[1, 2]", '"<zorb>"', '[""]'])
+def test_a_token_list_that_names_no_tokens_is_refused(tmp_path, tokens):
+    save_file({DOWN: torch.randn(4, 64), UP: torch.randn(64, 4)}, str(tmp_path / "lora.safetensors"),
+              metadata={"balora.token": tokens})
+    with pytest.raises(UserError, match="balora.token header entry"):
+        read_adapter(tmp_path / "lora.safetensors")
+
+
+def _checkpoint(tmp_path: Path, trainable: dict, **config) -> Path:
+    from balora_diffusion.checkpoint import write_checkpoint
+
+    cfg = {"alpha": 4.0, "text_alpha": 4.0, "output_dir": str(tmp_path / "run"), "token": ["<zorb>"], **config}
+    return write_checkpoint(tmp_path / "run" / "checkpoints", 1, {"trainable": trainable, "config": cfg,
+                                                                  "meta": {"step": 1}})
+
+
+CHECKPOINT_KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_{}.default.weight"
+
+
+@pytest.mark.parametrize("trainable, config, message", [
+    ({CHECKPOINT_KEY.format("A"): _with_nan((4, 320)), CHECKPOINT_KEY.format("B"): torch.randn(320, 4)}, {},
+     re.escape(CHECKPOINT_KEY.format("A")) + " holds non-finite"),
+    ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320), CHECKPOINT_KEY.format("B"): torch.randn(320, 4),
+      "text_encoder.embeddings.token_embedding.extra": torch.full((1, 32), float("nan"))}, {}, "<zorb> holds non-finite"),
+    ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320), CHECKPOINT_KEY.format("B"): torch.randn(320, 4)},
+     {"alpha": "four"}, "config alpha: alpha 'four'"),
+    ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320)}, {}, "has no other LoRA factor"),
+    ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320)}, {"token": "<zorb>"}, "does not hold a training's config"),
+], ids=["nan factor", "nan embedding", "word alpha", "lone factor", "token not a list"])
+def test_a_checkpoint_its_manifest_vouches_for_is_still_checked(tmp_path, trainable, config, message):
+    with pytest.raises(UserError, match=message):
+        read_adapter(_checkpoint(tmp_path, trainable, **config))
+
+
+def test_a_checkpoint_whose_json_is_broken_is_refused(tmp_path):
+    import hashlib
+
+    from balora_diffusion.checkpoint import MANIFEST
+
+    folder = _checkpoint(tmp_path, {CHECKPOINT_KEY.format("A"): torch.randn(4, 320)})
+    (folder / "config.json").write_text("{")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["config.json"] = {"bytes": 1, "sha256": hashlib.sha256(b"{").hexdigest()}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="is not readable"):
+        read_adapter(folder)
+
+
+# --- what export and merge write --------------------------------------------------------------------------------
+
+def test_export_replaces_its_outputs_only_when_told(run, tmp_path):
+    out = tmp_path / "k" / "lora.safetensors"
+    _cli("export", run, "--format", "kohya", "--out", out)
+    out.unlink()  # the embedding beside it is enough to refuse
+    (tmp_path / "k" / "zorb.safetensors").write_bytes(b"mine")
+    refused = subprocess.run([sys.executable, "-m", "balora_diffusion.cli", "export", run, "--format", "kohya",
+                              "--out", out], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "zorb.safetensors already exists" in refused.stderr
+    assert "--overwrite true" in refused.stderr and (tmp_path / "k" / "zorb.safetensors").read_bytes() == b"mine"
+    for flag in (["--overwrite", "true"], ["--overwrite"]):
+        (tmp_path / "k" / "zorb.safetensors").write_bytes(b"mine")
+        _cli("export", run, "--format", "kohya", "--out", out, *flag)
+        assert read_adapter(out).tokens == ["<zorb>"]
+
+
+def test_merge_replaces_the_checkpoint_and_the_embedding_beside_it_when_told(run, tmp_path):
+    out = tmp_path / "merged.safetensors"
+    out.write_bytes(b"old")
+    (tmp_path / "zorb.safetensors").write_bytes(b"mine")
+    _cli("merge", "--adapter", run, "--out", out, "--overwrite", "true")
+    assert read_adapter(tmp_path / "zorb.safetensors").tokens == ["<zorb>"]
+    assert out.stat().st_size > 1000
+
+
 # --- round trips and the math -----------------------------------------------------------------------------------
 
 def _random_adapter(gen: torch.Generator) -> Adapter:

@@ -7,6 +7,7 @@ so an adapter means the same whichever transformers wrote or reads it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,12 +33,7 @@ class LoraModule:
     key: str = ""
 
     def __post_init__(self) -> None:
-        down, up = self.down, self.up
-        linear = down.dim() == 2 and up.dim() == 2
-        conv = down.dim() == 4 and up.dim() == 4 and tuple(up.shape[2:]) == (1, 1)
-        if not (linear or conv) or up.shape[1] != down.shape[0]:
-            raise UserError(f"{self.key or 'a LoRA module'}: factors of shapes down {list(down.shape)} and "
-                            f"up {list(up.shape)} do not form a LoRA product")
+        _check_shapes(self.key or "a LoRA module", self.down, self.up)
 
     @property
     def rank(self) -> int:
@@ -58,6 +54,51 @@ class LoraModule:
         return (self.scale * (up @ down)).reshape(self.weight_shape)
 
 
+def _check_shapes(name: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    linear = down.dim() == 2 and up.dim() == 2
+    conv = down.dim() == 4 and up.dim() == 4 and tuple(up.shape[2:]) == (1, 1)
+    shapes = f"factors of shapes down {list(down.shape)} and up {list(up.shape)}"
+    if not (linear or conv) or up.shape[1] != down.shape[0]:
+        raise UserError(f"{name}: {shapes} do not form a LoRA product")
+    if down.numel() == 0 or up.numel() == 0:
+        raise UserError(f"{name}: {shapes} are empty")
+    rank, outputs, inputs = down.shape[0], up.shape[0], down[0].numel()
+    if rank > min(outputs, inputs):
+        raise UserError(f"{name}: {shapes} have rank {rank}, above what a layer of {outputs} outputs and "
+                        f"{inputs} inputs can hold")
+
+
+def read_module(source: str, down: tuple[str, torch.Tensor], up: tuple[str, torch.Tensor],
+                alpha: tuple[str, object]) -> LoraModule:
+    """The LoraModule of the (key, value) down, up and alpha read from `source`: every reader builds
+    its modules here, and a UserError names the key of the first that cannot be part of an update."""
+    for key, tensor in (down, up):
+        check_values(f"{source}: {key}", tensor)
+    return LoraModule(down[1], up[1], alpha_number(f"{source}: {alpha[0]}", alpha[1]), key=down[0])
+
+
+def check_values(name: str, tensor: torch.Tensor) -> None:
+    """UserError unless `tensor` holds finite floating-point numbers: one NaN or Inf in a weight
+    update turns every image black, whatever the fusion coefficient."""
+    if not tensor.is_floating_point():
+        raise UserError(f"{name}: a tensor of {str(tensor.dtype).removeprefix('torch.')} where weights are "
+                        "floating-point numbers")
+    if not bool(torch.isfinite(tensor).all()):
+        raise UserError(f"{name} holds non-finite values (NaN or Inf)")
+
+
+def alpha_number(name: str, value: object) -> float:
+    """A LoRA alpha as a float, from a number or a one-element tensor; UserError for anything else."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise UserError(f"{name}: alpha is a {str(value.dtype).removeprefix('torch.')} tensor of shape "
+                            f"{list(value.shape)}, not one number")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{name}: alpha {value!r} is not a finite number")
+    return float(value)
+
+
 @dataclass
 class Adapter:
     """LoRA modules of the UNet and the text encoder, the new tokens' embeddings and what is known
@@ -72,9 +113,14 @@ class Adapter:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.embedding is not None and (self.embedding.dim() != 2 or self.embedding.shape[0] != len(self.tokens)):
-            raise UserError(f"{self.source}: an embedding of shape {list(self.embedding.shape)} for the "
-                            f"{len(self.tokens)} token(s) {self.tokens}")
+        if self.embedding is None:
+            return
+        shape = list(self.embedding.shape)
+        if len(shape) != 2 or shape[0] != len(self.tokens) or shape[1] == 0:
+            raise UserError(f"{self.source}: an embedding of shape {shape} for the {len(self.tokens)} token(s) "
+                            f"{self.tokens}")
+        check_values(f"{self.source}: the embedding of {' '.join(self.tokens)}", self.embedding)
+        self.embedding = self.embedding.float()
 
     def parts(self) -> dict[str, dict[str, LoraModule]]:
         return {UNET: self.unet, TEXT_ENCODER: self.text_encoder}
@@ -114,6 +160,11 @@ def info_from_metadata(metadata: dict[str, str]) -> dict[str, object]:
     return info
 
 
+def _rank(down: torch.Tensor) -> int:
+    """A down factor's rank, for an alpha that defaults to it; 0 for a scalar (which the module refuses)."""
+    return int(down.shape[0]) if down.dim() else 0
+
+
 Factors = dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]]
 
 
@@ -134,8 +185,8 @@ def assemble(adapter: Adapter, factors: Factors, default_alpha: Callable[[str, s
         (key, down), up = found["down"], found["up"][1]
         if down.dim() == 4 and up.dim() == 2:  # some writers keep a conv LoRA's 1x1 up factor as a matrix
             up = up[:, :, None, None]
-        alpha = float(found["alpha"][1]) if "alpha" in found else default_alpha(part, module_path, down.shape[0])
-        adapter.parts()[part][module_path] = LoraModule(down, up, alpha, key=key)
+        alpha = found["alpha"] if "alpha" in found else (key, default_alpha(part, module_path, _rank(down)))
+        adapter.parts()[part][module_path] = read_module(adapter.source, (key, down), (found["up"][0], up), alpha)
     if not adapter.modules():
         raise UserError(f"{adapter.source} holds no LoRA weights")
     return adapter

@@ -18,8 +18,8 @@ import re
 from pathlib import Path
 
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, UNET, Adapter, Factors, add_factor, assemble,
-                                              info_from_metadata, info_metadata, uniform)
+from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, UNET, Adapter, Factors, add_factor, alpha_number,
+                                              assemble, info_from_metadata, info_metadata, uniform)
 from balora_diffusion.formats.names import text_encoder_path
 from balora_diffusion.formats.safetensors_io import read_file, write_file
 
@@ -78,27 +78,46 @@ def _alphas(metadata: dict[str, str], path: Path) -> dict[str, dict]:
     header metadata or peft's adapter_config.json beside the file."""
     found: dict[str, dict] = {part: {"alpha": None, "pattern": {}} for part in PARTS}
     if METADATA_KEY in metadata:
-        try:
-            config = json.loads(metadata[METADATA_KEY])
-        except ValueError:
-            raise UserError(f"{path}: its {METADATA_KEY} header entry is not JSON") from None
+        where = f"{path}: its {METADATA_KEY} header entry"
+        config = _json_object(metadata[METADATA_KEY], where)
         for part in PARTS:
-            found[part] = {"alpha": config.get(f"{part}.lora_alpha"), "pattern": config.get(f"{part}.alpha_pattern") or {}}
+            found[part] = _part_alphas(config, f"{part}.lora_alpha", f"{part}.alpha_pattern", where)
     elif path.name == PEFT_FILE and (path.parent / PEFT_CONFIG).is_file():
+        where = str(path.parent / PEFT_CONFIG)
         try:
-            config = json.loads((path.parent / PEFT_CONFIG).read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise UserError(f"{path.parent / PEFT_CONFIG} is not JSON") from None
+            text = (path.parent / PEFT_CONFIG).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{where} is not JSON") from None
+        config = _json_object(text, where)
         for part in PARTS:
-            found[part] = {"alpha": config.get("lora_alpha"), "pattern": config.get("alpha_pattern") or {}}
+            found[part] = _part_alphas(config, "lora_alpha", "alpha_pattern", where)
     return found
+
+
+def _json_object(text: str, where: str) -> dict:
+    try:
+        config = json.loads(text)
+    except ValueError:
+        raise UserError(f"{where} is not JSON") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{where} is not a JSON object")
+    return config
+
+
+def _part_alphas(config: dict, alpha_key: str, pattern_key: str, where: str) -> dict:
+    alpha, pattern = config.get(alpha_key), config.get(pattern_key) or {}
+    if not isinstance(pattern, dict):
+        raise UserError(f"{where}: {pattern_key} is not a mapping of module names to alphas")
+    return {"alpha": None if alpha is None else alpha_number(f"{where}: {alpha_key}", alpha),
+            "pattern": {suffix: alpha_number(f"{where}: {pattern_key} {suffix!r}", value)
+                        for suffix, value in pattern.items()}}
 
 
 def _alpha_for(path: str, rank: int, alphas: dict) -> float:
     for suffix, alpha in alphas["pattern"].items():
         if path == suffix or path.endswith("." + suffix):
-            return float(alpha)
-    return float(alphas["alpha"]) if alphas["alpha"] is not None else float(rank)
+            return alpha
+    return alphas["alpha"] if alphas["alpha"] is not None else float(rank)
 
 
 def read_diffusers(path: Path) -> Adapter:

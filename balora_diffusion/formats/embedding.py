@@ -50,9 +50,9 @@ def read_embedding(path: Path) -> tuple[list[str], torch.Tensor]:
     if len(tensors) != 1:
         raise UserError(f"{path} holds {len(tensors)} tensors; a token embedding file holds exactly one")
     key, vectors = next(iter(tensors.items()))
-    vectors = vectors.float().reshape(-1, vectors.shape[-1]) if vectors.dim() == 1 else vectors.float()
-    if vectors.dim() != 2:
+    if vectors.dim() not in (1, 2):
         raise UserError(f"{path}: tensor {key!r} of shape {list(vectors.shape)} is not a token embedding")
+    vectors = vectors.reshape(1, -1) if vectors.dim() == 1 else vectors
     raw = metadata.get(TOKENS_KEY) or metadata.get(_LEGACY_TOKENS_KEY)
     if raw is not None:
         try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from balora_diffusion import checkpoint as ckpt
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import Adapter
+from balora_diffusion.formats.adapter import INFO_PREFIX, Adapter
 from balora_diffusion.formats.diffusers_lora import LORA_FILE, PEFT_FILE, read_diffusers
 from balora_diffusion.formats.embedding import embedding_file_name, is_embedding, read_embedding
 from balora_diffusion.formats.kohya_lora import is_kohya, read_kohya
@@ -24,10 +24,18 @@ def read_adapter(path: str | Path) -> Adapter:
         tokens, vectors = read_embedding(path)
         return Adapter(tokens=tokens, embedding=vectors, format="token embedding", source=str(path))
     adapter = read_kohya(path) if is_kohya(shapes) else read_diffusers(path)
-    tokens = adapter.info.get("token")
-    if isinstance(tokens, list) and tokens and (beside := path.parent / embedding_file_name(tokens)).is_file():
+    tokens = _trained_tokens(adapter)
+    if tokens and (beside := path.parent / embedding_file_name(tokens)).is_file():
         _attach(adapter, beside)
     return adapter
+
+
+def _trained_tokens(adapter: Adapter) -> list[str]:
+    """The tokens a LoRA file says it was trained with, whose embedding file may lie beside it."""
+    tokens = adapter.info.get("token", [])
+    if not (isinstance(tokens, list) and all(isinstance(token, str) and token for token in tokens)):
+        raise UserError(f"{adapter.source}: its {INFO_PREFIX}token header entry {tokens!r} is not a list of tokens")
+    return tokens
 
 
 def _attach(adapter: Adapter, embedding_file: Path) -> None:

@@ -18,7 +18,7 @@ from balora_diffusion import checkpoint as ckpt
 from balora_diffusion import paths
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule, token_stem
+from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule, read_module, token_stem
 from balora_diffusion.formats.diffusers_lora import write_diffusers
 from balora_diffusion.formats.embedding import write_embedding
 from balora_diffusion.formats.kohya_lora import write_kohya
@@ -29,6 +29,7 @@ DIFFUSERS_FOLDER = "adapter"
 KOHYA_FOLDER = "kohya"
 _TRAINABLE = re.compile(r"(unet|text_encoder)\.(.+)\.lora_([AB])\.default\.weight")
 _EMBEDDING = re.compile(r"text_encoder\.(?:text_model\.)?embeddings\.token_embedding\.extra")
+_CHECKPOINT_CONFIG = {"alpha", "text_alpha", "output_dir", "token"}
 
 
 def _canonical(part: str, path: str) -> str:
@@ -90,22 +91,44 @@ def adapter_from_checkpoint(folder: Path) -> Adapter:
     folder = Path(folder)
     if (problem := ckpt.damage(folder)) is not None:
         raise UserError(f"checkpoint {folder} is damaged ({problem})")
-    trainable, cfg = ckpt.load_tree(folder, "trainable"), ckpt.load_tree(folder, "config")
-    step = int(ckpt.load_tree(folder, "meta")["step"])
-    alphas = {UNET: float(cfg["alpha"]), TEXT_ENCODER: float(cfg["text_alpha"])}
-    factors: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    trainable, cfg, step = _checkpoint_trees(folder)
+    alphas = {UNET: ("config alpha", cfg["alpha"]), TEXT_ENCODER: ("config text_alpha", cfg["text_alpha"])}
+    factors: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
     embedding = None
     for key, tensor in trainable.items():
         if _EMBEDDING.fullmatch(key):
-            embedding = tensor.float()
+            embedding = tensor
         elif match := _TRAINABLE.fullmatch(key):
-            factors.setdefault((match.group(1), _canonical(match.group(1), match.group(2))), {})[match.group(3)] = tensor
-    name = Path(cfg["output_dir"]).name
+            module = (match.group(1), _canonical(match.group(1), match.group(2)))
+            factors.setdefault(module, {})[match.group(3)] = (key, tensor)
     adapter = Adapter(tokens=list(cfg["token"]) if embedding is not None else [], embedding=embedding,
-                      info=training_info(cfg, step, name), format=f"balora checkpoint (step {step})", source=str(folder))
+                      info=training_info(cfg, step, Path(cfg["output_dir"]).name),
+                      format=f"balora checkpoint (step {step})", source=str(folder))
     for (part, path), found in factors.items():
-        adapter.parts()[part][path] = LoraModule(found["A"].float(), found["B"].float(), alphas[part], key=f"{part}.{path}")
+        if set(found) != {"A", "B"}:
+            raise UserError(f"checkpoint {folder}: {next(iter(found.values()))[0]!r} has no other LoRA factor beside it")
+        adapter.parts()[part][path] = read_module(f"checkpoint {folder}", found["A"], found["B"], alphas[part])
     return adapter
+
+
+def _checkpoint_trees(folder: Path) -> tuple[dict, dict, int]:
+    """The trainable tensors, the training config and the step of a checkpoint; UserError where its
+    files, intact as its manifest says, still do not hold what a training writes."""
+    from safetensors import SafetensorError
+
+    try:
+        trainable, cfg = ckpt.load_tree(folder, "trainable"), ckpt.load_tree(folder, "config")
+        step = int(ckpt.load_tree(folder, "meta")["step"])
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"checkpoint {folder} is not readable ({type(exc).__name__}: {exc})") from None
+    tensors = isinstance(trainable, dict) and all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                                                  for key, value in trainable.items())
+    config = (isinstance(cfg, dict) and _CHECKPOINT_CONFIG <= cfg.keys() and isinstance(cfg["output_dir"], str)
+              and isinstance(cfg["token"], list) and all(isinstance(token, str) for token in cfg["token"]))
+    if not (tensors and config):
+        raise UserError(f"checkpoint {folder} does not hold a training's config "
+                        f"({', '.join(sorted(_CHECKPOINT_CONFIG))}) and trainable tensors")
+    return trainable, cfg, step
 
 
 def kohya_file_name(name: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from balora_diffusion import paths
@@ -601,6 +602,8 @@ def test_merge_of_several_adapters_adds_their_weighted_updates(run, pipe, tmp_pa
     _cli("merge", "--adapter", f"{run}:0.7", f"{style}:-0.5", "--out", tmp_path / "merged")
     merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", local_files_only=True)
     assert "<zorb>" in merged.tokenizer.get_vocab()  # loads without the toolkit, token included
+    with safe_open(str(tmp_path / "merged" / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        assert all(k.startswith("text_model.") for k in f.keys())  # the names transformers 4 stacks read too
     first, second = read_adapter(run), read_adapter(style)
     base = dict(pipe.unet.named_modules())
     for path in set(first.unet) | set(second.unet):

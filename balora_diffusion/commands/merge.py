@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from balora_diffusion.formats.fuse import Fused
     from balora_diffusion.formats.ldm_checkpoint import save_single_file
     from balora_diffusion.formats.read import read_adapter
-    from balora_diffusion.models import load_pipeline, quiet_diffusers
+    from balora_diffusion.models import load_pipeline, save_pipeline
 
     adapters = [(read_adapter(path), weight) for path, weight in specs]
     with_tokens = [a for a, _ in adapters if a.embedding is not None] if single else []
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         save_single_file(pipe, out, dtype=dtype)
         written += [write_embedding(out.parent, a.tokens, a.embedding) for a in with_tokens]
     else:
-        with atomic_path(out) as tmp, quiet_diffusers():
-            pipe.save_pretrained(tmp, safe_serialization=True)
+        with atomic_path(out) as tmp:
+            save_pipeline(pipe, tmp)
     print(f"merged {len(adapters)} adapter(s) into {', '.join(str(w) for w in written)}")
     return 0

@@ -7,8 +7,10 @@ stop, downloads, curves. Started by `balora app --runs DIR` (also `python -m app
 from __future__ import annotations
 
 import functools
+import html
 import math
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -188,16 +190,37 @@ class App:
         return curves.figure([read_run(self.runs, name) for name in runs])
 
 
-def _shown(fn):
-    """A callback whose UserErrors appear in the page as an error message (and keep the app serving)."""
+# an absolute path of two parts or more, as library messages write them (quoted or not)
+SERVER_PATH = re.compile(r"(?<![\w.~])/(?:[^\s/'\"]+/)+([^\s/'\"]+)")
+
+
+def for_page(message: str, runs: Path) -> str:
+    """A message as the page shows it, in HTML (how gradio renders messages and Markdown): a
+    <token> escaped, or the browser drops it as an unknown tag and the sentence loses its point;
+    where the server keeps things is none of the page's business, so a path below the runs
+    folder becomes the run's name, other paths their last part."""
+    for root in sorted({str(runs), str(runs.resolve())}, key=len, reverse=True):
+        message = message.replace(root + "/", "").replace(root, "the runs folder")
+    return html.escape(SERVER_PATH.sub(r"\1", message), quote=False)
+
+
+def page_error(exc: UserError, runs: Path):
+    """The gr.Error that shows `exc` in the page; the server's log gets one line, not a traceback."""
     import gradio as gr
+
+    print(f"balora: app: {exc}", file=sys.stderr)
+    return gr.Error(for_page(str(exc), runs), print_exception=False)
+
+
+def _shown(fn, runs: Path):
+    """A callback whose UserErrors appear in the page as an error message (and keep the app serving)."""
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            raise gr.Error(str(exc)) from None
+            raise page_error(exc, runs) from None
     return call
 
 
@@ -268,22 +291,22 @@ def build_ui(app: App):
                     gr.update(choices=[r["name"] for r in app.list_runs()]))
 
         run_pickers = [table, chosen, curve_runs, download_run]
-        refresh.click(_shown(refreshed), None, run_pickers, api_visibility="private")
-        ui.load(_shown(refreshed), None, run_pickers, api_visibility="private")
-        gr.api(_shown(app.list_runs), api_name="list_runs")
+        refresh.click(_shown(refreshed, app.runs), None, run_pickers, api_visibility="private")
+        ui.load(_shown(refreshed, app.runs), None, run_pickers, api_visibility="private")
+        gr.api(_shown(app.list_runs, app.runs), api_name="list_runs")
 
         def compare(runs, rows, columns, prompt, negative, seeds, steps, guidance, fusion, progress=gr.Progress()):
             return app.compare(runs, rows, columns, prompt, negative, seeds, steps, guidance, fusion,
                                progress=lambda done, total: progress((done, total), desc="drawing", unit="images"))
 
-        draw.click(_shown(compare), [chosen, rows, columns, prompt, negative, seeds, steps, guidance, fusion],
+        draw.click(_shown(compare, app.runs), [chosen, rows, columns, prompt, negative, seeds, steps, guidance, fusion],
                    [grid, grid_file], api_name="compare")
 
         def train(files, name, token, init_word, method, lr_unet, lr_text, steps, rank, progress=gr.Progress()):
             try:
                 job = app.train(files, name, token, init_word, method, lr_unet, lr_text, steps, rank)
             except UserError as exc:
-                raise gr.Error(str(exc)) from None
+                raise page_error(exc, app.runs) from None
             while job.running():
                 progress((job.step(), job.steps), desc=f"training {job.name}", unit="steps")
                 yield job.outcome(), app.job_curves(job), None
@@ -296,8 +319,8 @@ def build_ui(app: App):
                     # not queued behind a running training: a second one is refused at once (Trainer)
                     concurrency_limit=None).then(refreshed, None, run_pickers, api_visibility="private")
         stop.click(app.stop, None, status, api_name="stop", concurrency_limit=None)
-        prepare.click(_shown(app.downloads), download_run, files, api_name="downloads")
-        plot.click(_shown(app.curves), curve_runs, figure, api_name="curves")
+        prepare.click(_shown(app.downloads, app.runs), download_run, files, api_name="downloads")
+        plot.click(_shown(app.curves, app.runs), curve_runs, figure, api_name="curves")
     return ui
 
 
@@ -315,8 +338,6 @@ def serve(app: App, host: str = "127.0.0.1", port: int = 7860, auth: list[tuple[
 
 
 if __name__ == "__main__":  # python app/app.py --runs DIR
-    import sys
-
     from balora_diffusion.cli import main
 
     sys.exit(main(["app", *sys.argv[1:]]))

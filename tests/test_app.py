@@ -463,3 +463,32 @@ def test_with_an_auth_file_the_server_wants_a_login(app):
         assert set(sweep_names()) <= names
     finally:
         ui.close()
+
+
+def test_a_message_in_the_page_keeps_its_token_and_names_no_server_path(server, app, tmp_path, capfd):
+    if not CHROMIUM.is_file():
+        pytest.skip("Debian's chromium is not installed (`make test` installs it)")
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+    from playwright.sync_api import expect, sync_playwright
+
+    fake = tmp_path / "fake.png"
+    fake.write_text("<html>")
+    client = Client(server, verbose=False)
+    for uploads, name, message in [(_uploads(tmp_path) + [fake], "", "cannot read image fake.png"),
+                                   (_uploads(tmp_path), "sweep", "'sweep' exists in the runs folder already")]:
+        with pytest.raises(AppError) as caught:
+            client.predict([handle_file(p) for p in uploads], name, "<zorb>", "heart", "lora", 1e-2, 1e-3, 2, 2,
+                           api_name="/train")
+        assert message in str(caught.value) and "/" + "tmp" not in str(caught.value), str(caught.value)
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        try:
+            page = browser.new_page()
+            page.goto(server)
+            page.get_by_label("prompt", exact=True).fill("word " * 80 + "<zorb>")
+            page.get_by_role("button", name="Draw grid").click()
+            expect(page.get_by_text("<zorb> falls past the text encoder's first").first).to_be_visible(timeout=30_000)
+        finally:
+            browser.close()
+    assert "Traceback" not in capfd.readouterr().err

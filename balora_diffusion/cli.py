@@ -27,6 +27,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                   "a run's (or any checkpoint's, or any LoRA's) adapter in the diffusers or kohya format"),
     ("merge",): ("balora_diffusion.commands.merge",
                  "adapters fused into the base model, written as a diffusers folder or one .safetensors file"),
+    ("fuse",): ("balora_diffusion.commands.fuse",
+                "several concept adapters in one (gradient fusion or sum), every token kept, as a run folder"),
     ("inspect",): ("balora_diffusion.commands.inspect",
                    "what an adapter file or run holds: format, targets, rank, alpha, training, balance"),
     ("app",): ("balora_diffusion.commands.app",

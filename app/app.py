@@ -110,6 +110,11 @@ class App:
     def finished(self) -> list[str]:
         return [run.name for run in list_runs(self.runs) if run.state == "finished"]
 
+    def default_prompt(self) -> str:
+        """The first finished run's validation prompt (it names the run's token)."""
+        finished = self.finished()
+        return read_run(self.runs, finished[0]).prompt if finished else ""
+
     # ---- Compare
     def compare(self, runs: list[str], rows: str, columns: str, prompt: str, negative_prompt: str, seeds: str,
                 steps: int, guidance: float, fusion: str,
@@ -156,9 +161,9 @@ class App:
 
     # ---- Train
     def train(self, files: list[str], name: str, token: str, init_word: str, method: str, lr_unet: float,
-              lr_text: float, steps: int, rank: int) -> Job:
+              lr_text: float, steps: int, rank: int, overwrite: bool = False) -> Job:
         """Start a training; every option is checked (TrainConfig's checks included, in Trainer.start)
-        before a run folder is made."""
+        before a run folder is made. `overwrite`: replace a run of that name trained from the page."""
         token = checked_token(token)
         name = str(name or "").strip() or f"{re.sub(r'[^A-Za-z0-9]+', '', token) or 'concept'}-{method}-" \
                                           f"{time.strftime('%Y%m%d-%H%M%S')}"
@@ -168,7 +173,23 @@ class App:
                   "lr_text": checked_number(lr_text, float, "learning rate (text encoder)", 0),
                   "steps": steps, "rank": rank, "alpha": float(rank), "text_rank": rank, "text_alpha": float(rank),
                   "eval_every": max(1, steps // 20)}
-        return self.trainer.start(name, list(files or []), values)
+        return self.trainer.start(name, list(files or []), values, overwrite=bool(overwrite))
+
+    def resume(self, name: str) -> Job:
+        """Continue run `name`, stopped, from its newest checkpoint; no name: the last one trained here."""
+        name = str(name or "").strip() or (self.trainer.job.name if self.trainer.job else "")
+        if not name:
+            raise UserError("type the name of the stopped run to continue")
+        return self.trainer.resume(name)
+
+    def selection_with(self, name: str, chosen: list[str]) -> tuple[list[str], str]:
+        """Compare's runs and prompt once run `name` has finished: it joins the chosen runs that
+        learned one of its tokens (the others would draw the prompt without their concept), and
+        the prompt becomes its own validation prompt, which names its token."""
+        run = read_run(self.runs, name)
+        listed = {other.name: other for other in list_runs(self.runs) if other.state == "finished"}
+        alike = [c for c in chosen or [] if c != name and c in listed and set(listed[c].tokens) & set(run.tokens)]
+        return [*alike, name], run.prompt
 
     def job_curves(self, job: Job):
         """The curves of a training so far; none before it has written its config."""
@@ -229,7 +250,6 @@ def build_ui(app: App):
 
     d = app.defaults
     finished = app.finished()
-    first = read_run(app.runs, finished[0]).prompt if finished else ""
     with gr.Blocks(title="balora-diffusion", analytics_enabled=False) as ui:
         gr.Markdown(f"## balora-diffusion\nRuns in `{app.runs}`. Compare generations across learning rates, "
                     "methods and fusion coefficients; train a concept; read the training curves.")
@@ -246,7 +266,7 @@ def build_ui(app: App):
                 fusion = gr.Textbox("0.7, 1", label="fusion coefficients (LoRA strength)")
                 seeds = gr.Textbox("1", label="seed(s), the same in every cell")
             with gr.Row():
-                prompt = gr.Textbox(first, label="prompt", scale=3)
+                prompt = gr.Textbox(app.default_prompt(), label="prompt", scale=3)
                 negative = gr.Textbox("", label="negative prompt", scale=2)
                 steps = gr.Number(d["sample_steps"], precision=0, label="sampling steps", minimum=1, maximum=200)
                 guidance = gr.Number(d["guidance_scale"], label="guidance", minimum=0, maximum=30)
@@ -269,9 +289,11 @@ def build_ui(app: App):
                 train_steps = gr.Number(d["steps"], precision=0, label="steps", minimum=1)
                 rank = gr.Number(d["rank"], precision=0, label="rank", minimum=1)
             with gr.Row():
+                overwrite = gr.Checkbox(False, label="Overwrite: replace a run of this name trained here")
                 start = gr.Button("Train", variant="primary")
-                stop = gr.Button("Stop")
-            status = gr.Markdown(label="status")
+                stop = gr.Button("Stop (keeps the step reached)")
+                resume = gr.Button("Continue the stopped run")
+            status = gr.Markdown(label="status", elem_id="train-status")
             live = gr.Plot(label="curves")
             with gr.Row():
                 download_run = gr.Dropdown(finished, label="run", scale=3, allow_custom_value=True)
@@ -285,14 +307,26 @@ def build_ui(app: App):
             plot = gr.Button("Plot")
             figure = gr.Plot(label="curves", elem_id="curves")
 
-        def refreshed():
+        def refreshed(**selection):
             names = app.finished()
-            return (app.table(), gr.update(choices=names), gr.update(choices=names),
+            return (app.table(), gr.update(choices=names, **selection), gr.update(choices=names),
                     gr.update(choices=[r["name"] for r in app.list_runs()]))
+
+        def loaded():
+            """The page as of now, not as of the server's start: runs trained since are chosen."""
+            return *refreshed(value=app.finished()[:12]), app.default_prompt()
+
+        def trained(picked):
+            """A run that has just finished is chosen in Compare, its token in the prompt."""
+            job = app.trainer.job
+            if job is None or job.running() or job.process.returncode != 0:
+                return *refreshed(), gr.update()
+            selection, prompt = app.selection_with(job.name, picked)
+            return *refreshed(value=selection), prompt
 
         run_pickers = [table, chosen, curve_runs, download_run]
         refresh.click(_shown(refreshed, app.runs), None, run_pickers, api_visibility="private")
-        ui.load(_shown(refreshed, app.runs), None, run_pickers, api_visibility="private")
+        ui.load(_shown(loaded, app.runs), None, [*run_pickers, prompt], api_visibility="private")
         gr.api(_shown(app.list_runs, app.runs), api_name="list_runs")
 
         def compare(runs, rows, columns, prompt, negative, seeds, steps, guidance, fusion, progress=gr.Progress()):
@@ -302,22 +336,38 @@ def build_ui(app: App):
         draw.click(_shown(compare, app.runs), [chosen, rows, columns, prompt, negative, seeds, steps, guidance, fusion],
                    [grid, grid_file], api_name="compare")
 
-        def train(files, name, token, init_word, method, lr_unet, lr_text, steps, rank, progress=gr.Progress()):
-            try:
-                job = app.train(files, name, token, init_word, method, lr_unet, lr_text, steps, rank)
-            except UserError as exc:
-                raise page_error(exc, app.runs) from None
+        def watched(job, progress):
+            """The training's status, curves and (once finished) files, about once a second."""
             while job.running():
                 progress((job.step(), job.steps), desc=f"training {job.name}", unit="steps")
-                yield job.outcome(), app.job_curves(job), None
+                yield for_page(job.outcome(), app.runs), app.job_curves(job), None
                 time.sleep(POLL_SECONDS)
             done = job.process.returncode == 0
-            yield job.outcome(), app.job_curves(job), app.downloads(job.name) if done else None
+            yield for_page(job.outcome(), app.runs), app.job_curves(job), app.downloads(job.name) if done else None
 
-        start.click(train, [uploads, run_name, token, init_word, method, lr_unet, lr_text, train_steps, rank],
-                    [status, live, files], api_name="train",
-                    # not queued behind a running training: a second one is refused at once (Trainer)
-                    concurrency_limit=None).then(refreshed, None, run_pickers, api_visibility="private")
+        def train(files, name, token, init_word, method, lr_unet, lr_text, steps, rank, overwrite=False,
+                  progress=gr.Progress()):
+            try:
+                job = app.train(files, name, token, init_word, method, lr_unet, lr_text, steps, rank, overwrite)
+            except UserError as exc:
+                raise page_error(exc, app.runs) from None
+            yield from watched(job, progress)
+
+        def resumed(name, progress=gr.Progress()):
+            try:
+                job = app.resume(name)
+            except UserError as exc:
+                raise page_error(exc, app.runs) from None
+            yield from watched(job, progress)
+
+        # not queued behind a running training: a second one is refused at once (Trainer); the
+        # progress bar over the status line only, so the curves below stay in view
+        watching = dict(outputs=[status, live, files], concurrency_limit=None, show_progress_on=status)
+        start.click(train, [uploads, run_name, token, init_word, method, lr_unet, lr_text, train_steps, rank, overwrite],
+                    api_name="train", **watching).then(trained, chosen, [*run_pickers, prompt],
+                                                       api_visibility="private")
+        resume.click(resumed, run_name, api_name="resume", **watching).then(trained, chosen, [*run_pickers, prompt],
+                                                                            api_visibility="private")
         stop.click(app.stop, None, status, api_name="stop", concurrency_limit=None)
         prepare.click(_shown(app.downloads, app.runs), download_run, files, api_name="downloads")
         plot.click(_shown(app.curves, app.runs), curve_runs, figure, api_name="curves")

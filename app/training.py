@@ -13,14 +13,17 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from balora_diffusion.atomic import atomic_path
+from balora_diffusion import checkpoint as ckpt
+from balora_diffusion.atomic import atomic_path, temp_sibling
 from balora_diffusion.data import IMAGE_SUFFIXES, load_image, read_concept_folder
 from balora_diffusion.errors import UserError
-from balora_diffusion.runs import new_run_folder, read_metrics
+from balora_diffusion.runs import new_run_folder, own_file, read_metrics, read_run, resolve_run
+from balora_diffusion.stop_request import STOP_SIGNAL
 
 MIN_IMAGES, MAX_IMAGES = 3, 30
 MAX_FILE_MB = 20  # per uploaded file; the server refuses larger uploads before they reach here
 CONFIG_FILE, LOG_FILE, DATA_FOLDER = "train.toml", "train.log", "data"
+INTERRUPTED = 130  # the exit status of a stopped training (128 + SIGINT, as a shell reports Ctrl-C)
 
 
 def stage_uploads(files: list[str | Path], dest: Path) -> int:
@@ -77,6 +80,8 @@ class Job:
         code = self.process.returncode
         if code == 0:
             return f"{self.name} finished: {self.steps} steps"
+        if code == INTERRUPTED:
+            return stopped_message(self.name, self.folder, self.steps)
         return f"{self.name} stopped (exit status {code}): {self.last_message()}"
 
     def last_message(self) -> str:
@@ -89,45 +94,102 @@ class Job:
         return (errors or lines or ["no output"])[-1]
 
 
+def stopped_message(name: str, folder: Path, steps: int) -> str:
+    """What the page can do with a stopped run: the CLI's advice names a command nobody typed."""
+    newest, _ = ckpt.newest_intact(folder / "checkpoints")
+    if newest is None:
+        return f"{name} stopped before its first checkpoint: tick Overwrite and press Train to start it again"
+    return (f"{name} stopped at step {ckpt.checkpoint_step(newest)} of {steps}: Continue goes on from there; "
+            "Overwrite (ticked) and Train starts it again")
+
+
 class Trainer:
     def __init__(self, runs: Path, cpu_threads: int = 0):
         self.runs, self.cpu_threads = Path(runs), cpu_threads
         self.job: Job | None = None
         self._lock = threading.Lock()
 
-    def start(self, name: str, uploads: list[str | Path], values: dict) -> Job:
-        """Stage the uploads into a new run folder `name` and start `balora train` there with the
-        options in `values` (TrainConfig's names) on top of `defaults`."""
+    def start(self, name: str, uploads: list[str | Path], values: dict, overwrite: bool = False) -> Job:
+        """Stage the uploads into run folder `name` and start `balora train` there with the options
+        in `values` (TrainConfig's names). The folder must be new, unless `overwrite`: then a run
+        this app trained there is replaced, once the new uploads have passed their checks."""
         from balora_diffusion.config import to_toml
         from balora_diffusion.train_config import TrainConfig
 
         with self._lock:
-            if self.job is not None and self.job.running():
-                raise UserError(f"a training is running already ({self.job.outcome()}): wait for it to end, "
-                                "or stop it, before starting another")
-            folder = new_run_folder(self.runs, name)
+            self._refuse_a_second()
+            folder = self._folder(name, overwrite)
+            fresh = not (folder / CONFIG_FILE).exists()
             cfg = TrainConfig(**{**values, "data_dir": str((folder / DATA_FOLDER).resolve()),
-                                 "output_dir": str(folder.resolve()), "cpu_threads": self.cpu_threads})
+                                 "output_dir": str(folder.resolve()), "cpu_threads": self.cpu_threads,
+                                 "overwrite": not fresh})
+            staged = temp_sibling(folder / DATA_FOLDER)
             try:
-                stage_uploads(uploads, folder / DATA_FOLDER)
-                read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template)  # captions name the token
+                stage_uploads(uploads, staged)
+                read_concept_folder(staged, cfg.token, cfg.caption_template)  # captions name the token
+                with atomic_path(folder / DATA_FOLDER) as tmp:
+                    os.replace(staged, tmp)
                 with atomic_path(folder / CONFIG_FILE) as tmp:
                     tmp.write_text(to_toml(cfg), encoding="utf-8")
             except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(folder if fresh else staged, ignore_errors=True)
                 raise
-            env = {**os.environ, **({"OMP_NUM_THREADS": str(self.cpu_threads)} if self.cpu_threads else {})}
-            with (folder / LOG_FILE).open("w") as log:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "balora_diffusion.cli", "train", "--config", str(folder / CONFIG_FILE)],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-            self.job = Job(name, folder, cfg.steps, process)
-            return self.job
+            return self._launch(name, folder, cfg.steps, [])
+
+    def resume(self, name: str) -> Job:
+        """Go on with run `name` (trained from this app and stopped) from its newest checkpoint."""
+        from balora_diffusion.config import read_toml
+        from balora_diffusion.train_config import TrainConfig
+
+        with self._lock:
+            self._refuse_a_second()
+            folder = self._own_run(name)
+            if (folder / "run.json").exists():
+                raise UserError(f"{name} has finished: there is nothing to continue")
+            if ckpt.newest_intact(folder / "checkpoints")[0] is None:
+                raise UserError(f"{name} stopped before its first checkpoint: tick Overwrite and press Train to "
+                                "start it again")
+            steps = TrainConfig(**read_toml(TrainConfig, folder / CONFIG_FILE)).steps
+            return self._launch(name, folder, steps, ["--resume", "latest", "--overwrite", "false"])
+
+    def _folder(self, name: str, overwrite: bool) -> Path:
+        try:
+            return new_run_folder(self.runs, name)
+        except UserError:
+            if not overwrite:
+                raise
+            return self._own_run(name)
+
+    def _refuse_a_second(self) -> None:
+        if self.job is not None and self.job.running():
+            raise UserError(f"a training is running already ({self.job.outcome()}): wait for it to end, "
+                            "or stop it, before starting another")
+
+    def _own_run(self, name: str) -> Path:
+        """Run folder `name`, if this app trained it (its train.toml; nothing else is changed from
+        the page) and no training writes into it."""
+        folder = resolve_run(self.runs, name)
+        if own_file(folder, CONFIG_FILE) is None:
+            raise UserError(f"{name} was not trained from this page: continue or replace it with balora train")
+        if read_run(self.runs, name).state == "training":
+            raise UserError(f"{name} is training: stop it first")
+        return folder
+
+    def _launch(self, name: str, folder: Path, steps: int, flags: list[str]) -> Job:
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(self.cpu_threads)} if self.cpu_threads else {})}
+        with (folder / LOG_FILE).open("a") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "balora_diffusion.cli", "train", "--config", str(folder / CONFIG_FILE), *flags],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        self.job = Job(name, folder, steps, process)
+        return self.job
 
     def stop(self) -> str:
-        """Interrupt the running training like Ctrl-C would: it ends with a resumable checkpoint."""
+        """End the running training after its step in progress, with a checkpoint of it; before its
+        first step there is nothing to keep, and it is interrupted at once."""
         job = self.job
         if job is None or not job.running():
             return "no training is running"
-        job.process.send_signal(signal.SIGINT)
+        # the stop signal's handler is in place once a step is logged; before, it would kill the process
+        job.process.send_signal(STOP_SIGNAL if job.step() >= 1 else signal.SIGINT)
         return f"stopping {job.name}"

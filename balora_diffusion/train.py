@@ -37,6 +37,7 @@ from balora_diffusion.atomic import write_json_atomic
 from balora_diffusion.generate import generate, write_grid
 from balora_diffusion.latent_cache import LatentCache
 from balora_diffusion.runfolder import RunFolder
+from balora_diffusion.stop_request import StopRequest
 from balora_diffusion.runlog import RunLog
 from balora_diffusion.threads import use_cpu_threads
 from balora_diffusion.train_config import TrainConfig
@@ -402,11 +403,11 @@ def train(cfg: TrainConfig) -> Path:
     if not cfg.data_dir:
         raise UserError("no concept folder: give --data-dir FOLDER (or data_dir in the config)")
     examples = read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template)
-    with RunFolder(cfg, accelerator) as run_folder:
-        return _train(cfg, accelerator, examples, run_folder)
+    with StopRequest() as stop, RunFolder(cfg, accelerator) as run_folder:
+        return _train(cfg, accelerator, examples, run_folder, stop)
 
 
-def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Path:
+def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder, stop: StopRequest) -> Path:
     device, world = accelerator.device, accelerator.num_processes
     out = Path(cfg.output_dir)
 
@@ -468,8 +469,10 @@ def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder) -> Pa
         if cfg.grid_every and done % cfg.grid_every == 0 and done != cfg.steps and accelerator.is_main_process:
             validation_grid(out / f"grid-step{done:06d}.png", cfg, pipe, accelerator)
         log.flush()  # before a checkpoint can name this step
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.asked:
             save_training_state(out, done, accelerator, [unet, text_encoder], optimizer, lr_schedule, cfg)
+        if stop.asked and done < cfg.steps:
+            raise KeyboardInterrupt  # RunFolder says how to go on from the checkpoint just written
     elapsed = time.perf_counter() - started
 
     # ---- outputs

@@ -3,6 +3,7 @@
 
 Runs are trained on the random-weight SD-architecture model (16 px images), a few steps each.
 """
+import json
 import os
 import shutil
 import socket
@@ -185,6 +186,19 @@ def test_bad_compare_inputs_are_one_clear_message(app):
     assert parse_numbers("0.7 1,0", float, "x") == [0.7, 1.0, 0.0]
 
 
+def test_a_finished_run_joins_the_chosen_runs_of_its_token_with_its_own_prompt(app, runs):
+    other = runs / "other-token"
+    shutil.copytree(runs / sweep_names()[0], other)
+    for name in ("run.json", "config.json"):
+        (other / name).write_text((other / name).read_text().replace("<zorb>", "<blip>"))
+    try:
+        chosen = ["other-token", "unfinished", "removed", sweep_names()[1]]
+        assert app.selection_with(sweep_names()[0], chosen) == ([sweep_names()[1], sweep_names()[0]], "a <zorb>")
+        assert app.selection_with("other-token", sweep_names()) == (["other-token"], "a <blip>")
+    finally:
+        shutil.rmtree(other)
+
+
 def test_curves_and_downloads(app, runs):
     fig = app.curves(sweep_names())
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
@@ -341,13 +355,51 @@ def test_a_second_training_is_refused_while_one_runs(tmp_path, random_sd_dir):
         if job.running():
             job.process.kill()
     assert job.process.returncode == 130
-    assert job.outcome().startswith("first stopped (exit status 130): balora: interrupted")
+    assert job.outcome().startswith("first stopped at step ")
     # the refused caption check and a finished run name are refused before anything starts
     with pytest.raises(UserError, match="never names <zorb>"):
         trainer.start("third", _uploads(tmp_path, captions=False), {**values, "caption_template": "a photo"})
     assert not (tmp_path / "runs" / "third").exists()
     with pytest.raises(UserError, match="exists"):
         trainer.start("first", _uploads(tmp_path), values)
+
+
+def _stopped_after_a_step(app: App, job) -> int:
+    """Stop `job` once it has logged a step; the step of the checkpoint it ends with."""
+    try:
+        while job.step() < 1 and job.running():
+            time.sleep(0.1)
+        assert app.stop() == f"stopping {job.name}", job.last_message()
+        job.process.wait(timeout=300)
+    finally:
+        if job.running():
+            job.process.kill()
+    assert job.process.returncode == 130, job.last_message()
+    (checkpoint,) = (job.folder / "checkpoints").iterdir()
+    return int(checkpoint.name.split("-")[-1])
+
+
+def test_stop_keeps_the_step_reached_and_the_page_continues_or_overwrites_it(tmp_path, random_sd_dir):
+    app = App(tmp_path / "runs", str(random_sd_dir), device="cpu", cpu_threads=1)
+    options = dict(files=_uploads(tmp_path), name="short", token="<zorb>", init_word="heart", method="lora",
+                   lr_unet=1e-3, lr_text=1e-4, steps=400, rank=2)
+    job = app.train(**options)
+    step = _stopped_after_a_step(app, job)
+    assert 1 <= step < 100  # before the first periodic checkpoint (every 100 steps)
+    assert job.outcome() == (f"short stopped at step {step} of 400: Continue goes on from there; "
+                             "Overwrite (ticked) and Train starts it again")
+    with pytest.raises(UserError, match="'short' exists"):
+        app.train(**options)
+    job = app.resume("short")
+    job.process.wait(timeout=600)
+    assert job.outcome() == "short finished: 400 steps", job.last_message()
+    assert json.loads((job.folder / "run.json").read_text())["resumed_from"] == step
+    with pytest.raises(UserError, match="short has finished"):
+        app.resume("short")
+    job = app.train(**{**options, "steps": 2, "method": "balora"}, overwrite=True)
+    job.process.wait(timeout=600)
+    assert job.outcome() == "short finished: 2 steps", job.last_message()
+    assert app.list_runs()[0]["method"] == "balora" and app.list_runs()[0]["steps"] == 2
 
 
 # ---------------------------------------------------------------- the command
@@ -421,8 +473,10 @@ def test_the_page_draws_a_grid_in_a_real_browser(server, app, tmp_path):
         pytest.skip("Debian's chromium is not installed (`make test` installs it)")
     from playwright.sync_api import expect, sync_playwright
 
-    # what the page shows before anything is changed: every finished run it found, drawn with the defaults
-    expected, _ = app.compare(sorted(sweep_names()), "learning rate", "method", PROMPT, "", "1", 20, 5.0, "0.7, 1")
+    # what the page shows before anything is changed: every finished run there is when it loads (also
+    # those trained since the server started), drawn with the defaults
+    expected, _ = app.compare(app.finished(), "learning rate", "method", app.default_prompt(), "", "1", 20, 5.0,
+                              "0.7, 1")
     with sync_playwright() as pw:
         browser = launch_chromium(pw)
         try:

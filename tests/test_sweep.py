@@ -152,3 +152,39 @@ def test_shipped_sweep_files_expand(name):
     sweep.set = sweep.set or [f"data_dir={paths.DEMO_CONCEPT}"]
     cells = expand(sweep)
     assert len(cells) == len(sweep.methods) * len(sweep.lrs) * len(sweep.seeds)
+
+
+def test_a_killed_worker_ends_the_sweep_with_one_error_and_no_leaked_semaphores(random_sd_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "killed"
+    args = sweep_args(out, random_sd_dir, "--workers", "2", "--score", "false", methods=["lora", "balora"], lrs=["1"])
+    args[args.index("steps=2")] = "steps=1000000"  # the cells run until a worker is killed
+    sweep = subprocess.Popen([sys.executable, "-m", "balora_diffusion.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    try:
+        # both cells training: each has logged steps (however long a busy machine takes to get there)
+        while not all(len(_lines(out / name / "metrics.jsonl")) >= 3 for name in ("lora-lrx1-s0", "balora-lrx1-s0")):
+            assert sweep.poll() is None, sweep.stderr.read()
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(sweep.pid).children()
+                   if any("multiprocessing.spawn" in part for part in p.cmdline())]
+        assert len(workers) == 2
+        os.kill(workers[0].pid, signal.SIGKILL)
+        stderr = sweep.communicate(timeout=600)[1]
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 2
+    assert "leaked" not in stderr and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1].startswith("balora: error: cell ")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []

@@ -233,9 +233,22 @@ def _submitter(sweep: SweepConfig, scoring: dict | None):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(max_workers=sweep.workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=sweep.workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_without_process_locks)
     return (lambda cell: pool.submit(run_cell, cell.name, cell.labels, cell.values, scoring),
             lambda cancel: pool.shutdown(wait=not cancel, cancel_futures=cancel))
+
+
+def _worker_without_process_locks() -> None:
+    """Give tqdm a thread lock in a worker. Its default also takes a multiprocessing lock, a named
+    semaphore registered with the pool's resource tracker: a worker that is killed (by the OOM
+    killer, say) never unlinks it, and the tracker warns about leaked semaphores when the sweep
+    ends. A worker draws its bars alone, so a thread lock is all it needs."""
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
 
 
 def run_cells(sweep: SweepConfig, cells: list[Cell], scoring: dict | None,

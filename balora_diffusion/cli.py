@@ -68,6 +68,13 @@ NOTICES = {
 _NOTICE_FILTERS = {name: (lambda record, text=text: text not in record.getMessage()) for name, text in NOTICES.items()}
 
 
+def drop_known_notices() -> None:
+    """Filter NOTICES where they are logged; call it before the libraries are imported and log (worker
+    processes, which never run main(), call it too)."""
+    for name, keep in _NOTICE_FILTERS.items():
+        logging.getLogger(name).addFilter(keep)
+
+
 def _usage(prefix: tuple[str, ...]) -> str:
     rows = [(" ".join(words[len(prefix):]), help_text)
             for words, (_, help_text) in COMMANDS.items() if words[: len(prefix)] == prefix]
@@ -105,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     # and Python then leaves it ignored: Ctrl-C, or the app's Stop button, would not reach a training
     # that promises to stop at once with a resumable checkpoint.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    for name, keep in _NOTICE_FILTERS.items():  # before the libraries are imported and log
-        logging.getLogger(name).addFilter(keep)
+    drop_known_notices()
     try:
         # before the command's module: a broken library combination can fail at import time
         check_versions()

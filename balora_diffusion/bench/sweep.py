@@ -234,20 +234,23 @@ def _submitter(sweep: SweepConfig, scoring: dict | None):
     from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(max_workers=sweep.workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_without_process_locks)
+                               initializer=_start_worker)
     return (lambda cell: pool.submit(run_cell, cell.name, cell.labels, cell.values, scoring),
             lambda cancel: pool.shutdown(wait=not cancel, cancel_futures=cancel))
 
 
-def _worker_without_process_locks() -> None:
-    """Give tqdm a thread lock in a worker. Its default also takes a multiprocessing lock, a named
-    semaphore registered with the pool's resource tracker: a worker that is killed (by the OOM
-    killer, say) never unlinks it, and the tracker warns about leaked semaphores when the sweep
-    ends. A worker draws its bars alone, so a thread lock is all it needs."""
+def _start_worker() -> None:
+    """A worker drops the notices the command drops (it never runs cli.main), and gives tqdm a
+    thread lock: tqdm's default also takes a multiprocessing lock, a named semaphore registered with
+    the pool's resource tracker, which a killed worker (by the OOM killer, say) never unlinks, so the
+    tracker would warn about leaked semaphores when the sweep ends. A worker draws its bars alone."""
     import threading
 
     from tqdm import tqdm
 
+    from balora_diffusion.cli import drop_known_notices
+
+    drop_known_notices()
     tqdm.set_lock(threading.RLock())
 
 

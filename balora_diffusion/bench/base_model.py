@@ -75,11 +75,13 @@ def summarise(records: list[dict]) -> dict[str, float | int | None]:
 
 def run(args: argparse.Namespace) -> int:
     from balora_diffusion.models import DEFAULT_MODEL_DIR, load_pipeline
+    from balora_diffusion.threads import use_cpu_threads
 
     if args.seeds < 1 or args.steps < 1 or args.batch_size < 1 or args.seen < 0:
         raise UserError("--seeds, --steps and --batch-size must be >= 1 and --seen >= 0")
     claim_out(args, ("base_model.json", "base_model.png"))
     pipe = load_pipeline(args.model, args.device)
+    use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
     jobs = prompt_scenes(args.seen, args.quick)
     seeds = [1] if args.quick else list(range(1, args.seeds + 1))
     images = generate(pipe, [s.caption() for _, s in jobs], seeds, steps=args.steps,

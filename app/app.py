@@ -105,7 +105,9 @@ class App:
                  if key != "path"} for run in list_runs(self.runs)]
 
     def table(self) -> list[list]:
-        return [run.row() for run in list_runs(self.runs)]
+        """The runs table; numbers to 6 significant digits (a learning rate of 3 x 0.006 is 0.018,
+        not 0.018000000000000002)."""
+        return [[float(f"{v:.6g}") if isinstance(v, float) else v for v in run.row()] for run in list_runs(self.runs)]
 
     def finished(self) -> list[str]:
         return [run.name for run in list_runs(self.runs) if run.state == "finished"]
@@ -271,7 +273,9 @@ def build_ui(app: App):
                 steps = gr.Number(d["sample_steps"], precision=0, label="sampling steps", minimum=1, maximum=200)
                 guidance = gr.Number(d["guidance_scale"], label="guidance", minimum=0, maximum=30)
             draw = gr.Button("Draw grid", variant="primary", elem_id="draw-grid")
-            grid = gr.Image(type="pil", label="grid", format="png", elem_id="grid", interactive=False)
+            # no label badge: it would cover the start of the grid's own title
+            grid = gr.Image(type="pil", label="grid", show_label=False, format="png", elem_id="grid",
+                            interactive=False)
             grid_file = gr.File(label="grid as PNG")
 
         with gr.Tab("Train"):

@@ -50,6 +50,8 @@ def main() -> None:
             browser = launch_chromium(pw)
             page = browser.new_page(viewport={"width": args.width, "height": 900})
             page.goto(f"http://127.0.0.1:{port}/")
+            # the page's load fills in the prompt of the runs there are now; typed before, it is replaced
+            expect(page.get_by_label("prompt", exact=True)).not_to_have_value("")
             if args.prompt:
                 page.get_by_label("prompt", exact=True).fill(args.prompt)
             page.get_by_label("fusion coefficients (LoRA strength)").fill(args.fusion)

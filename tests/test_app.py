@@ -199,6 +199,15 @@ def test_a_finished_run_joins_the_chosen_runs_of_its_token_with_its_own_prompt(a
         shutil.rmtree(other)
 
 
+def test_the_runs_table_shows_numbers_as_typed(tmp_path, runs, random_sd_dir):
+    shutil.copytree(runs / sweep_names()[0], tmp_path / "runs" / "r")
+    for name in ("run.json", "config.json"):
+        path = tmp_path / "runs" / "r" / name
+        path.write_text(path.read_text().replace('"lr_unet": 0.001', '"lr_unet": 0.018000000000000002'))
+    (row,) = App(tmp_path / "runs", str(random_sd_dir), device="cpu").table()
+    assert row[2] == 0.018 and str(row[2]) == "0.018"
+
+
 def test_curves_and_downloads(app, runs):
     fig = app.curves(sweep_names())
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
@@ -540,6 +549,8 @@ def test_a_message_in_the_page_keeps_its_token_and_names_no_server_path(server, 
         try:
             page = browser.new_page()
             page.goto(server)
+            # the page's load sets the prompt of the runs there are now: typed before, it is replaced
+            expect(page.get_by_label("prompt", exact=True)).to_have_value(app.default_prompt())
             page.get_by_label("prompt", exact=True).fill("word " * 80 + "<zorb>")
             page.get_by_role("button", name="Draw grid").click()
             expect(page.get_by_text("<zorb> falls past the text encoder's first").first).to_be_visible(timeout=30_000)

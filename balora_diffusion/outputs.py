@@ -42,6 +42,19 @@ def claim(outputs: Iterable[str | Path], overwrite: bool, *, flag: str = "--out"
         check_writable(path, flag=flag)
 
 
+def check_record_folder(out: Path, record: str, overwrite: bool) -> None:
+    """Refuse an --out folder that holds files other than an earlier output of this command (known by
+    its `record` file), or that output unless `overwrite`; and one that cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / record).is_file():
+            raise UserError(f"--out {out} holds other files; give an empty or new folder")
+        if not overwrite:
+            raise UserError(f"--out {out} holds an earlier {Path(record).stem}; {OVERWRITE_HINT}")
+    check_writable(out)
+
+
 def check_writable(path: str | Path, *, flag: str = "--out") -> None:
     """Refuse `path` unless it can be created (or replaced by a rename) in its folder: its nearest
     existing ancestor must be a folder this process can write in."""

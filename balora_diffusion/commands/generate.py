@@ -10,7 +10,7 @@ from pathlib import Path
 from balora_diffusion.config import check_config, config_from_args, field, add_config_arguments
 from balora_diffusion import threads
 from balora_diffusion.errors import UserError
-from balora_diffusion.outputs import check_writable
+from balora_diffusion.outputs import check_record_folder
 from balora_diffusion.train_config import IMAGE_SIDE
 
 SCHEDULER_NAMES = ["dpm++", "dpm++-karras", "ddim", "euler", "euler-a", "unipc", "pndm", "ddpm"]
@@ -43,15 +43,11 @@ def _size_problem(size: int) -> str | None:
 
 
 @dataclass
-class GenerateConfig:
+class DrawConfig:
+    """How images are drawn: what `generate` and `eval` share."""
     def __post_init__(self) -> None:
         check_config(self)
 
-    adapter: list[str] = field([], "run folder, checkpoint, adapter folder or LoRA file (diffusers, peft, kohya), "
-                                   "as PATH or PATH:WEIGHT; several are added together", path=True,
-                               check=_adapter_problem)
-    prompt: list[str] = field([], "prompt; give several (or repeat the flag) for several rows")
-    prompts_file: str = field("", "text file with one prompt per line (added after --prompt)", path=True)
     negative_prompt: str = field("", "negative prompt of every image")
     seeds: list[int] = field([1, 2], "sampling seeds: every prompt is drawn once per seed, at every fusion "
                                      "coefficient", nonempty=True, ge=0, lt=2**63)
@@ -71,6 +67,15 @@ class GenerateConfig:
                        choices=["auto", "fp32", "fp16", "bf16"])
     batch_size: int = field(8, "images drawn at once", ge=1)
     cpu_threads: int = field(0, threads.HELP, ge=0)
+
+
+@dataclass
+class GenerateConfig(DrawConfig):
+    adapter: list[str] = field([], "run folder, checkpoint, adapter folder or LoRA file (diffusers, peft, kohya), "
+                                   "as PATH or PATH:WEIGHT; several are added together", path=True,
+                               check=_adapter_problem)
+    prompt: list[str] = field([], "prompt; give several (or repeat the flag) for several rows")
+    prompts_file: str = field("", "text file with one prompt per line (added after --prompt)", path=True)
     out: str = field("runs/generate", "output folder: grid.png, images/, generate.json", nonempty=True, path=True)
     overwrite: bool = field(False, "replace an output folder that holds an earlier generate")
 
@@ -82,31 +87,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, GenerateConfig)
 
 
+def read_prompts_file(path: Path) -> list[str]:
+    """The non-empty lines of a prompts file."""
+    try:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read the prompts file {path}: {exc}") from None
+
+
 def _prompts(cfg: GenerateConfig) -> list[str]:
     prompts = list(cfg.prompt)
     if cfg.prompts_file:
-        path = Path(cfg.prompts_file)
-        try:
-            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"cannot read the prompts file {path}: {exc}") from None
+        prompts += read_prompts_file(Path(cfg.prompts_file))
     if not prompts:
         raise UserError("no prompt: give --prompt TEXT or --prompts-file FILE")
     return prompts
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / "generate.json").is_file():
-            raise UserError(f"--out {out} holds other files; give an empty or new folder")
-        if not overwrite:
-            raise UserError(f"--out {out} holds an earlier generate; add --overwrite true to replace it")
-    check_writable(out)
-
-
-def _check_prompt_windows(tokenizer, prompts: list[str], tokens: list[str]) -> None:
+def check_prompt_windows(tokenizer, prompts: list[str], tokens: list[str]) -> None:
     """Refuse a prompt in which an adapter's learned token falls past the text encoder's window:
     it would be drawn as if the token were not there."""
     from balora_diffusion.data import window_problem
@@ -122,10 +120,27 @@ def _shortened(text: str, keep: int = 40) -> str:
     return text if len(text) <= keep else f"{text[:keep]}..."
 
 
+def load_drawing(cfg: DrawConfig, base_model: str = "", base_config: str = ""):
+    """The pipeline `cfg` draws with (its base model unless `base_model` is given) and the keyword
+    arguments of generate.generate that carry cfg's sampling settings."""
+    from balora_diffusion.generate import set_scheduler
+    from balora_diffusion.models import load_pipeline
+    from balora_diffusion.threads import use_cpu_threads
+
+    pipe = load_pipeline(cfg.base_model or base_model or None, device=cfg.device,
+                         dtype=None if cfg.dtype == "auto" else cfg.dtype,
+                         single_file_config=cfg.base_config or base_config or None)
+    use_cpu_threads(cfg.cpu_threads, [pipe.unet, pipe.text_encoder, pipe.vae])
+    set_scheduler(pipe, cfg.scheduler)
+    size = cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return pipe, dict(steps=cfg.steps, guidance_scale=cfg.guidance, negative_prompt=cfg.negative_prompt or None,
+                      batch_size=cfg.batch_size, height=size, width=size)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(GenerateConfig, args)
     prompts, out = _prompts(cfg), Path(cfg.out)
-    _check_out(out, cfg.overwrite)
+    check_record_folder(out, "generate.json", cfg.overwrite)
 
     from balora_diffusion.atomic import atomic_path, write_json_atomic
     from balora_diffusion.collector import libraries_loading
@@ -133,23 +148,16 @@ def run(args: argparse.Namespace) -> int:
     with libraries_loading():
         from balora_diffusion.formats.fuse import Fused
         from balora_diffusion.formats.read import read_adapter
-        from balora_diffusion.generate import fusion_grid, generate, image_grid, save_image, set_scheduler
-        from balora_diffusion.models import load_pipeline
-        from balora_diffusion.threads import use_cpu_threads
+        from balora_diffusion.generate import fusion_grid, generate, image_grid, save_image
         from balora_diffusion.train import library_versions
 
     specs = [adapter_spec(text) for text in cfg.adapter]
     adapters = [(read_adapter(path), weight) for path, weight in specs]  # every file read before the model loads
-    pipe = load_pipeline(cfg.base_model or None, device=cfg.device, dtype=None if cfg.dtype == "auto" else cfg.dtype,
-                         single_file_config=cfg.base_config or None)
-    use_cpu_threads(cfg.cpu_threads, [pipe.unet, pipe.text_encoder, pipe.vae])
-    set_scheduler(pipe, cfg.scheduler)
-    size = cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    call = dict(steps=cfg.steps, guidance_scale=cfg.guidance, negative_prompt=cfg.negative_prompt or None,
-                batch_size=cfg.batch_size, height=size, width=size)
+    pipe, call = load_drawing(cfg)
+    size = call["height"]
     if adapters:
         fused = Fused(pipe, adapters)
-        _check_prompt_windows(pipe.tokenizer, prompts, fused.tokens)
+        check_prompt_windows(pipe.tokenizer, prompts, fused.tokens)
         fusions = list(cfg.fusion)
         images = fusion_grid(pipe, fused, prompts, cfg.seeds, fusions, **call)
     else:

@@ -50,3 +50,45 @@ def random_sd_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("random-sd") / "pipe"
     save_pipeline(build_random_pipeline(), path)
     return path
+
+
+def build_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A random-weight CLIP (CLIPModel + CLIPProcessor with the shipped CLIP tokenizer) of 32 px images,
+    saved as a hub model folder is laid out."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                         pad_token_id=49407),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_dinov2(folder: Path, seed: int = 0) -> Path:
+    """A random-weight DINOv2 with its image processor, 32 px images, saved as a hub model folder."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_dir(tmp_path_factory) -> Path:
+    return build_tiny_dinov2(tmp_path_factory.mktemp("tiny-dino") / "dinov2")

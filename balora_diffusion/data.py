@@ -16,13 +16,15 @@ import codecs
 import math
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from balora_diffusion import masks
+from balora_diffusion.buckets import nearest as bucket_nearest
 from balora_diffusion.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -97,14 +99,16 @@ class Example:
     image: Image.Image
     caption: str
     caption_file: Path | None  # None: the caption template
+    mask: Image.Image | None = None  # mode L, the image's size; read only for a masked loss
 
     @property
     def caption_source(self) -> str:
         return str(self.caption_file) if self.caption_file else "the caption template"
 
 
-def read_concept_folder(folder: str | Path, tokens: list[str], caption_template: str) -> list[Example]:
-    """Images + captions of a concept folder, validated.
+def read_concept_folder(folder: str | Path, tokens: list[str], caption_template: str,
+                        with_masks: bool = False) -> list[Example]:
+    """Images + captions (+ masks, `with_masks`: see masks.py) of a concept folder, validated.
 
     `caption_template` is used for images without a `.txt` file; `{token}` in it stands for the
     placeholder token(s) joined by spaces. Every caption must name every placeholder token, or the
@@ -113,7 +117,8 @@ def read_concept_folder(folder: str | Path, tokens: list[str], caption_template:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"concept folder not found: {folder}")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not masks.is_mask_file(p) and p.is_file())
     if not paths:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     examples = []
@@ -123,7 +128,8 @@ def read_concept_folder(folder: str | Path, tokens: list[str], caption_template:
             caption = read_caption(caption_file)
         else:
             caption, caption_file = caption_template.format(token=" ".join(tokens)), None
-        example = Example(path, load_image(path), caption, caption_file)
+        image = load_image(path)
+        example = Example(path, image, caption, caption_file, masks.read_mask(path, image.size) if with_masks else None)
         missing = [t for t in tokens if t not in example.caption]
         if missing:
             raise UserError(f"caption of {path.name} ({example.caption_source}) never names {', '.join(missing)}: "
@@ -175,33 +181,77 @@ def check_image_sizes(examples: list[Example], resolution: int, quiet: bool = Fa
               f"and train soft; the smallest is {smallest.path} ({w}x{h})", file=sys.stderr)
 
 
-def _crop_box(w: int, h: int, side: int, gen: torch.Generator, random_crop: bool) -> tuple[int, int, int, int]:
+@dataclass(frozen=True)
+class View:
+    """Where one draw puts an image: resized to cover the training size, cropped to it, maybe
+    flipped. Its mask takes the same view, so mask and pixels stay aligned."""
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flipped: bool
+    upscaled: bool
+
+
+def draw_view(image_size: tuple[int, int], size: tuple[int, int], gen: torch.Generator, random_crop: bool,
+              flip: bool) -> View:
+    """Scale (w, h) to cover `size` (W, H), crop W x H (centred, or drawn from `gen`), flip with
+    probability 1/2 (drawn from `gen` after the crop)."""
+    (w, h), (width, height) = image_size, size
+    scale = max(width / w, height / h)
+    rw, rh = max(width, round(w * scale)), max(height, round(h * scale))
     if random_crop:
-        left = int(torch.randint(0, w - side + 1, (1,), generator=gen))
-        top = int(torch.randint(0, h - side + 1, (1,), generator=gen))
+        left = int(torch.randint(0, rw - width + 1, (1,), generator=gen))
+        top = int(torch.randint(0, rh - height + 1, (1,), generator=gen))
     else:
-        left, top = (w - side) // 2, (h - side) // 2
-    return left, top, left + side, top + side
+        left, top = (rw - width) // 2, (rh - height) // 2
+    flipped = flip and bool(torch.rand((), generator=gen) < 0.5)
+    return View((rw, rh), (left, top, left + width, top + height), flipped, scale > 1)
+
+
+def view_pixels(image: Image.Image, view: View) -> torch.Tensor:
+    """(3, H, W) in [-1, 1]."""
+    image = image.resize(view.resized, Image.BICUBIC if view.upscaled else Image.LANCZOS).crop(view.box)
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return (arr.flip(-1) if view.flipped else arr).contiguous()
+
+
+def view_mask(mask: Image.Image, view: View, latent_factor: int) -> torch.Tensor:
+    """(1, H / latent_factor, W / latent_factor) in [0, 1]: the mask at latent resolution."""
+    # a box filter averages exactly the source pixels each target pixel covers: a mask's share of subject
+    mask = mask.resize(view.resized, Image.BILINEAR if view.upscaled else Image.BOX).crop(view.box)
+    arr = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
+    return masks.to_latent(arr.flip(-1) if view.flipped else arr, latent_factor).contiguous()
 
 
 def prepare(image: Image.Image, resolution: int, gen: torch.Generator, random_crop: bool, flip: bool) -> torch.Tensor:
     """Resize the short side to `resolution`, crop a square, maybe flip; -> (3, R, R) in [-1, 1]."""
-    w, h = image.size
-    scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                         Image.BICUBIC if scale > 1 else Image.LANCZOS)
-    image = image.crop(_crop_box(*image.size, resolution, gen, random_crop))
-    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    if flip and bool(torch.rand((), generator=gen) < 0.5):
-        arr = arr.flip(-1)
-    return arr.contiguous()
+    return view_pixels(image, draw_view(image.size, (resolution, resolution), gen, random_crop, flip))
+
+
+def split_holdout(examples: list[Example], count: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(training, held out): `count` images drawn with `seed` kept out of training, the rest in
+    folder order. The same seed holds out the same images in every run of a folder."""
+    if count >= len(examples):
+        raise UserError(f"holdout {count} keeps every image out of training: the folder has {len(examples)}; "
+                        "hold out fewer")
+    chosen = set(torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    return ([ex for i, ex in enumerate(examples) if i not in chosen],
+            [ex for i, ex in enumerate(examples) if i in chosen])
 
 
 class ConceptData:
-    """Deterministic batches of a concept folder for step-indexed training."""
+    """Deterministic batches of a concept folder for step-indexed training.
+
+    With `buckets`, each image trains at the bucket nearest its aspect ratio and every step's
+    global batch comes from one bucket: per epoch, each bucket's images (times `repeats`) are
+    shuffled and cut into global batches, a short last one filled from the start of the same
+    shuffle, and the batches of all buckets shuffled together; all of it from (seed, epoch).
+    Without, each image is cropped to a square and positions are permuted per epoch as they
+    always were. Batches come with masks (at latent resolution, `latent_factor` pixels a cell)
+    when the examples have them."""
 
     def __init__(self, examples: list[Example], *, resolution: int, repeats: int = 1, seed: int = 0,
-                 random_crop: bool = False, flip: bool = True):
+                 random_crop: bool = False, flip: bool = True, buckets: list[tuple[int, int]] | None = None,
+                 latent_factor: int = 8):
         if repeats < 1:
             raise UserError(f"repeats must be >= 1, got {repeats}")
         self.examples = examples
@@ -209,28 +259,76 @@ class ConceptData:
         self.seed = seed
         self.random_crop = random_crop
         self.flip = flip
+        self.repeats = repeats
         self.epoch_len = len(examples) * repeats
+        self.bucketed = buckets is not None
+        self.sizes = [bucket_nearest(ex.image.size, buckets) if buckets else (resolution, resolution)
+                      for ex in examples]
+        self.latent_factor = latent_factor
+        self.masked = all(ex.mask is not None for ex in examples)
+        self._epoch_batches: dict[tuple[int, int], list[list[int]]] = {}
+
+    def bucket_counts(self) -> dict[tuple[int, int], int]:
+        return {size: self.sizes.count(size) for size in set(self.sizes)}
 
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, self.epoch_len)
         perm = torch.randperm(self.epoch_len, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         return int(perm[offset]) % len(self.examples)
 
+    def _bucket_batches(self, epoch: int, global_batch: int) -> list[list[int]]:
+        key = (epoch, global_batch)
+        if key not in self._epoch_batches:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            batches = []
+            for size in sorted(set(self.sizes)):
+                members = [i for i, s in enumerate(self.sizes) if s == size] * self.repeats
+                order = [members[j] for j in torch.randperm(len(members), generator=gen).tolist()]
+                full = order * math.ceil(global_batch / len(order))  # a bucket smaller than one batch
+                order += full[:-len(order) % global_batch]
+                batches += [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
+            self._epoch_batches = {key: [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]}
+        return self._epoch_batches[key]
+
+    def _draws(self, step: int, batch_size: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+        """(position, example index) of each item of this process's share of step `step`."""
+        start = step * batch_size * world_size + rank * batch_size
+        positions = range(start, start + batch_size)
+        if not self.bucketed:
+            return [(p, self._index(p)) for p in positions]
+        global_batch = batch_size * world_size
+        per_epoch = sum(math.ceil(n * self.repeats / global_batch) for n in self.bucket_counts().values())
+        epoch, offset = divmod(step, per_epoch)
+        chosen = self._bucket_batches(epoch, global_batch)[offset][rank * batch_size:(rank + 1) * batch_size]
+        return list(zip(positions, chosen))
+
     def _generator(self, position: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 7_919 + position)
 
-    def item(self, position: int) -> tuple[torch.Tensor, str]:
-        ex = self.examples[self._index(position)]
-        return prepare(ex.image, self.resolution, self._generator(position), self.random_crop, self.flip), ex.caption
+    def item(self, position: int, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pixels and latent-resolution mask (None without masks) of example `index` at `position`."""
+        ex = self.examples[index]
+        view = draw_view(ex.image.size, self.sizes[index], self._generator(position), self.random_crop, self.flip)
+        return self._pixels_and_mask(ex, view)
 
-    def _positions(self, step: int, batch_size: int, rank: int, world_size: int) -> range:
-        start = step * batch_size * world_size + rank * batch_size
-        return range(start, start + batch_size)
+    def _pixels_and_mask(self, ex: Example, view: View) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mask = view_mask(ex.mask, view, self.latent_factor) if self.masked else None
+        return view_pixels(ex.image, view), mask
 
-    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, list[str]]:
-        """This process's share of the global batch of `step` (global batch = batch_size * world_size)."""
-        items = [self.item(p) for p in self._positions(step, batch_size, rank, world_size)]
-        return torch.stack([px for px, _ in items]), [cap for _, cap in items]
+    def batch(self, step: int, batch_size: int, rank: int = 0,
+              world_size: int = 1) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        """This process's share of the global batch of `step` (global batch = batch_size * world_size):
+        pixels, captions, and latent-resolution masks (None without masks)."""
+        draws = self._draws(step, batch_size, rank, world_size)
+        items = [self.item(p, i) for p, i in draws]
+        masks = torch.stack([m for _, m in items]) if self.masked else None
+        return torch.stack([px for px, _ in items]), [self.examples[i].caption for _, i in draws], masks
+
+    def square_view(self, ex: Example) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The centre square crop at the training resolution, unflipped: what the fixed-noise
+        evaluation losses see whatever the buckets, so runs with and without them compare."""
+        size = (self.resolution, self.resolution)
+        return self._pixels_and_mask(ex, draw_view(ex.image.size, size, torch.Generator(), False, False))
 
     # ---- the finite set of pixel tensors a run sees, for encoding each once (latent caching)
 
@@ -243,19 +341,21 @@ class ConceptData:
         """Every (example index, flipped) a run can draw; needs variants_are_finite."""
         return [(i, f) for i in range(len(self.examples)) for f in ((False, True) if self.flip else (False,))]
 
-    def variant_pixels(self, variant: tuple[int, bool]) -> torch.Tensor:
+    def variant(self, variant: tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pixels and mask of (example index, flipped)."""
         index, flipped = variant
-        pixels = prepare(self.examples[index].image, self.resolution, torch.Generator(), False, False)
-        return pixels.flip(-1) if flipped else pixels
+        ex = self.examples[index]
+        view = draw_view(ex.image.size, self.sizes[index], torch.Generator(), False, False)
+        return self._pixels_and_mask(ex, replace(view, flipped=flipped))
 
     def batch_variants(self, step: int, batch_size: int, rank: int = 0,
                        world_size: int = 1) -> tuple[list[tuple[int, bool]], list[str]]:
-        """batch() as (example, flipped) pairs: the same draws as prepare() makes, without the pixels
+        """batch() as (example, flipped) pairs: the same draws as draw_view() makes, without the pixels
         (a centre crop draws nothing, so the flip is the generator's first draw)."""
         if not self.variants_are_finite:
             raise ValueError("random crops have no finite set of variants")
         variants = []
-        for position in self._positions(step, batch_size, rank, world_size):
+        for position, index in self._draws(step, batch_size, rank, world_size):
             flipped = self.flip and bool(torch.rand((), generator=self._generator(position)) < 0.5)
-            variants.append((self._index(position), flipped))
+            variants.append((index, flipped))
         return variants, [self.examples[i].caption for i, _ in variants]

@@ -28,6 +28,7 @@ TOKENIZER = ASSETS / "tokenizer"                 # CLIP's BPE tokenizer
 SD15_CONFIG = ASSETS / "sd15-config"             # SD 1.5 component configs for single-file models
 CONCEPTS = ASSETS / "concepts"
 DEMO_CONCEPT = CONCEPTS / "zorb"                 # the demo concept: images, captions, concept.toml
+DEMO_MASKS = CONCEPTS / "zorb-masks"            # loss masks of the demo images (NN.mask.png), kept apart
 RING_CONCEPT = CONCEPTS / "quax"                 # a second concept, to fuse with the first
 CONFIGS = _folder("balora_diffusion.training_configs")
 

@@ -15,7 +15,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -23,13 +22,16 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 from balora_diffusion import checkpoint as ckpt
-from balora_diffusion.data import (ConceptData, check_caption_tokens, check_image_sizes, prepare,
-                                   read_concept_folder)
+from balora_diffusion import buckets as bucketing
+from balora_diffusion.data import (ConceptData, check_caption_tokens, check_image_sizes, read_concept_folder,
+                                   split_holdout)
 from balora_diffusion.embeddings import add_placeholder_tokens
 from balora_diffusion.errors import UserError
 from balora_diffusion.text_encoding import encode_captions
 from balora_diffusion.lora import balance_diagnostics, find_lora_pairs, inject_lora
 from balora_diffusion.lora_node import use_single_node_forward
+from balora_diffusion.masks import per_sample_mse
+from balora_diffusion.prior import check_prior_prompt, prior_loss
 from balora_diffusion.models import load_pipeline
 from balora_diffusion.rules import build_optimizer
 from balora_diffusion.formats.run_files import adapter_from_models, training_info, write_run_adapters
@@ -74,15 +76,19 @@ def loss_weights(scheduler, timesteps, gamma: float) -> torch.Tensor | None:
     return clipped / snr.clamp(min=1e-8)
 
 
-def denoising_loss(unet, text_encoder, scheduler, latents, noise, timesteps, input_ids, weights=None):
-    return unet_loss(unet, scheduler, latents, noise, timesteps, text_encoder(input_ids)[0], weights)
-
-
-def unet_loss(unet, scheduler, latents, noise, timesteps, cond, weights=None):
+def denoising_loss(unet, text_encoder, scheduler, latents, noise, timesteps, input_ids, masks=None,
+                   unmasked_weight=0.0):
     noisy = scheduler.add_noise(latents, noise, timesteps)
+    return unet_loss(unet, scheduler, latents, noise, noisy, timesteps, text_encoder(input_ids)[0], None, masks,
+                     unmasked_weight)
+
+
+def unet_loss(unet, scheduler, latents, noise, noisy, timesteps, cond, weights=None, masks=None, unmasked_weight=0.0):
+    """The denoising loss of `noisy` (= scheduler.add_noise(latents, noise, timesteps)): with `masks`
+    (B, 1, h, w) at latent resolution, weighted as masks.per_sample_mse says; `weights` per sample."""
     pred = unet(noisy, timesteps, cond).sample.float()
     target = diffusion_target(scheduler, latents, noise, timesteps).float()
-    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    per_sample = per_sample_mse(pred, target, None if masks is None else masks.to(pred.device), unmasked_weight)
     if weights is not None:
         per_sample = per_sample * weights
     return per_sample.mean()
@@ -122,37 +128,47 @@ def get_lr_schedule(cfg: TrainConfig, optimizer):
                          num_training_steps=cfg.steps)
 
 
-def make_heldout(cfg: TrainConfig, data: ConceptData, vae, tokenizer, scheduler, device) -> dict:
-    """Fixed (image, noise, timestep) triples from `cfg.heldout_seed`, the same for every method and
-    run seed, with timesteps stratified over the schedule so one draw does not dominate."""
+def fixed_triples(cfg: TrainConfig, data: ConceptData, examples, vae, tokenizer, scheduler, device) -> dict:
+    """Fixed (image, noise, timestep) triples of `examples` from `cfg.heldout_seed`, the same for
+    every method and run seed, with timesteps stratified over the schedule so one draw does not
+    dominate. The images are data.square_view's, masked as training is."""
     gen = torch.Generator().manual_seed(cfg.heldout_seed)
-    n, examples = cfg.heldout_size, data.examples
-    pixels = torch.stack([prepare(examples[i % len(examples)].image, data.resolution, gen, False, False)
-                          for i in range(n)])
+    n = cfg.heldout_size
+    views = [data.square_view(examples[i % len(examples)]) for i in range(n)]
+    pixels = torch.stack([px for px, _ in views])
     with torch.no_grad():
         latents = encode_latents(vae, pixels.to(device, vae.dtype), None)
     T = scheduler.config.num_train_timesteps
     timesteps = ((torch.arange(n) + torch.rand(n, generator=gen)) * T / n).long().clamp(max=T - 1)
     noise = torch.randn(latents.shape, generator=gen).to(device)
     ids = tokenize(tokenizer, [examples[i % len(examples)].caption for i in range(n)])
+    masks = torch.stack([m for _, m in views]).to(device) if data.masked else None
     return {"latents": latents, "noise": noise, "timesteps": timesteps.to(device), "ids": ids.to(device),
-            "batch": cfg.batch_size}
+            "masks": masks, "unmasked_weight": cfg.unmasked_weight, "batch": cfg.batch_size}
 
 
 @torch.no_grad()
-def heldout_loss(heldout: dict, accelerator, unet, text_encoder, scheduler) -> float:
+def fixed_noise_loss(heldout: dict, accelerator, unet, text_encoder, scheduler) -> float:
     total, n = 0.0, heldout["latents"].shape[0]
     for i in range(0, n, heldout["batch"]):
         sl = slice(i, i + heldout["batch"])
+        masks = None if heldout["masks"] is None else heldout["masks"][sl]
         with accelerator.autocast():
             loss = denoising_loss(unet, text_encoder, scheduler, heldout["latents"][sl], heldout["noise"][sl],
-                                  heldout["timesteps"][sl], heldout["ids"][sl])
+                                  heldout["timesteps"][sl], heldout["ids"][sl], masks, heldout["unmasked_weight"])
         total += loss.item() * heldout["latents"][sl].shape[0]
     return total / n
 
 
-def evaluate(log: RunLog, step: int, heldout: dict, accelerator, unet, text_encoder, scheduler, pairs) -> None:
-    log.scalar(step, "heldout_loss", heldout_loss(heldout, accelerator, unet, text_encoder, scheduler))
+def evaluate(log: RunLog, step: int, fixed: dict[str, dict], accelerator, unet, text_encoder, scheduler,
+             pairs) -> None:
+    """`fixed`: the fixed triples of the training images ("fit") and of the held-out ones ("holdout",
+    with --holdout). `heldout_loss` repeats fit_loss, the value it always held, for its readers."""
+    for name, triples in fixed.items():
+        value = fixed_noise_loss(triples, accelerator, unet, text_encoder, scheduler)
+        log.scalar(step, f"{name}_loss", value)
+        if name == "fit":
+            log.scalar(step, "heldout_loss", value)
     diagnostics = balance_diagnostics(pairs)
     for key in ("imbalance", "ratio_over_rho", "cond_A", "cond_B"):
         values = sorted(v for v in (_diagnostic(d, key) for d in diagnostics.values()) if math.isfinite(v))
@@ -300,8 +316,11 @@ def load_models(cfg: TrainConfig, accelerator, examples):
     resolution = cfg.resolution or unet.config.sample_size * pipe.vae_scale_factor
     check_resolution(resolution, pipe)
     check_image_sizes(examples, resolution, quiet=not accelerator.is_main_process)
+    sizes = bucketing.choose_buckets(cfg.buckets, resolution, resolution_step(pipe))
     data = ConceptData(examples, resolution=resolution, repeats=cfg.repeats, seed=cfg.seed,
-                       random_crop=cfg.random_crop, flip=cfg.flip)
+                       random_crop=cfg.random_crop, flip=cfg.flip, buckets=sizes, latent_factor=pipe.vae_scale_factor)
+    if sizes and accelerator.is_main_process:
+        print(f"buckets (width x height: images): {bucketing.describe(data.bucket_counts())}")
     for module in (vae, unet, text_encoder):
         module.requires_grad_(False)
     embedding = add_placeholder_tokens(tokenizer, text_encoder, cfg.token, cfg.init_word)
@@ -350,10 +369,12 @@ def step_loss(cfg: TrainConfig, step: int, accelerator, batches, vae, tokenizer,
     device = accelerator.device
     gen = _step_generator(cfg.seed, step, accelerator.process_index, device)
     if isinstance(batches, LatentCache):
-        dist, captions = batches.batch(step, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
+        dist, captions, masks = batches.batch(step, cfg.batch_size, accelerator.process_index,
+                                              accelerator.num_processes)
         mark("data")
     else:
-        pixels, captions = batches.batch(step, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
+        pixels, captions, masks = batches.batch(step, cfg.batch_size, accelerator.process_index,
+                                                accelerator.num_processes)
         mark("data")
         with torch.no_grad():
             dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
@@ -363,11 +384,17 @@ def step_loss(cfg: TrainConfig, step: int, accelerator, batches, vae, tokenizer,
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=gen, device=device)
     ids = tokenize(tokenizer, captions)
+    weights = loss_weights(scheduler, timesteps, cfg.min_snr_gamma)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
     with accelerator.autocast():
         cond = encode_captions(text_encoder, ids, device)
         mark("text_encoder")
-        loss = unet_loss(unet, scheduler, latents, noise, timesteps, cond,
-                         loss_weights(scheduler, timesteps, cfg.min_snr_gamma))
+        loss = unet_loss(unet, scheduler, latents, noise, noisy, timesteps, cond, weights, masks, cfg.unmasked_weight)
+        if cfg.prior_prompt and cfg.prior_weight > 0:
+            prior_ids = tokenize(tokenizer, [cfg.prior_prompt] * len(captions))
+            loss = loss + cfg.prior_weight * prior_loss(
+                unet, accelerator.unwrap_model(unet), text_encoder, accelerator.unwrap_model(text_encoder),
+                prior_ids, noisy, timesteps, weights)
     mark("unet_forward")
     return loss
 
@@ -402,12 +429,14 @@ def train(cfg: TrainConfig) -> Path:
     # ---- data first: a bad folder must fail before the run folder is touched or the model loaded
     if not cfg.data_dir:
         raise UserError("no concept folder: give --data-dir FOLDER (or data_dir in the config)")
-    examples = read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template)
+    check_prior_prompt(cfg.prior_prompt, cfg.token)
+    examples = read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template, with_masks=cfg.masked_loss)
+    examples, held_out = split_holdout(examples, cfg.holdout, cfg.heldout_seed)
     with StopRequest() as stop, RunFolder(cfg, accelerator) as run_folder:
-        return _train(cfg, accelerator, examples, run_folder, stop)
+        return _train(cfg, accelerator, examples, held_out, run_folder, stop)
 
 
-def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder, stop: StopRequest) -> Path:
+def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFolder, stop: StopRequest) -> Path:
     device, world = accelerator.device, accelerator.num_processes
     out = Path(cfg.output_dir)
 
@@ -431,12 +460,14 @@ def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder, stop:
     log = run_folder.closing(RunLog(out, enabled=accelerator.is_main_process, resume_step=start_step))
     if accelerator.is_main_process:
         write_json_atomic(out / "config.json", asdict(cfg))
-    heldout = make_heldout(cfg, data, vae, tokenizer, scheduler, device)
+    fixed = {"fit": fixed_triples(cfg, data, examples, vae, tokenizer, scheduler, device)}
+    if held_out:
+        fixed["holdout"] = fixed_triples(cfg, data, held_out, vae, tokenizer, scheduler, device)
     batches = latent_batches(cfg, data, vae, device, quiet=not accelerator.is_main_process)
 
     # ---- loop
     if start_step == 0:
-        evaluate(log, 0, heldout, accelerator, unet, text_encoder, scheduler, pairs)
+        evaluate(log, 0, fixed, accelerator, unet, text_encoder, scheduler, pairs)
     text_encoder.train(cfg.train_text_encoder)
     unet.train()
     bar = run_folder.closing(tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
@@ -465,7 +496,7 @@ def _train(cfg: TrainConfig, accelerator, examples, run_folder: RunFolder, stop:
         for group in optimizer.param_groups:
             log.scalar(done, f"lr/{group.get('name', 'group')}", group["lr"])
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            evaluate(log, done, heldout, accelerator, unet, text_encoder, scheduler, pairs)
+            evaluate(log, done, fixed, accelerator, unet, text_encoder, scheduler, pairs)
         if cfg.grid_every and done % cfg.grid_every == 0 and done != cfg.steps and accelerator.is_main_process:
             validation_grid(out / f"grid-step{done:06d}.png", cfg, pipe, accelerator)
         log.flush()  # before a checkpoint can name this step

@@ -37,6 +37,12 @@ def _optimizer_problem(name: str) -> str | None:
     return None if name in BASES else f"unknown base optimizer {name!r}; expected one of {', '.join(BASES)}"
 
 
+def _buckets_problem(values: list[str]) -> str | None:
+    from balora_diffusion.buckets import option_problem
+
+    return option_problem(values, MAX_SIDE)
+
+
 def _template_problem(template: str) -> str | None:
     try:
         template.format(token="")
@@ -64,6 +70,20 @@ class TrainConfig:
     repeats: int = field(1, "times each image appears per epoch", ge=1)
     random_crop: bool = field(False, "random instead of centre square crop")
     flip: bool = field(True, "random horizontal flips")
+    buckets: list[str] = field(["off"], "aspect-ratio buckets: off (square centre crops), auto (sizes of about "
+                                        "resolution^2 pixels, aspects up to 2:1) or sizes such as 64x48 48x64; each "
+                                        "image trains at the bucket nearest its aspect, each batch from one bucket",
+                               check=_buckets_problem)
+    masked_loss: bool = field(False, "weight the loss by a mask per image: NAME.mask.png beside it (white = "
+                                     "subject) or the image's alpha channel")
+    unmasked_weight: float = field(0.0, "with masked_loss: loss weight of the background (mask 0) against the "
+                                        "subject's 1; 0 ignores the background", ge=0, le=1)
+    holdout: int = field(0, "images kept out of training (drawn with heldout_seed); their fixed-noise loss is "
+                            "holdout_loss, which measures generalisation, beside fit_loss on the training images",
+                         ge=0)
+    prior_prompt: str = field("", "prior preservation: a class prompt without the token (e.g. 'a heart'); the "
+                                  "adapted model is trained to answer it as the base model does; empty = off")
+    prior_weight: float = field(1.0, "weight of the prior-preservation loss against the concept's", ge=0)
     cache_latents: bool = field(True, "encode each image (and its mirror image with flip) with the VAE once "
                                       "before training and sample the stored distribution at every step; "
                                       "not with random_crop, whose crops differ at every step")
@@ -122,7 +142,7 @@ class TrainConfig:
     checkpoint_every: int = field(100, "write a resumable checkpoint every N steps", ge=1)
     eval_every: int = field(100, "held-out loss and balance diagnostics every N steps", ge=1)
     grid_every: int = field(0, "validation grid every N steps; 0 = only at the end", ge=0)
-    heldout_size: int = field(16, "number of fixed (image, noise, timestep) triples of the held-out loss",
+    heldout_size: int = field(16, "number of fixed (image, noise, timestep) triples of fit_loss (and of holdout_loss)",
                               ge=1)
     heldout_seed: int = field(1234, "seed of the held-out triples (keep it fixed to compare runs)", **SEED)
     grid_prompts: list[str] = field([], "validation prompts; empty = the caption template")

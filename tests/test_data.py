@@ -79,17 +79,18 @@ def test_bad_folders_are_user_errors(tmp_path, folder):
 def test_batches_are_deterministic_and_cover_each_epoch(folder):
     examples = read_concept_folder(folder, ["<sks>"], "a photo of a {token}")
     data = ConceptData(examples, resolution=16, repeats=2, seed=3, random_crop=True, flip=True)
-    a, caps_a = data.batch(5, 4)
-    b, caps_b = data.batch(5, 4)
+    a, caps_a, no_masks = data.batch(5, 4)
+    b, caps_b, _ = data.batch(5, 4)
+    assert no_masks is None
     assert torch.equal(a, b) and caps_a == caps_b
     assert a.shape == (4, 3, 16, 16) and a.min() >= -1 and a.max() <= 1
     # one epoch = every image `repeats` times
     seen = [data._index(i) for i in range(data.epoch_len)]
     assert sorted(seen) == sorted(list(range(5)) * 2)
     # two processes split the global batch: together they see what one process with 2x batch sees
-    r0, _ = data.batch(7, 2, rank=0, world_size=2)
-    r1, _ = data.batch(7, 2, rank=1, world_size=2)
-    both, _ = data.batch(7, 4)
+    r0, _, _ = data.batch(7, 2, rank=0, world_size=2)
+    r1, _, _ = data.batch(7, 2, rank=1, world_size=2)
+    both, _, _ = data.batch(7, 4)
     assert torch.equal(torch.cat([r0, r1]), both)
 
 

@@ -23,10 +23,10 @@ def test_variants_are_the_pixels_and_captions_of_the_batches(flip):
     data = _data(flip)
     flipped_seen = set()
     for step in range(12):
-        pixels, captions = data.batch(step, 3, rank=1, world_size=2)
+        pixels, captions, _ = data.batch(step, 3, rank=1, world_size=2)
         variants, variant_captions = data.batch_variants(step, 3, rank=1, world_size=2)
         assert variant_captions == captions
-        assert torch.equal(torch.stack([data.variant_pixels(v) for v in variants]), pixels)
+        assert torch.equal(torch.stack([data.variant(v)[0] for v in variants]), pixels)
         flipped_seen.update(f for _, f in variants)
     assert flipped_seen == ({False, True} if flip else {False})
     assert len(data.variants()) == len(data.examples) * (2 if flip else 1)
@@ -45,8 +45,8 @@ def test_cached_latents_equal_encoding_each_batch_with_the_same_draws():
     data = _data(flip=True)
     cache = LatentCache(data, vae, torch.device("cpu"), batch_size=5)
     for step in range(4):
-        pixels, captions = data.batch(step, 3)
-        dist, cached_captions = cache.batch(step, 3)
+        pixels, captions, _ = data.batch(step, 3)
+        dist, cached_captions, _ = cache.batch(step, 3)
         assert cached_captions == captions
         with torch.no_grad():
             direct = encode_latents(vae, pixels, torch.Generator().manual_seed(step))

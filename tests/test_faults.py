@@ -96,6 +96,18 @@ def _truncated(path: Path) -> Path:
     return path
 
 
+def _masked(w: Work, mask: Image.Image | None) -> Path:
+    """Two demo images with the shipped masks, the second mask replaced by `mask` (None: removed)."""
+    folder = w.images("masked")
+    for image in sorted(folder.glob("*.png")):
+        shutil.copy(paths.DEMO_MASKS / f"{image.stem}.mask.png", folder / f"{image.stem}.mask.png")
+    second = sorted(folder.glob("*.mask.png"))[1]
+    second.unlink()
+    if mask is not None:
+        mask.save(second)
+    return folder
+
+
 def _model_with(w: Work, change) -> Path:
     folder = w.model_copy("model")
     change(folder)
@@ -153,6 +165,17 @@ CASES = {
     "one-pixel image": (lambda w: w.train(data=_image(w, "zz.png", _tiny_image)), "zz.png"),
     "decompression bomb": (lambda w: w.train(data=_image(w, "zz.png", lambda p: p.write_bytes(_png_claiming(40000, 40000)))),
                            "zz.png"),
+    # --- photos: buckets, masks, prior, hold-out
+    "masked loss without a mask": (lambda w: w.train("--masked-loss", "true", data=_masked(w, None)), "01.png"),
+    "mask of another size": (lambda w: w.train("--masked-loss", "true", data=_masked(w, Image.new("L", (64, 64), 255))),
+                             "01.mask.png"),
+    "all-zero mask": (lambda w: w.train("--masked-loss", "true", data=_masked(w, Image.new("L", (128, 128)))),
+                      "all zero"),
+    "background weight above one": (lambda w: w.train("--unmasked-weight", "2"), "unmasked-weight"),
+    "prior prompt naming the token": (lambda w: w.train("--prior-prompt", "a <zorb>"), "prior_prompt"),
+    "holding out every image": (lambda w: w.train("--holdout", "6"), "holdout"),
+    "bucket that is no size": (lambda w: w.train("--buckets", "wide"), "--buckets"),
+    "bucket the model cannot halve": (lambda w: w.train("--buckets", "18x16"), "18x16"),
     # --- base models
     "model folder missing": (lambda w: w.train(model=w.root / "no-model"), "no-model"),
     "model folder without an index": (lambda w: w.train(model=_model_with(w, lambda f: (f / "model_index.json").unlink())),

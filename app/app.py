@@ -32,9 +32,13 @@ MAX_PROMPT_CHARS = 1000
 SEED_LIMIT = 2**63  # torch's generators take seeds below it
 
 
+def _items(text: str) -> list[str]:
+    return [t for t in re.split(r"[,\s]+", text.strip()) if t]
+
+
 def parse_numbers(text: str, kind: type, label: str) -> list:
     """"0.7, 1" -> [0.7, 1.0]: the numbers in a text box, separated by commas or spaces."""
-    items = [t for t in re.split(r"[,\s]+", str(text).strip()) if t]
+    items = _items(str(text))
     try:
         values = [kind(t) for t in items]
     except ValueError:
@@ -43,6 +47,28 @@ def parse_numbers(text: str, kind: type, label: str) -> list:
     if not values or any(isinstance(v, float) and not math.isfinite(v) for v in values):
         raise UserError(f"{label}: expected at least one finite number, got {text!r}")
     return values
+
+
+def number_list(text, kind: type, label: str, low: float, high: float) -> list:
+    """"20, 30" -> [20, 30], each checked as `checked_number` does; a lone number passes too."""
+    items = _items("" if text is None else str(text))
+    return [checked_number(item, kind, label, low, high) for item in items or [text]]
+
+
+def checked_text(label: str, text) -> str:
+    text = str(text or "").strip()
+    if len(text) > MAX_PROMPT_CHARS:
+        raise UserError(f"the {label} is {len(text)} characters; at most {MAX_PROMPT_CHARS} (the text "
+                        "encoder reads only its first 77 tokens)")
+    return text
+
+
+def checked_prompts(text) -> list[str]:
+    """The prompts of the prompt box, one a line (blank lines skipped)."""
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    if not lines:
+        raise UserError("the prompt is empty")
+    return [checked_text("prompt", line) for line in lines]
 
 
 def checked_number(value, kind: type, label: str, low: float, high: float = math.inf) -> int | float:
@@ -119,28 +145,26 @@ class App:
 
     # ---- Compare
     def compare(self, runs: list[str], rows: str, columns: str, prompt: str, negative_prompt: str, seeds: str,
-                steps: int, guidance: float, fusion: str,
+                steps: int | str, guidance: float | str, fusion: str, checkpoints: bool = False,
                 progress: Callable[[int, int], None] = lambda done, total: None) -> tuple:
-        """(grid image, path of its PNG): the chosen runs x fusion coefficients x seeds."""
-        if not runs:
+        """(grid image, path of its PNG): the chosen runs (and "base model") x fusion coefficients x
+        prompts (one a line) x sampling steps x guidances x seeds; with `checkpoints`, every
+        checkpoint of a run too."""
+        names = list(runs or [])
+        if not names:
             raise UserError("choose at least one run")
-        prompt, negative_prompt = str(prompt or "").strip(), str(negative_prompt or "").strip()
-        if not prompt:
-            raise UserError("the prompt is empty")
-        for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-            if len(text) > MAX_PROMPT_CHARS:
-                raise UserError(f"the {label} is {len(text)} characters; at most {MAX_PROMPT_CHARS} (the text "
-                                "encoder reads only its first 77 tokens)")
-        sampling = Sampling(prompt=prompt, negative_prompt=negative_prompt,
-                            steps=checked_number(steps, int, "sampling steps", 1, 200),
-                            guidance=checked_number(guidance, float, "guidance", 0, 30))
+        prompts = checked_prompts(prompt)
+        negative_prompt = checked_text("negative prompt", negative_prompt)
         seed_list = parse_numbers(seeds, int, "seeds")
         if not all(0 <= seed < SEED_LIMIT for seed in seed_list):
             raise UserError(f"seeds must be 0 to {SEED_LIMIT - 1}, got {seeds!r}")
-        infos = [read_run(self.runs, name) for name in runs]
-        for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        drawn = grids.samplings(prompts, negative_prompt, number_list(steps, int, "sampling steps", 1, 200),
+                                number_list(guidance, float, "guidance", 0, 30), seed_list)
+        infos = [read_run(self.runs, name) for name in names if name != grids.BASE]
+        for label, text in [*(("prompt", p) for p in prompts), ("negative prompt", negative_prompt)]:
             self.check_window(label, text, infos)
-        cells = grids.cells_for(infos, parse_numbers(fusion, float, "fusion coefficients"), sampling, seed_list)
+        cells = grids.cells_for(infos, parse_numbers(fusion, float, "fusion coefficients"), drawn,
+                                base=grids.BASE in names, with_checkpoints=bool(checkpoints))
         return grids.render(self.engine, cells, rows, columns, progress)
 
     def check_window(self, label: str, text: str, runs: list) -> None:
@@ -187,10 +211,12 @@ class App:
     def selection_with(self, name: str, chosen: list[str]) -> tuple[list[str], str]:
         """Compare's runs and prompt once run `name` has finished: it joins the chosen runs that
         learned one of its tokens (the others would draw the prompt without their concept), and
-        the prompt becomes its own validation prompt, which names its token."""
+        the prompt becomes its own validation prompt, which names its token. The base model, if
+        chosen, stays: it draws any prompt."""
         run = read_run(self.runs, name)
         listed = {other.name: other for other in list_runs(self.runs) if other.state == "finished"}
-        alike = [c for c in chosen or [] if c != name and c in listed and set(listed[c].tokens) & set(run.tokens)]
+        alike = [c for c in chosen or [] if c == grids.BASE
+                 or c != name and c in listed and set(listed[c].tokens) & set(run.tokens)]
         return [*alike, name], run.prompt
 
     def job_curves(self, job: Job):
@@ -259,8 +285,9 @@ def build_ui(app: App):
             table = gr.Dataframe(value=app.table(), headers=COLUMNS, interactive=False, label="runs")
             with gr.Row():
                 # custom values: a run trained after the page was built is still a valid name (read_run checks)
-                chosen = gr.Dropdown(finished, value=finished[:12], multiselect=True, label="runs to compare",
-                                     scale=4, allow_custom_value=True)
+                chosen = gr.Dropdown([*finished, grids.BASE], value=finished[:12], multiselect=True,
+                                     label="runs to compare", scale=4, allow_custom_value=True)
+                checkpoints = gr.Checkbox(False, label="their checkpoints too", scale=1)
                 refresh = gr.Button("Refresh runs", scale=1)
             with gr.Row():
                 rows = gr.Dropdown(grids.LAYOUT_AXES + ["run"], value="learning rate", label="rows")
@@ -268,10 +295,11 @@ def build_ui(app: App):
                 fusion = gr.Textbox("0.7, 1", label="fusion coefficients (LoRA strength)")
                 seeds = gr.Textbox("1", label="seed(s), the same in every cell")
             with gr.Row():
-                prompt = gr.Textbox(app.default_prompt(), label="prompt", scale=3)
+                # several lines: one prompt each, an axis of the grid
+                prompt = gr.Textbox(app.default_prompt(), label="prompt", lines=2, scale=3)
                 negative = gr.Textbox("", label="negative prompt", scale=2)
-                steps = gr.Number(d["sample_steps"], precision=0, label="sampling steps", minimum=1, maximum=200)
-                guidance = gr.Number(d["guidance_scale"], label="guidance", minimum=0, maximum=30)
+                steps = gr.Textbox(f"{d['sample_steps']}", label="sampling steps (e.g. 20, 30)")
+                guidance = gr.Textbox(f"{d['guidance_scale']:g}", label="guidance (e.g. 5, 7.5)")
             draw = gr.Button("Draw grid", variant="primary", elem_id="draw-grid")
             # no label badge: it would cover the start of the grid's own title
             grid = gr.Image(type="pil", label="grid", show_label=False, format="png", elem_id="grid",
@@ -313,7 +341,7 @@ def build_ui(app: App):
 
         def refreshed(**selection):
             names = app.finished()
-            return (app.table(), gr.update(choices=names, **selection), gr.update(choices=names),
+            return (app.table(), gr.update(choices=[*names, grids.BASE], **selection), gr.update(choices=names),
                     gr.update(choices=[r["name"] for r in app.list_runs()]))
 
         def loaded():
@@ -333,11 +361,13 @@ def build_ui(app: App):
         ui.load(_shown(loaded, app.runs), None, [*run_pickers, prompt], api_visibility="private")
         gr.api(_shown(app.list_runs, app.runs), api_name="list_runs")
 
-        def compare(runs, rows, columns, prompt, negative, seeds, steps, guidance, fusion, progress=gr.Progress()):
-            return app.compare(runs, rows, columns, prompt, negative, seeds, steps, guidance, fusion,
+        def compare(runs, rows, columns, prompt, negative, seeds, steps, guidance, fusion, checkpoints=False,
+                    progress=gr.Progress()):
+            return app.compare(runs, rows, columns, prompt, negative, seeds, steps, guidance, fusion, checkpoints,
                                progress=lambda done, total: progress((done, total), desc="drawing", unit="images"))
 
-        draw.click(_shown(compare, app.runs), [chosen, rows, columns, prompt, negative, seeds, steps, guidance, fusion],
+        draw.click(_shown(compare, app.runs),
+                   [chosen, rows, columns, prompt, negative, seeds, steps, guidance, fusion, checkpoints],
                    [grid, grid_file], api_name="compare")
 
         def watched(job, progress):

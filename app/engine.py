@@ -1,7 +1,7 @@
 """The base model, loaded once and lazily, and the images the app draws with it, cached on disk.
 
 One pipeline serves every request, one request at a time (a lock): a run's adapter is swapped in
-only when the next image needs another run, and its strength (the fusion coefficient) set per
+only when the next image needs another run or checkpoint (or none, for the base model), and its strength (the fusion coefficient) set per
 image. Every image is stored under the runs folder's cache, named by a digest of everything that
 decides it (base model, the run's adapter files, prompt, seed, sampling settings, strength,
 device), so a redraw is a file read and survives a restart of the app.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from balora_diffusion import checkpoint as ckpt
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.diffusers_lora import LORA_FILE
@@ -45,22 +46,45 @@ def _file_digest(path: Path, memo: dict) -> str:
     return memo[key]
 
 
-def use_adapter(pipe, run: Path, weight: float, loaded: tuple[Path, object] | None) -> tuple[Path, object]:
-    """Make `pipe` draw with the adapter of run folder `run` at strength `weight` (UNet and text
-    encoder LoRA alike; the new token's embedding stays in at any strength). `loaded` is the
-    (run, formats.fuse.Fused) the pipeline holds now; the one it holds afterwards is returned."""
+def use_adapter(pipe, source: tuple[Path, int | None] | None, weight: float | None,
+                loaded: tuple[tuple, object] | None) -> tuple[tuple, object] | None:
+    """Make `pipe` draw with the adapter of `source` (a run folder and the step of one of its
+    checkpoints, None for its final adapter) at strength `weight` (UNet and text encoder LoRA
+    alike; the new token's embedding stays in at any strength), or with no adapter at all where
+    `source` is None. `loaded` is the (source, formats.fuse.Fused) the pipeline holds now; the one
+    it holds afterwards is returned."""
     from balora_diffusion.formats.fuse import Fused
-    from balora_diffusion.formats.read import read_adapter
 
-    if loaded is None or loaded[0] != run:
-        # the LoRA file itself (and the embedding beside it), never the run folder: a folder reader
-        # would look into nested folders and checkpoints that Engine.image_key has not checked
-        adapter = read_adapter(run / DIFFUSERS_FOLDER / LORA_FILE)  # read whole before the pipeline is touched
+    if source is None:
         if loaded is not None:
             loaded[1].restore()
-        loaded = (run, Fused(pipe, [(adapter, 1.0)]))
+        return None
+    if loaded is None or loaded[0] != source:
+        adapter = read_source(*source)  # read whole before the pipeline is touched
+        if loaded is not None:
+            loaded[1].restore()
+        loaded = (source, Fused(pipe, [(adapter, 1.0)]))
     loaded[1].set_fusion(weight)
     return loaded
+
+
+def checkpoint_folder(run: Path, step: int) -> Path:
+    """Run `run`'s checkpoint of step `step`, if it is a folder inside the run; else a UserError."""
+    folder = inside(run, run / "checkpoints" / f"{ckpt.PREFIX}{step:07d}")
+    if not folder.is_dir():
+        raise UserError(f"run {run.name} has no checkpoint of step {step}")
+    return folder
+
+
+def read_source(run: Path, step: int | None):
+    from balora_diffusion.formats.read import read_adapter
+    from balora_diffusion.formats.run_files import adapter_from_checkpoint
+
+    if step is None:
+        # the LoRA file itself (and the embedding beside it), never the run folder: a folder reader
+        # would look into nested folders that Engine.image_key has not checked
+        return read_adapter(run / DIFFUSERS_FOLDER / LORA_FILE)
+    return adapter_from_checkpoint(checkpoint_folder(run, step))
 
 
 class Engine:
@@ -70,7 +94,7 @@ class Engine:
         self.base_model, self.device, self.cpu_threads = base_model, device, cpu_threads
         self.lock = threading.Lock()
         self._pipe = None
-        self._loaded: tuple[Path, object] | None = None
+        self._loaded: tuple[tuple, object] | None = None
         self._digests: dict = {}
 
     def pipeline(self):
@@ -95,15 +119,23 @@ class Engine:
         return json.dumps([str(root)] + [[str(f.relative_to(root.parent)), f.stat().st_size, f.stat().st_mtime_ns]
                                          for f in files if f.is_file()])
 
-    def image_key(self, run: Path, weight: float, sampling: Sampling) -> str:
-        """The digest naming the image; a UserError if any adapter file of `run` links out of it."""
-        files = [inside(run, p) for p in sorted((run / DIFFUSERS_FOLDER).glob("*.safetensors"))]
+    def image_key(self, run: Path | None, weight: float | None, sampling: Sampling, step: int | None = None) -> str:
+        """The digest naming the image (`run` None: the base model; `step`: that checkpoint of the
+        run's); a UserError if any file it is drawn from links out of its run."""
+        parts = {"base": self.base_identity, "device": self.device, "adapter": None, **asdict(sampling)}
+        if run is not None:
+            files = self._source_files(run, step)
+            parts.update(adapter=[_file_digest(f, self._digests) for f in files], weight=float(weight))
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+    @staticmethod
+    def _source_files(run: Path, step: int | None) -> list[Path]:
+        """The files the adapter of `run` (at checkpoint `step`, or final) is read from."""
+        if step is not None:
+            return [inside(run, p) for p in sorted(checkpoint_folder(run, step).iterdir())]
         if own_file(run, Path(DIFFUSERS_FOLDER, LORA_FILE)) is None:
             raise UserError(f"run {run.name} has no adapter yet (still training, or stopped before its end)")
-        parts = {"base": self.base_identity, "device": self.device,
-                 "adapter": [_file_digest(f, self._digests) for f in files],
-                 "weight": float(weight), **asdict(sampling)}
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+        return [inside(run, p) for p in sorted((run / DIFFUSERS_FOLDER).glob("*.safetensors"))]
 
     def cached(self, key: str) -> Image.Image | None:
         path = own_file(self.cache, Path("images", f"{key}.png"))
@@ -112,9 +144,10 @@ class Engine:
         with Image.open(path) as image:
             return image.convert("RGB")
 
-    def draw(self, run: Path, weight: float, sampling: Sampling) -> Image.Image:
-        """The image of `run` at strength `weight`: from the cache, else drawn and stored."""
-        key = self.image_key(run, weight, sampling)
+    def draw(self, run: Path | None, weight: float | None, sampling: Sampling, step: int | None = None) -> Image.Image:
+        """The image of `run` (None: the base model alone) at strength `weight`, from its final
+        adapter or that of its checkpoint `step`: from the cache, else drawn and stored."""
+        key = self.image_key(run, weight, sampling, step)
         image = self.cached(key)
         if image is not None:
             return image
@@ -122,7 +155,7 @@ class Engine:
 
         with self.lock:
             pipe = self.pipeline()
-            self._loaded = use_adapter(pipe, run, weight, self._loaded)
+            self._loaded = use_adapter(pipe, None if run is None else (run, step), weight, self._loaded)
             image = generate(pipe, [sampling.prompt], [sampling.seed], steps=sampling.steps,
                              guidance_scale=sampling.guidance, negative_prompt=sampling.negative_prompt or None,
                              progress=False)[0][0]

@@ -40,6 +40,7 @@ class RunInfo:
     step: int = 0             # the last step it logged
     heldout_loss: float = math.nan
     tokens: list[str] = field(default_factory=list)
+    init_word: str = ""       # the word its tokens' embeddings started from
     prompt: str = ""          # its first validation prompt: a sensible default to draw it with
 
     def row(self) -> list:
@@ -178,7 +179,8 @@ def read_run(root: Path, name: str) -> RunInfo:
         lr_embedding=_number(config.get("lr_embedding")), rank=int(config.get("rank") or 0),
         seed=int(config.get("seed") or 0), steps=int(config.get("steps") or 0),
         step=max((points[-1][0] for points in metrics.values() if points), default=0),
-        heldout_loss=_number(final.get(HELDOUT)), tokens=tokens, prompt=default_prompt)
+        heldout_loss=_number(final.get(HELDOUT)), tokens=tokens, init_word=str(config.get("init_word") or ""),
+        prompt=default_prompt)
 
 
 def _number(value) -> float:

@@ -36,7 +36,7 @@ from balora_diffusion.app.screenshot import CHROMIUM, free_port, launch_chromium
 
 LRS, METHODS = [1e-3, 1e-2], ["lora", "balora"]
 QUICK = dict(token=["<zorb>"], init_word="heart", caption_template="a {token}", flip=False, steps=3, batch_size=2,
-             lr_text=1e-3, lr_embedding=1e-2, eval_every=3, checkpoint_every=3, heldout_size=2, grid_seeds=[1],
+             lr_text=1e-3, lr_embedding=1e-2, eval_every=3, checkpoint_every=1, heldout_size=2, grid_seeds=[1],
              fusion=[1.0], sample_steps=2, cpu_threads=1)
 PROMPT = "a <zorb>"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -64,18 +64,22 @@ def sweep_names() -> list[str]:
     return [f"sweep/lr{lr:g}-{m}" for lr in LRS for m in METHODS]
 
 
-def reference_image(model, run: Path, weight: float, seed: int = 1, steps: int = 2) -> np.ndarray:
+def reference_image(model, run: Path | None, weight: float, seed: int = 1, steps: int = 2,
+                    prompt: str = PROMPT) -> np.ndarray:
     """The image a user gets from the run's files with diffusers alone, strength through
-    cross_attention_kwargs (which scales the UNet and, in encode_prompt, the text-encoder LoRA)."""
+    cross_attention_kwargs (which scales the UNet and, in encode_prompt, the text-encoder LoRA);
+    `run` None: the base model alone."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(run / "adapter"), weight_name=LORA_FILE)
-    (embedding,) = [p for p in (run / "adapter").glob("*.safetensors") if p.name != LORA_FILE]
-    pipe.load_textual_inversion(str(embedding), token="<zorb>", tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
-    out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
+    if run is not None:
+        pipe.load_lora_weights(str(run / "adapter"), weight_name=LORA_FILE)
+        (embedding,) = [p for p in (run / "adapter").glob("*.safetensors") if p.name != LORA_FILE]
+        pipe.load_textual_inversion(str(embedding), token="<zorb>", tokenizer=pipe.tokenizer,
+                                    text_encoder=pipe.text_encoder)
+    out = pipe(prompt, num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
                cross_attention_kwargs={"scale": weight})
     return np.asarray(out.images[0], dtype=np.float64)
 
@@ -120,6 +124,41 @@ def test_compare_lays_out_learning_rates_by_methods_at_two_strengths_and_caches_
     assert np.array_equal(np.asarray(grid), np.asarray(grid2))
     with pytest.raises(pytest.fail.Exception, match="must not load"):
         again.compare(sweep_names(), "learning rate", "method", PROMPT + " again", "", "1", 2, 5.0, "0.5, 1")
+
+
+def test_the_base_model_and_a_runs_checkpoints_are_drawn_from_what_they_are(app, runs, random_sd_dir):
+    run, sampling = runs / "sweep" / f"lr{LRS[1]:g}-lora", Sampling(PROMPT, steps=2)
+    # after a run, without its adapter: what diffusers draws from the base model, the token's init word in the prompt
+    app.engine.draw(run, 1.0, sampling)
+    base = np.asarray(app.engine.draw(None, None, replace(sampling, prompt="a heart")), dtype=np.float64)
+    assert np.abs(base - reference_image(random_sd_dir, None, 1.0, prompt="a heart")).mean() < 1.0
+    final = np.asarray(app.engine.draw(run, 1.0, sampling), dtype=np.float64)
+    last, before = (np.asarray(app.engine.draw(run, 1.0, sampling, step), dtype=np.float64) for step in (3, 2))
+    assert np.abs(last - final).mean() < 1.0, "the last checkpoint holds the final adapter"
+    assert np.abs(before - final).mean() > 1.0, "an earlier checkpoint draws what the run had learned by then"
+    keys = {app.engine.image_key(run, 1.0, sampling, step) for step in (None, 2, 3)}
+    assert len(keys | {app.engine.image_key(None, None, sampling)}) == 4
+
+
+def test_compare_draws_the_base_model_checkpoints_prompts_steps_and_guidances(app):
+    def images(runs, prompt=PROMPT, steps="2", guidance="5", checkpoints=False) -> int:
+        done = []
+        app.compare(runs, "prompt", "checkpoint", prompt, "", "1", steps, guidance, "1", checkpoints,
+                    progress=lambda n, total: done.append(total))
+        return done[-1]
+
+    lora = f"sweep/lr{LRS[1]:g}-lora"
+    assert images([lora, "base model"]) == 2
+    # its checkpoints before the last (step 2 of 3) and its final adapter, each for two prompts; the base model too
+    assert images([lora, "base model"], PROMPT + "\n\n a <zorb> on a beach ", checkpoints=True) == 6
+    assert images([lora], steps="2, 3", guidance="5, 7.5") == 4
+    assert images(["unfinished"], checkpoints=True) == 2  # a stopped run: its checkpoints only
+    with pytest.raises(UserError, match="sampling steps must be an integer from 1 to 200, got '0'"):
+        images([lora], steps="2, 0")
+    with pytest.raises(UserError, match="guidance must be a number from 0 to 30, got 'x'"):
+        images([lora], guidance="5 x")
+    with pytest.raises(UserError, match="prompt is 1001 characters"):
+        images([lora], PROMPT + "\n" + "x" * 1001)
 
 
 def test_every_input_of_an_image_is_in_its_cache_key(app, runs, tmp_path):
@@ -250,11 +289,13 @@ def test_an_adapter_folder_linking_out_is_never_drawn(tmp_path, runs, random_sd_
 def test_a_checkpoint_linking_out_is_never_drawn(tmp_path, runs, random_sd_dir):
     hostile, run, outside = _beside_outside(tmp_path, runs, random_sd_dir, f"lr{LRS[0]:g}-lora", f"lr{LRS[1]:g}-lora")
     (run / "adapter" / LORA_FILE).unlink()  # the embedding stays: the run looks half-exported
-    for newest in sorted((run / "checkpoints").iterdir())[-1:]:
-        shutil.rmtree(newest)
-        os.symlink(outside / "checkpoints" / newest.name, newest)
+    for checkpoint in (run / "checkpoints").iterdir():
+        shutil.rmtree(checkpoint)
+        os.symlink(outside / "checkpoints" / checkpoint.name, checkpoint)
     with pytest.raises(UserError, match="no adapter yet"):
         hostile.compare(["run"], "learning rate", "method", PROMPT, "", "1", 2, 5.0, "1")
+    with pytest.raises(UserError, match="lies outside"):
+        hostile.compare(["run"], "learning rate", "checkpoint", PROMPT, "", "1", 2, 5.0, "1", True)
 
 
 def test_a_cached_image_linking_out_is_never_shown(tmp_path, runs, random_sd_dir):

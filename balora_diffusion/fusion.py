@@ -136,20 +136,28 @@ def fused_adapter(concepts: list[Concept], layers: dict[str, tuple[torch.Tensor,
             up, down, lost = truncate(up, down, lossless_rank(up, down) if rank is None else rank)
         factors[key] = (up, down)
         report.append({"layer": key, "rank": up.shape[1], "truncation_loss": lost, **facts})
-    widest = {}
-    for key, (up, _) in factors.items():
-        widest[key.split(":")[0]] = max(widest.get(key.split(":")[0], 0), up.shape[1])
     for key, (up, down) in factors.items():
         part, path = key.split(":", 1)
-        shape = shapes[key]
-        # zero columns and rows change nothing, and one rank per model is what diffusers loads from
-        # its header without guessing (a file of mixed ranks fails in diffusers' own inference of them)
-        width = min(widest[part], shape[0], down.shape[1])
-        up = torch.cat([up, up.new_zeros(up.shape[0], width - up.shape[1])], dim=1)
-        down = torch.cat([down, down.new_zeros(width - down.shape[0], down.shape[1])])
+        shape, width = shapes[key], up.shape[1]
         down_shaped = down.float().reshape(width, *shape[1:])
         up_shaped = up.float().reshape(shape[0], width, *([1] * (len(shape) - 2)))
         adapter.parts()[part][path] = LoraModule(down_shaped.contiguous(), up_shaped.contiguous(), float(width), key=key)
+    return adapter, report
+
+
+def fuse_concepts(pipe, concepts: list[Concept], method: str, *, rank: int | None, info: dict, ridge: float,
+                  steps: int, seeds: list[int], guidance: float,
+                  progress: bool = True) -> tuple[Adapter, list[dict]]:
+    """The fused Adapter of `concepts` on `pipe` by `method` ("gradient" records each concept's layer
+    inputs, "sum" needs none), with `info` and its rank, and the per-layer report."""
+    shapes = layer_shapes(pipe, concepts)  # also refuses an adapter that does not fit the base model
+    if method == "gradient":
+        layers = gradient_fused(pipe, concepts, ridge=ridge, steps=steps, seeds=seeds, guidance=guidance,
+                                progress=progress)
+    else:
+        layers = summed(concepts)
+    adapter, report = fused_adapter(concepts, layers, shapes, rank, info)
+    adapter.info["rank"] = max(entry["rank"] for entry in report)
     return adapter, report
 
 

@@ -14,7 +14,7 @@ import torch
 from balora_diffusion.cli import main as cli_main
 from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule
 from balora_diffusion.formats.diffusers_lora import LORA_FILE, write_diffusers
-from balora_diffusion.formats.embedding import write_embedding
+from balora_diffusion.formats.embedding import embedding_file_name, write_embedding
 from balora_diffusion.formats.read import read_adapter
 
 # (part, path, weight shape): attention, a 1x1 conv, a 3x3 conv and a text-encoder layer
@@ -119,50 +119,88 @@ def test_recorded_grams_are_the_layers_own_inputs(random_sd_dir):
 
 
 PLAIN_DIFFUSERS = """
-import sys, numpy as np, torch
+import json, sys, numpy as np, torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
-model, folder, embedding, out = sys.argv[1:5]
+model, folder, embedding, tokens, out = sys.argv[1:6]
 pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32, safety_checker=None,
                                                requires_safety_checker=False, local_files_only=True)
 pipe.load_lora_weights(folder)
-# one file holds both tokens' rows (its header names them): diffusers takes several tokens as a list of rows
+# one file holds every token's row (its header names them): diffusers takes several tokens as a list of rows
 rows = next(iter(load_file(embedding).values()))
-pipe.load_textual_inversion(list(rows), token=["<aaa>", "<bbb>"])
+pipe.load_textual_inversion(list(rows), token=json.loads(tokens))
 image = pipe(prompt=["a <bbb> on a white background"], generator=[torch.Generator("cpu").manual_seed(3)],
              num_inference_steps=4, guidance_scale=7.5, output_type="np").images[0]
 np.save(out, image)
 """
 
 
-def test_a_fused_adapter_draws_the_toolkits_image_in_a_fresh_diffusers_process(random_sd_dir, tmp_path, prompts_file):
+def _ours_and_plain_diffusers(model: Path, folder: Path, tmp_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The image of "a <bbb> ..." drawn by the toolkit with the adapter in `folder` at fusion 1 and at 0,
+    and by plain diffusers in a fresh process from the same files."""
     from balora_diffusion.formats.fuse import Fused
     from balora_diffusion.models import load_pipeline
 
-    a = _adapter_folder(tmp_path / "a", "<aaa>", seed=1)
-    b = _adapter_folder(tmp_path / "b", "<bbb>", seed=2, layers=LAYERS[:3])  # so the summed ranks differ
-    out = tmp_path / "fused"
-    _fuse(random_sd_dir, "--adapter", a, b, "--out", out, "--prompts-file", prompts_file)
-    pipe = load_pipeline(random_sd_dir, device="cpu")
+    pipe = load_pipeline(model, device="cpu")
+    adapter = read_adapter(folder)
 
     def ours() -> np.ndarray:
         return pipe(prompt=["a <bbb> on a white background"], generator=[torch.Generator("cpu").manual_seed(3)],
                     num_inference_steps=4, guidance_scale=7.5, output_type="np").images[0]
 
-    with Fused(pipe, [(read_adapter(out), 1.0)]) as fused:
+    with Fused(pipe, [(adapter, 1.0)]) as fused:
         with_lora = ours()
         fused.set_fusion(0.0)
         without_lora = ours()
     script = tmp_path / "plain.py"
     script.write_text(PLAIN_DIFFUSERS)
-    result = subprocess.run([sys.executable, str(script), str(random_sd_dir), str(out / "adapter"),
-                             str(out / "adapter" / "aaa.safetensors"), str(tmp_path / "plain.npy")],
+    result = subprocess.run([sys.executable, str(script), str(model), str(folder),
+                             str(folder / embedding_file_name(adapter.tokens)), json.dumps(adapter.tokens),
+                             str(tmp_path / "plain.npy")],
                             capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "not loaded" not in result.stderr and "unexpected" not in result.stderr.lower(), result.stderr[-3000:]
-    theirs = np.load(tmp_path / "plain.npy")
+    return with_lora, without_lora, np.load(tmp_path / "plain.npy")
+
+
+def test_a_fused_adapter_draws_the_toolkits_image_in_a_fresh_diffusers_process(random_sd_dir, tmp_path, prompts_file):
+    a = _adapter_folder(tmp_path / "a", "<aaa>", seed=1)
+    b = _adapter_folder(tmp_path / "b", "<bbb>", seed=2, layers=LAYERS[:3])  # so the summed ranks differ
+    out = tmp_path / "fused"
+    _fuse(random_sd_dir, "--adapter", a, b, "--out", out, "--prompts-file", prompts_file)
+    # each layer keeps its own rank: 4 where both adapters reach, 2 where only <aaa>'s does
+    ranks = {f"{part}:{path}": module.rank for part, path, module in read_adapter(out).modules()}
+    assert ranks["unet:down_blocks.0.attentions.0.proj_in"] == 4 and ranks["unet:down_blocks.0.resnets.0.conv1"] == 2
+    with_lora, without_lora, theirs = _ours_and_plain_diffusers(random_sd_dir, out / "adapter", tmp_path)
     assert np.abs(with_lora - without_lora).mean() > 0.01  # the fused LoRA changes the image
+    assert np.abs(with_lora - theirs).max() < 2e-3
+
+
+@pytest.mark.parametrize("mixed", [UNET, TEXT_ENCODER])
+def test_a_file_of_mixed_ranks_and_alphas_draws_the_toolkits_image_in_a_fresh_diffusers_process(random_sd_dir, tmp_path,
+                                                                                              mixed):
+    """One model's modules each of its own rank and alpha, the other's all alike (as a fused adapter
+    has them): diffusers reads both from the header (rank_pattern / alpha_pattern), and cannot infer
+    one model's ranks itself while the other's stand in the header."""
+    gen = torch.Generator().manual_seed(5)
+    adapter = Adapter(tokens=["<bbb>"], embedding=torch.randn(1, 32, generator=gen), info={"token": ["<bbb>"]})
+    text_layers = [(TEXT_ENCODER, f"encoder.layers.{i}.self_attn.{name}", (32, 32)) for i in (0, 1)
+                   for name in ("q_proj", "v_proj")]
+    for k, (part, path, shape) in enumerate(LAYERS[:-1] + text_layers):
+        rank, alpha = (1 + k % 3, 0.5 + k) if part == mixed else (2, 3.0)
+        down = torch.randn(rank, *shape[1:], generator=gen) * 0.3
+        up = torch.randn(shape[0], rank, *([1] * (len(shape) - 2)), generator=gen) * 0.3
+        adapter.parts()[part][path] = LoraModule(down, up, alpha=alpha)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_diffusers(folder, adapter)
+    write_embedding(folder, adapter.tokens, adapter.embedding)
+    for part, path, module in read_adapter(folder).modules():
+        want = adapter.parts()[part][path]
+        assert (module.rank, module.alpha) == (want.rank, want.alpha)
+    with_lora, without_lora, theirs = _ours_and_plain_diffusers(random_sd_dir, folder, tmp_path)
+    assert np.abs(with_lora - without_lora).mean() > 0.01
     assert np.abs(with_lora - theirs).max() < 2e-3
 
 

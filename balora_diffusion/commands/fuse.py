@@ -96,8 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from balora_diffusion.atomic import atomic_path, write_json_atomic
     from balora_diffusion.formats.read import read_adapter
     from balora_diffusion.formats.run_files import write_run_adapters
-    from balora_diffusion.fusion import (Concept, check_concepts, concept_prompts, fused_adapter, gradient_fused,
-                                         layer_shapes, summed)
+    from balora_diffusion.fusion import Concept, check_concepts, concept_prompts, fuse_concepts
     from balora_diffusion.generate import DEFAULT_GUIDANCE
     from balora_diffusion.models import load_pipeline
     from balora_diffusion.threads import use_cpu_threads
@@ -112,18 +111,12 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     pipe = load_pipeline(args.base_model or None, device=args.device, single_file_config=args.base_config or None)
     use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
-    shapes = layer_shapes(pipe, concepts)  # also refuses an adapter that does not fit the base model
-    if args.method == "gradient":
-        layers = gradient_fused(pipe, concepts, ridge=args.ridge, steps=args.steps, seeds=args.seeds,
-                                guidance=DEFAULT_GUIDANCE)
-    else:
-        layers = summed(concepts)
     first = concepts[0].adapter.info
     info = {"name": out.name, "method": f"fuse-{args.method}", "token": [t for c in concepts for t in c.adapter.tokens],
             "fused": [c.label for c in concepts], "toolkit_version": installed_version("balora-diffusion") or "unknown",
             **{key: first[key] for key in ("base_model", "base_model_hash") if key in first}}
-    adapter, report = fused_adapter(concepts, layers, shapes, args.rank, info)
-    adapter.info["rank"] = max(entry["rank"] for entry in report)
+    adapter, report = fuse_concepts(pipe, concepts, args.method, rank=args.rank, info=info, ridge=args.ridge,
+                                    steps=args.steps, seeds=args.seeds, guidance=DEFAULT_GUIDANCE)
     seconds = time.perf_counter() - started
     singular = [entry["layer"] for entry in report if entry.get("singular")]
     losses = [entry["truncation_loss"] for entry in report]

@@ -135,11 +135,6 @@ def token_stem(token: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "", token) or "embedding"
 
 
-def uniform(values: list) -> object | None:
-    """The value when all are equal, else None."""
-    return values[0] if values and all(v == values[0] for v in values) else None
-
-
 INFO_PREFIX = "balora."
 
 

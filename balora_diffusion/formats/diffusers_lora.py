@@ -3,10 +3,10 @@
 Keys are `unet.<module>.lora_A.weight` (down) / `.lora_B.weight` (up) and
 `text_encoder.text_model.<module>...`: the `text_model.` spelling loads with transformers 4 (whose
 CLIPTextModel has that child) and 5 alike, while the short one written by transformers >= 5.6 makes
-older diffusers fail. No alpha is stored in the tensors: diffusers takes it from the adapter
-metadata in the header and, without it, loads with alpha = rank. So the metadata is written whenever
-one rank and one alpha serve a whole model, and otherwise each module's scale is folded into its up
-factor (alpha = rank), which diffusers reads at the right strength with no metadata at all.
+older diffusers fail. No alpha is stored in the tensors: diffusers builds peft's LoraConfig from the
+adapter metadata in the header, which is always written: per model the most common rank and alpha,
+and `rank_pattern` / `alpha_pattern` naming every module that differs. Without it diffusers infers
+the ranks itself, which fails inside peft once they differ (a KeyError 'model_type').
 
 The reader also takes peft's own files (`base_model.model.<module>...`, alpha in adapter_config.json)
 and older diffusers spellings (`lora.down` / `lora.up`, attention processors' `to_q_lora`).
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, UNET, Adapter, Factors, add_factor, alpha_number,
-                                              assemble, info_from_metadata, info_metadata, uniform)
+from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, UNET, Adapter, Factors, LoraModule, add_factor,
+                                              alpha_number, assemble, info_from_metadata, info_metadata)
 from balora_diffusion.formats.names import text_encoder_path
 from balora_diffusion.formats.safetensors_io import read_file, write_file
 
@@ -46,22 +47,27 @@ def write_diffusers(folder: Path, adapter: Adapter) -> Path:
     for part, modules in adapter.parts().items():
         if not modules:
             continue
-        rank = uniform([m.rank for m in modules.values()])
-        alpha = uniform([m.alpha for m in modules.values()])
-        keep_alpha = rank is not None and alpha is not None
-        if keep_alpha:
-            # diffusers up to 0.35 reads rank_pattern from the metadata unconditionally (a KeyError without it)
-            config.update({f"{part}.r": rank, f"{part}.lora_alpha": alpha, f"{part}.rank_pattern": {},
-                           f"{part}.alpha_pattern": {}, f"{part}.target_modules": sorted(modules),
-                           f"{part}.peft_type": "LORA"})
+        config.update({f"{part}.{key}": value for key, value in _lora_config(modules).items()})
         for path, module in modules.items():
-            up = module.up if keep_alpha else module.up.float() * module.scale
             tensors[f"{_file_path(part, path)}.lora_A.weight"] = module.down
-            tensors[f"{_file_path(part, path)}.lora_B.weight"] = up
+            tensors[f"{_file_path(part, path)}.lora_B.weight"] = module.up
     metadata = info_metadata(adapter.info)
     if config:
         metadata[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
     return write_file(Path(folder) / LORA_FILE, tensors, metadata)
+
+
+def _lora_config(modules: dict[str, LoraModule]) -> dict[str, object]:
+    """peft's LoraConfig of one model's modules: the most common rank and alpha, and each module
+    that differs by its full path (peft matches a pattern against the end of a module's name; a
+    full path is the end of that module's name only). diffusers up to 0.35 reads both patterns
+    unconditionally, so they are written even when empty."""
+    rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
+    return {"r": rank, "lora_alpha": alpha,
+            "rank_pattern": {path: m.rank for path, m in sorted(modules.items()) if m.rank != rank},
+            "alpha_pattern": {path: m.alpha for path, m in sorted(modules.items()) if m.alpha != alpha},
+            "target_modules": sorted(modules), "peft_type": "LORA"}
 
 
 def _module_path(part: str | None, raw: str) -> tuple[str, str] | None:

@@ -72,6 +72,22 @@ def run_config(folder: Path) -> dict:
     return {}
 
 
+def _held_out(run: Path, examples: list, count: int, seed: int) -> tuple[list, list]:
+    """(training, held-out) images of a run: the held-out ones by the names its run.json records,
+    else (a run that has not finished) by repeating the training's seeded draw."""
+    from balora_diffusion.data import split_holdout
+
+    record = json.loads((run / "run.json").read_text(encoding="utf-8")) if (run / "run.json").is_file() else {}
+    names = record.get("holdout_images")
+    if not isinstance(names, list):
+        return split_holdout(examples, count, seed)
+    held = [e for e in examples if e.path.name in names]
+    if len(held) != len(names):
+        missing = sorted(set(names) - {e.path.name for e in held})
+        raise UserError(f"{run}: its held-out images {', '.join(missing)} are no longer in its concept folder")
+    return [e for e in examples if e.path.name not in names], held
+
+
 def _run_entries(folder: Path, name: str) -> list[Entry]:
     """The final adapter of a run and each intact checkpoint that is not that same final state."""
     found = []
@@ -134,9 +150,7 @@ def load_subject(entry: Entry, tokens: list[str], *, concept_dir: str = "", prom
     examples = read_concept_folder(folder, tokens, template)
     holdout = int(config.get("holdout") or 0) if not concept_dir else 0
     if holdout:
-        from balora_diffusion.data import split_holdout
-
-        training, held = split_holdout(examples, holdout, int(config.get("heldout_seed", 1234)))
+        training, held = _held_out(entry.run, examples, holdout, int(config.get("heldout_seed", 1234)))
         references, note = held, f"{len(held)} held-out images"
     elif entry.run and not concept_dir:
         training = references = examples

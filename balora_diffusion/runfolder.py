@@ -28,8 +28,11 @@ T = TypeVar("T")
 LOCK = ".balora.lock"
 # What a training (and the demo after it) writes into its folder: any of them means that the
 # folder holds a run, and --overwrite true deletes exactly these, never other files kept there.
+# `balora eval --best-by` exports the best checkpoint's adapter into BEST: an output of the run, so
+# starting the run over deletes it with the rest.
+BEST = "best"
 RUN_OUTPUTS = ("checkpoints", "adapter", "kohya", "run.json", "config.json", "metrics.jsonl", "tensorboard",
-               "grid.png", *PLOTS, "demo.png", "demo.json")
+               "grid.png", *PLOTS, "demo.png", "demo.json", BEST)
 STEP_GRIDS = "grid-step*.png"
 
 # TrainConfig keys that a resumed run may set differently from its checkpoint: how long to train,

@@ -523,7 +523,7 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
             "device": str(device), "processes": world, "cpu_threads": torch.get_num_threads(),
             "mixed_precision": accelerator.mixed_precision, "latents_cached": isinstance(batches, LatentCache),
             **memory.summary(), "replica_checksums": checksums,
-            "final": log.last_values(),
+            "final": log.last_values(), "holdout_images": sorted(e.path.name for e in held_out),
             "diagnostics": balance_diagnostics(pairs),
             "versions": library_versions(),
         }

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +96,16 @@ def test_held_out_images_are_the_references(random_sd_dir, tiny_clip_dir, tiny_d
     assert "references of" in result.stdout and "2 held-out images" in result.stdout
     # no prompts file: the concept's own evaluation prompts, the token read as its class word
     assert subject["clip_texts"][0] == "a large heart on a blue background"
+    # the references are the images the run recorded as held out, not a repeat of the draw
+    record = json.loads((run / "run.json").read_text())
+    assert record["holdout_images"] == sorted(e.path.name for e in held)
+    others = sorted(p.name for p in paths.DEMO_CONCEPT.glob("*.png") if p.name not in record["holdout_images"])[:2]
+    (run / "run.json").write_text(json.dumps({**record, "holdout_images": others}))
+    again = _eval(run, "--clip", tiny_clip_dir, "--metrics", "clip-i", "--seeds", "1", "--steps", "2",
+                  "--out", tmp_path / "again")
+    assert again.returncode == 0, again.stderr[-3000:]
+    subject = json.loads((tmp_path / "again" / "eval.json").read_text())["subjects"][0]
+    assert [Path(r).name for r in subject["references"]] == others
 
 
 def test_best_by_exports_the_best_checkpoint_and_keeps_an_earlier_one(run, tiny_clip_dir, tiny_dino_dir, tmp_path):

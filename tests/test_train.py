@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,6 +234,7 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(random_
     assert "--resume" in error and "--overwrite" in error, error
 
     (out / "notes.txt").write_text("mine")
+    shutil.copytree(out / "adapter", out / "best" / "adapter")  # what `balora eval --best-by` exports
     again = replace(cfg, seed=1, steps=3, checkpoint_every=3, eval_every=3, overwrite=True)
     assert cli_main(_flags(again)) == 0
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-0000003"], "the old run's are gone"
@@ -240,6 +242,7 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(random_
     assert any(not torch.equal(v, adapter[k]) for k, v in _adapter(out).items())
     assert [r["step"] for r in _records(out) if r["name"] == "heldout_loss"] == [0, 3], "only the new run's metrics"
     assert (out / "notes.txt").read_text() == "mine", "files that are not the run's stay"
+    assert not (out / "best").exists(), "the old run's best checkpoint is gone with it"
 
 
 def test_a_second_training_into_the_same_folder_is_refused_at_once(random_sd_dir, tmp_path, capsys):

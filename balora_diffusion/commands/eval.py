@@ -11,9 +11,9 @@ from balora_diffusion.commands.generate import DrawConfig
 from balora_diffusion.config import add_config_arguments, config_from_args, field
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_record_folder, claim
+from balora_diffusion.runfolder import BEST
 
 METRICS = ["clip-t", "clip-i", "dino", "fidelity"]
-BEST = "best"
 
 
 @dataclass

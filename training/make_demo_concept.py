@@ -1,14 +1,15 @@
-"""Generate the shipped concepts, assets/concepts/zorb/ and quax/: two-tone shapes the world never shows.
+"""Generate the shipped concepts, assets/concepts/zorb/, quax/ and zorb-edge/: two-tone shapes the world never shows.
 
 A "<zorb>" is a heart, left half pink and right half cyan; a "<quax>" is a thick ring, top half lime
 and bottom half brown: silhouettes and colour pairs that balora_diffusion.world does not contain, bold
 enough to survive the tiny model's 64 px VAE. Two, so that several concepts can be fused into one
 adapter (`balora fuse`). The images are 128 x 128 (so the trainer's resize path runs), on world
 backgrounds, at varied sizes and positions, with world-style captions in same-name .txt files, plus
-concept.toml.
+concept.toml. zorb-edge is the <zorb> in 192 x 128 and 128 x 192 photos with the heart near an edge.
 
     python training/make_demo_concept.py                   # rewrites assets/concepts/zorb
     python training/make_demo_concept.py --concept quax    # rewrites assets/concepts/quax
+    python training/make_demo_concept.py --concept zorb-edge  # the <zorb> in wide and tall photos
 """
 from __future__ import annotations
 
@@ -40,6 +41,19 @@ CONTEXTS = (("white", "large", "center"), ("black", "small", "left"), ("gray", "
 EVAL_CONTEXTS = ("a large {} on a blue background", "a small {} on a white background",
                  "a large {} on the left on a black background", "a small {} at the bottom on a green background",
                  "a large {} at the top on a gray background", "a {} on a blue background")
+# The <zorb> as photos of other aspects: (frame, background, size, position), the heart near an edge of
+# a wide or tall image, for training with and without aspect-ratio buckets (balora bench photos).
+EDGE = "zorb-edge"
+EDGE_SIDES = (192, 128)  # long side, short side
+EDGE_RADIUS = {"small": 0.1, "large": 0.15}  # world.placement's radius, as a share of the long side
+EDGE_MARGIN = 0.04
+EDGE_CONTEXTS = (("wide", "white", "large", "left"), ("tall", "black", "small", "top"),
+                 ("wide", "gray", "small", "right"), ("tall", "blue", "large", "bottom"),
+                 ("wide", "green", "small", "left"), ("tall", "gray", "large", "top"))
+# Each names a position: a concept learned from centre crops has seen only part of the heart there.
+EDGE_EVAL_CONTEXTS = ("a large {} on the left on a gray background", "a small {} on the right on a black background",
+                      "a large {} at the top on a white background", "a small {} at the bottom on a blue background",
+                      "a {} on the right on a green background", "a {} at the top on a black background")
 
 
 def heart_outline(n: int = 256) -> np.ndarray:
@@ -56,12 +70,12 @@ def caption(size: str, position: str, background: str, token: str = TOKEN) -> st
     return world.Scene("circle", "red", background, size, position).caption().replace("red circle", token)
 
 
-def _two_tone(silhouette, colours, across: bool, background: str, size: str, position: str, resolution: int,
-              jitter_seed: int | None) -> Image.Image:
-    """A shape placed like a world shape of that size and position (same jitter ranges), split along its
-    rotated vertical axis (left, right) or, `across`, its horizontal one (top, bottom) into two colours.
+def _two_tone(silhouette, colours, across: bool, background: str, placement: tuple[float, float, float, float],
+              resolution: int) -> Image.Image:
+    """A shape at `placement` (world.placement's centre, radius and rotation), split along its rotated
+    vertical axis (left, right) or, `across`, its horizontal one (top, bottom) into two colours.
     silhouette(cx, cy, radius, rotation) gives the point-in-shape test of the whole shape."""
-    cx, cy, radius, angle = world.placement(size, position, jitter_seed)
+    cx, cy, radius, angle = placement
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     whole = silhouette(cx, cy, radius, np.array([[c, -s], [s, c]]))
 
@@ -91,24 +105,54 @@ def _ring(cx: float, cy: float, radius: float, rotation: np.ndarray):
 def render_zorb(background: str, size: str, position: str, resolution: int = 128,
                 jitter_seed: int | None = None) -> Image.Image:
     """A <zorb>: a heart, left half and right half in COLOURS."""
-    return _two_tone(_heart, COLOURS.values(), False, background, size, position, resolution, jitter_seed)
+    return _two_tone(_heart, COLOURS.values(), False, background, world.placement(size, position, jitter_seed),
+                     resolution)
 
 
 def render_quax(background: str, size: str, position: str, resolution: int = 128,
                 jitter_seed: int | None = None) -> Image.Image:
     """A <quax>: a thick ring, top half and bottom half in RING_COLOURS."""
-    return _two_tone(_ring, RING_COLOURS.values(), True, background, size, position, resolution, jitter_seed)
+    return _two_tone(_ring, RING_COLOURS.values(), True, background, world.placement(size, position, jitter_seed),
+                     resolution)
+
+
+def render_zorb_at_edge(frame: str, background: str, size: str, position: str, jitter_seed: int) -> Image.Image:
+    """A <zorb> photo wider or taller than square (`frame` "wide" or "tall", EDGE_SIDES) with the heart
+    near the edge `position` names: the part a centred square crop cuts off. A square of the long
+    side is drawn and cut to the frame, so the heart keeps the world's anti-aliasing."""
+    long, short = EDGE_SIDES
+    rng = np.random.default_rng(jitter_seed)
+    radius, angle, along = EDGE_RADIUS[size], rng.uniform(-10.0, 10.0), rng.uniform(-0.05, 0.05)
+    dx, dy = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}[position]
+    # as far out as the heart's farthest point allows, clear of the border ring the scores read
+    reach = 0.5 - EDGE_MARGIN - radius * world.MAX_EXTENT
+    cx, cy = 0.5 + dx * reach + (dy != 0) * along, 0.5 + dy * reach + (dx != 0) * along
+    square = _two_tone(_heart, COLOURS.values(), False, background, (cx, cy, radius, angle), long)
+    cut = (long - short) // 2
+    return square.crop((0, cut, long, long - cut) if frame == "wide" else (cut, 0, long - cut, long))
 
 
 # name -> (token, initializer and class word, colours, renderer)
-CONCEPTS = {"zorb": (TOKEN, "heart", COLOURS, render_zorb), "quax": (RING_TOKEN, "ring", RING_COLOURS, render_quax)}
+CONCEPTS = {"zorb": (TOKEN, "heart", COLOURS, render_zorb), "quax": (RING_TOKEN, "ring", RING_COLOURS, render_quax),
+            EDGE: (TOKEN, "heart", COLOURS, render_zorb_at_edge)}
+
+
+def images(name: str, resolution: int, seed: int) -> list[tuple[Image.Image, str]]:
+    """(image, caption) of each training image of concept `name`."""
+    token, _, _, render = CONCEPTS[name]
+    if name == EDGE:
+        return [(render(frame, background, size, position, seed * 1000 + i), caption(size, position, background, token))
+                for i, (frame, background, size, position) in enumerate(EDGE_CONTEXTS)]
+    return [(render(background, size, position, resolution, jitter_seed=seed * 1000 + i),
+             caption(size, position, background, token)) for i, (background, size, position) in enumerate(CONTEXTS)]
 
 
 def concept_toml(name: str = "zorb") -> str:
     token, word, colours, _ = CONCEPTS[name]
     lines = [f"token = {json.dumps(token)}", f"initializer = {json.dumps(word)}", f"class_word = {json.dumps(word)}",
              'caption_template = "a {token}"', "eval_prompts = ["]
-    lines += [f"    {json.dumps(context.format(token))}," for context in EVAL_CONTEXTS] + ["]", "", "[colours]"]
+    lines += [f"    {json.dumps(context.format(token))}," for context in (EDGE_EVAL_CONTEXTS if name == EDGE else EVAL_CONTEXTS)]
+    lines += ["]", "", "[colours]"]
     lines += [f"{colour} = [{', '.join(map(str, rgb))}]" for colour, rgb in colours.items()]
     return "\n".join(lines) + "\n"
 
@@ -118,19 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concept", choices=sorted(CONCEPTS), default="zorb", help="which concept (default: zorb)")
     parser.add_argument("--out", type=Path, default=None,
                         help="concept folder to (re)write as a whole (default: assets/concepts/<concept>)")
-    parser.add_argument("--resolution", type=int, default=128, help="side of the square images in pixels (default: 128)")
+    parser.add_argument("--resolution", type=int, default=128,
+                        help=f"side of the square images in pixels (default: 128; {EDGE}'s are {EDGE_SIDES[0]}x{EDGE_SIDES[1]})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image position/size/rotation jitter")
     args = parser.parse_args(argv)
-    token, _, _, render = CONCEPTS[args.concept]
     out = args.out or paths.CONCEPTS / args.concept
+    drawn = images(args.concept, args.resolution, args.seed)
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        for i, (background, size, position) in enumerate(CONTEXTS):
-            render(background, size, position, args.resolution, jitter_seed=args.seed * 1000 + i).save(
-                tmp / f"{i:02d}.png", optimize=True)
-            (tmp / f"{i:02d}.txt").write_text(caption(size, position, background, token) + "\n", encoding="utf-8")
+        for i, (image, text) in enumerate(drawn):
+            image.save(tmp / f"{i:02d}.png", optimize=True)
+            (tmp / f"{i:02d}.txt").write_text(text + "\n", encoding="utf-8")
         (tmp / "concept.toml").write_text(concept_toml(args.concept), encoding="utf-8")
-    print(f"wrote {len(CONTEXTS)} images of {token} to {out}")
+    print(f"wrote {len(drawn)} images of {CONCEPTS[args.concept][0]} to {out}")
     return 0
 
 

@@ -151,7 +151,8 @@ def concept_toml(name: str = "zorb") -> str:
     token, word, colours, _ = CONCEPTS[name]
     lines = [f"token = {json.dumps(token)}", f"initializer = {json.dumps(word)}", f"class_word = {json.dumps(word)}",
              'caption_template = "a {token}"', "eval_prompts = ["]
-    lines += [f"    {json.dumps(context.format(token))}," for context in (EDGE_EVAL_CONTEXTS if name == EDGE else EVAL_CONTEXTS)]
+    contexts = EDGE_EVAL_CONTEXTS if name == EDGE else EVAL_CONTEXTS
+    lines += [f"    {json.dumps(context.format(token))}," for context in contexts]
     lines += ["]", "", "[colours]"]
     lines += [f"{colour} = [{', '.join(map(str, rgb))}]" for colour, rgb in colours.items()]
     return "\n".join(lines) + "\n"
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="concept folder to (re)write as a whole (default: assets/concepts/<concept>)")
     parser.add_argument("--resolution", type=int, default=128,
-                        help=f"side of the square images in pixels (default: 128; {EDGE}'s are {EDGE_SIDES[0]}x{EDGE_SIDES[1]})")
+                        help=f"side of the square images in pixels (default: 128; {EDGE}'s are "
+                             f"{EDGE_SIDES[0]}x{EDGE_SIDES[1]})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-image position/size/rotation jitter")
     args = parser.parse_args(argv)
     out = args.out or paths.CONCEPTS / args.concept

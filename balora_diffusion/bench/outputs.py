@@ -29,3 +29,13 @@ def claim_out(args, names: Iterable[str]) -> None:
     --overwrite true, or where it cannot be written: before the benchmark spends its minutes."""
     if args.out is not None:
         claim([Path(args.out) / name for name in names], args.overwrite)
+
+
+def write_page(page: Path, figure: Path, render) -> None:
+    """A benchmark's results page at `page` (e.g. in docs/results) with its figure copied beside it
+    under the page's name: `render(name)` is the page's text linking the figure by that name."""
+    target = page.with_suffix(".png")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(figure.read_bytes())
+    with atomic_path(page) as tmp:
+        tmp.write_text(render(target.name), encoding="utf-8")

@@ -91,6 +91,8 @@ def test_quick_bench_writes_its_page_and_fused_adapters(tmp_path):
             fused = read_adapter(out / "fused" / f"{method}-s0-{fusion}")
             assert fused.tokens == ["<zorb>", "<quax>"]
     assert [t["concepts"] for t in result["fuse_times"]] == [n for n in plan.cost_concepts for _ in bench.FUSIONS]
+    assert [(p["concept"], p["with"]) for p in result["parts"]] == [
+        (c, label) for c in ("<zorb>", "<quax>") for label in bench.PARTS]
     text = page.read_text()
     assert text == (out / "fusion.md").read_text().replace("fusion.png", page.with_suffix(".png").name)
     assert f"--page {page}" in text and "## Verdicts" in text and page.with_suffix(".png").is_file()

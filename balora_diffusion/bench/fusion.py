@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,13 +108,13 @@ class Scorer:
         rows = generate(self.pipe, prompts, list(self.plan.score_seeds), steps=self.plan.sample_steps, progress=False)
         return [image for row in rows for image in row]
 
-    def score(self, adapter, concepts: list[Concept]) -> tuple[dict, list]:
-        """{token: {fidelity, bleed}, "drift": ...} of `adapter` for `concepts`, and its images
-        (each concept's eval prompts, then the drift prompts)."""
+    def score(self, adapters: list, concepts: list[Concept]) -> tuple[dict, list]:
+        """{token: {fidelity, bleed}, "drift": ...} of `adapters` loaded together for `concepts`, and
+        the images (each concept's eval prompts, then the drift prompts)."""
         from balora_diffusion.formats.fuse import Fused
 
         scores, shown = {}, []
-        with Fused(self.pipe, [(adapter, 1.0)]):
+        with Fused(self.pipe, [(adapter, 1.0) for adapter in adapters]):
             for concept in concepts:
                 images = self._draw(list(concept.eval_prompts))
                 other = next(c for c in self.concepts if c is not concept)
@@ -221,6 +222,25 @@ def verdicts(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+# the other concept's adapter piece by piece beside a concept's own: which part of it costs the concept
+PARTS = {"token": (False, False), "token + text-encoder LoRA": (False, True), "token + UNet LoRA": (True, False)}
+
+
+def part_study(scorer: Scorer, method: str, adapters: list, concepts: list[Concept]) -> list[dict]:
+    """Each concept's fidelity with its own adapter plus one part of the other's (its token alone, its
+    text-encoder LoRA with it, its UNet LoRA with it), loaded side by side as two adapters."""
+    rows = []
+    for k, concept in enumerate(concepts):
+        other = adapters[1 - k]
+        for label, (unet, text) in PARTS.items():
+            part = dataclasses.replace(other, unet=other.unet if unet else {},
+                                       text_encoder=other.text_encoder if text else {})
+            scores, _ = scorer.score([adapters[k], part], [concept])
+            rows.append({"method": method, "concept": concept.token, "with": label,
+                         "fidelity": scores[concept.token]["fidelity"]})
+    return rows
+
+
 def timed_fusions(pipe, adapters: list, concepts: list[Concept], plan: Plan) -> list[dict]:
     """Seconds to fuse 2 and more concepts by each method: the trained adapters, then the same ones
     again under other token names (the work per concept is the same whatever it learned)."""
@@ -270,7 +290,7 @@ def run_bench(plan: Plan, out: Path, command: str) -> dict:
     from balora_diffusion.models import load_pipeline
     from balora_diffusion.threads import use_cpu_threads
 
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
     concepts = [load_concept(folder) for folder in CONCEPT_FOLDERS]
     configs = sweep_configs(plan, out)
     per_concept = [expand(config) for config in configs]
@@ -285,7 +305,7 @@ def run_bench(plan: Plan, out: Path, command: str) -> dict:
     pipe = load_pipeline(None, device="cpu")
     use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
     scorer = Scorer(pipe, concepts, plan)
-    rows, figure, timed = [], [], []
+    rows, figure, timed, parts = [], [], [], []
     for method in plan.methods:
         for seed in plan.seeds:
             folders = [Path(group[0].values["output_dir"]).parent / _cell_name(group, method, seed)
@@ -293,24 +313,28 @@ def run_bench(plan: Plan, out: Path, command: str) -> dict:
             adapters = [read_adapter(f) for f in folders]
             own = {}
             for adapter, concept in zip(adapters, concepts):
-                scores, images = scorer.score(adapter, [concept])
+                scores, images = scorer.score([adapter], [concept])
                 own[concept.token] = {**scores[concept.token], "drift": scores["drift"]}
                 figure.append((f"{method} s{seed} own {concept.token}", images[0]))
             fused, seconds = {}, {}
             for fusion in FUSIONS:
                 adapter, seconds[fusion] = fuse(pipe, adapters, concepts, fusion, plan,
                                                 out / "fused" / f"{method}-s{seed}-{fusion}")
-                fused[fusion], images = scorer.score(adapter, concepts)
+                fused[fusion], images = scorer.score([adapter], concepts)
                 figure += [(f"{method} s{seed} {fusion} {c.token}", im) for c, im in zip(concepts, images)]
             rows += cell_rows(method, seed, own, fused, seconds)
             if not timed:
                 timed = timed_fusions(pipe, adapters, concepts, plan)
+                parts = part_study(scorer, method, adapters, concepts)
     eigh = time_eigh({layer.inputs for layer in sd15_layers()})
     result = {"plan": asdict(plan), "command": command, "threads": torch.get_num_threads(), "rows": rows,
+              "parts": parts,
               "summary": summary(rows), "verdicts": verdicts(rows), "fuse_times": timed, "sd15": sd15_cost(eigh),
               "eigh_seconds": eigh,
               "drift_prompts": scorer.drift, "training_seconds": round(training_seconds, 1),
-              "wall_seconds": round(time.perf_counter() - started, 1)}
+              "wall_seconds": round(time.perf_counter() - started, 1), "cpu_count": os.cpu_count(),
+              # what else ran: the same plan takes far longer beside other processes
+              "load_average": [load_start, os.getloadavg()[0]]}
     write_json_atomic(out / "fusion.json", result)
     _grid(out / "fusion.png", figure, concepts, plan)
     with atomic_path(out / "fusion.md") as tmp:
@@ -350,7 +374,9 @@ def page(result: dict, figure: str) -> str:
              f"{MIN_OWN_FIDELITY}). Bleed: the other concept's fidelity score of the same images. Drift: mean "
              f"absolute pixel difference (0-255) from the base model on {plan['drift_prompts']} prompts without a "
              f"token ({'; '.join(result['drift_prompts'])}). Wall time {result['wall_seconds']:.0f} s, "
-             f"{result['training_seconds']:.0f} s of it training.", "",
+             f"{result['training_seconds']:.0f} s of it training, on {result['cpu_count']} CPU cores with a load "
+             f"average of {result['load_average'][0]:.1f} at the start and {result['load_average'][1]:.1f} at the end "
+             f"(1 per busy core: above {result['cpu_count']}, other processes shared the cores).", "",
              "## Verdicts", ""]
     for verdict in result["verdicts"].values():
         lines.append(f"- {verdict['question']} **{verdict['answer']}** (higher retention in {verdict['wins']} of "
@@ -365,13 +391,28 @@ def page(result: dict, figure: str) -> str:
                                          _fmt(row["own_drift"], ".1f"), _fmt(row["fused_drift"], ".1f"),
                                          _fmt(row["fuse_seconds"], ".1f")]) + " |")
     lines += ["", "## Per concept", "",
-              "| rule | seed | fusion | concept | own fidelity | fused fidelity | retention | own bleed | fused bleed |",
+              "| rule | seed | fusion | concept | own fidelity | fused fidelity | retention | own bleed | "
+              "fused bleed |",
               "|" + "---|" * 9]
     for r in result["rows"]:
         lines.append("| " + " | ".join([r["method"], str(r["seed"]), r["fusion"], r["concept"],
                                          _fmt(r["own_fidelity"]), _fmt(r["fused_fidelity"]),
                                          _fmt(r["retention"], ".2f"), _fmt(r["own_bleed"]),
                                          _fmt(r["fused_bleed"])]) + " |")
+    lines += ["", "## Which part of the other adapter costs a concept", "",
+              f"Rule {result['parts'][0]['method']}, seed {plan['seeds'][0]}: each concept's fidelity with its own "
+              "adapter and one part of the other concept's adapter loaded beside it, as two adapters (no fusion):",
+              "", "| concept | own | " + " | ".join(f"+ the other's {label}" for label in PARTS)
+              + " | sum | gradient |",
+              "|" + "---|" * (4 + len(PARTS))]
+    for concept in dict.fromkeys(p["concept"] for p in result["parts"]):
+        mine = {p["with"]: p["fidelity"] for p in result["parts"] if p["concept"] == concept}
+        row = next(r for r in result["rows"] if r["concept"] == concept and r["method"] == result["parts"][0]["method"]
+                   and r["seed"] == plan["seeds"][0])
+        fused = {r["fusion"]: r["fused_fidelity"] for r in result["rows"] if r["concept"] == concept
+                 and r["method"] == row["method"] and r["seed"] == row["seed"]}
+        lines.append(f"| {concept} | {_fmt(row['own_fidelity'])} | " + " | ".join(_fmt(mine[label]) for label in PARTS)
+                     + f" | {_fmt(fused['sum'])} | {_fmt(fused['gradient'])} |")
     lines += ["", f"![each concept with its own adapter and in the fused ones]({figure})", "",
               "## Cost", "", f"Measured here (the tiny model on this machine's CPU, {result['threads']} torch "
               "thread(s), the first rule's adapters above, layer inputs recorded as above; beyond two concepts "

@@ -309,7 +309,7 @@ def build_ui(app: App):
         with gr.Tab("Train"):
             gr.Markdown(f"Upload {MIN_IMAGES} to {MAX_IMAGES} images of the concept (at most {MAX_FILE_MB} MB "
                         "each), with optional captions as same-name .txt files; a caption must name the token.")
-            uploads = gr.File(file_count="multiple", label="images and captions", type="filepath")
+            uploads = gr.File(file_count="multiple", label="images and captions", type="filepath", elem_id="uploads")
             with gr.Row():
                 run_name = gr.Textbox("", label="run name (empty: token-method-time)")
                 token = gr.Textbox(d["token"][0], label="token")
@@ -331,7 +331,7 @@ def build_ui(app: App):
                 download_run = gr.Dropdown(finished, label="run", scale=3, allow_custom_value=True)
                 prepare = gr.Button("Download files", scale=1)
             files = gr.File(label="adapter files (diffusers zip, and every other format the run holds)",
-                            file_count="multiple")
+                            file_count="multiple", elem_id="adapter-files")
 
         with gr.Tab("Curves"):
             curve_runs = gr.Dropdown(finished, value=finished[:12], multiselect=True, label="runs",

@@ -598,3 +598,68 @@ def test_a_message_in_the_page_keeps_its_token_and_names_no_server_path(server, 
         finally:
             browser.close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def _choose(page, label: str, option: str) -> None:
+    """Pick `option` in the dropdown labelled `label` (a multiselect one adds it)."""
+    box = page.get_by_label(label, exact=True)
+    box.click()
+    # the list of the box (an earlier one's may still be in the page)
+    page.locator(f"#{box.get_attribute('aria-controls')}").get_by_role("option", name=option, exact=True).click()
+
+
+def test_the_whole_loop_in_a_real_browser_without_a_shell(server, app, tmp_path):
+    """Train a run from the page, stop it, continue it, download its adapter, and compare it with the
+    sweep's runs and the base model over two prompts and its checkpoints."""
+    if not CHROMIUM.is_file():
+        pytest.skip("Debian's chromium is not installed (`make test` installs it)")
+    from playwright.sync_api import expect, sync_playwright
+
+    prompts = "a <zorb>\na <zorb> on a beach"
+    with sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1200})
+            page.goto(server)
+            expect(page.get_by_label("prompt", exact=True)).not_to_have_value("")  # the page's load is done
+            page.get_by_role("tab", name="Train").click()
+            page.locator("#uploads input[type=file]").set_input_files([str(p) for p in _uploads(tmp_path)])
+            expect(page.locator("#uploads").get_by_role("cell", name="02.txt")).to_be_visible(timeout=30_000)
+            page.get_by_label("run name (empty: token-method-time)").fill("loop")
+            page.get_by_label("token", exact=True).fill("<zorb>")
+            page.get_by_label("init word").fill("heart")
+            page.get_by_label("steps", exact=True).fill("120")
+            page.get_by_label("rank", exact=True).fill("2")
+            page.get_by_role("button", name="Train", exact=True).click()
+            status = page.locator("#train-status")
+            expect(status).to_contain_text("training loop: step", timeout=120_000)
+            expect(status).not_to_contain_text("step 0 of", timeout=120_000)
+            page.get_by_role("button", name="Stop (keeps the step reached)").click()
+            expect(status).to_contain_text("loop stopped at step", timeout=120_000)
+            page.get_by_role("button", name="Continue the stopped run").click()
+            expect(status).to_contain_text("loop finished: 120 steps", timeout=600_000)
+            with page.expect_download() as download:
+                page.locator("#adapter-files").get_by_role("row", name="loop-diffusers.zip").get_by_role("link").click()
+            with zipfile.ZipFile(download.value.path()) as archive:
+                assert "loop/pytorch_lora_weights.safetensors" in archive.namelist()
+
+            # the finished run is chosen for Compare beside the runs of its token; the base model is added
+            page.get_by_role("tab", name="Compare").click()
+            _choose(page, "runs to compare", "base model")
+            _choose(page, "rows", "prompt")
+            _choose(page, "columns", "checkpoint")
+            page.get_by_role("textbox", name="prompt", exact=True).fill(prompts)
+            page.get_by_label("their checkpoints too").check()
+            page.get_by_label("sampling steps (e.g. 20, 30)").fill("2")
+            page.get_by_label("fusion coefficients (LoRA strength)").fill("1")
+            page.get_by_role("button", name="Draw grid").click()
+            grid = page.locator("#grid img")
+            expect(grid).to_be_visible(timeout=300_000)
+            page.wait_for_function("document.querySelector('#grid img').complete")
+            size = grid.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        finally:
+            browser.close()
+    assert "loop" in app.finished()
+    expected, _ = app.compare([*app.finished(), "base model"], "prompt", "checkpoint", prompts, "", "1", "2", "5",
+                              "1", True)
+    assert tuple(size) == expected.size  # "loop" alone has a checkpoint of step 100: its own column

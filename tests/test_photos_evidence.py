@@ -37,6 +37,8 @@ def test_a_rerun_trains_nothing_and_an_existing_output_is_refused(quick, random_
     out, _ = quick
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/*/run.json")}
     assert len(stamps) == len(photos.ARMS)
+    data = json.loads((out / "photos.json").read_text())
+    assert len({r["scores"]["train_s"] for r in data["rows"]}) > 1, "each cell's own training time"
     args = ["bench", "photos", "--quick", "--base-model", str(random_sd_dir), "--out", str(out)]
     assert main(args) == 2
     assert capsys.readouterr().err.startswith("balora: error: --out ")
@@ -61,7 +63,8 @@ def test_buckets_keep_the_whole_subject_the_centre_crop_cuts():
 def row(arm, seed, fid, bleed, drift):
     ws = {f"{w:g}": v for w, v in zip(photos.FUSIONS, (fid, fid))}
     return {"arm": arm, "seed": seed, "scores": {"fidelity": ws, "bleed": {w: bleed for w in ws},
-                                                 "position": {w: None for w in ws}, "drift": drift}}
+                                                 "position": {w: None for w in ws}, "drift": drift,
+                                                 "class_drift": None if drift is None else 2 * drift}}
 
 
 def test_verdicts_count_paired_comparisons():
@@ -70,7 +73,7 @@ def test_verdicts_count_paired_comparisons():
             row("crop", 0, 0.3, 0, None), row("buckets", 0, 0.2, 0, None)]
     v = {q: photos.verdict(rows, q) for q in photos.QUESTIONS}
     assert (v["masked"]["answer"], v["masked"]["wins"], v["masked"]["pairs"]) == ("mixed", 2, 4)
-    assert (v["prior"]["answer"], v["prior"]["pairs"]) == ("mixed", 2)
+    assert (v["prior"]["answer"], v["prior"]["wins"], v["prior"]["pairs"]) == ("mixed", 2, 4)
     assert v["buckets"]["answer"] == "does not hold"
     assert photos.verdict(rows[:1], "masked")["answer"] == "not measurable"
     table = photos.summary(rows)

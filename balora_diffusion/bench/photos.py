@@ -28,7 +28,7 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,8 @@ ARMS = {
 }
 QUESTIONS = {
     "masked": "Does the masked loss keep the training images' backgrounds out of the concept (less background bleed)?",
-    "prior": "Does prior preservation keep the base model's images of prompts without the token (less drift)?",
+    "prior": "Does prior preservation keep the base model's images of prompts without the token (less drift on the "
+             "class prompt and on world prompts)?",
     "buckets": "Do aspect-ratio buckets learn the concept better than the centred square crop on wide and tall photos "
                "with the subject near an edge (higher fidelity)?",
 }
@@ -197,8 +198,8 @@ def _pairs(rows: list[dict], question: str) -> list[tuple[str, float, float]]:
         a, b = by.get((option, seed)), by.get((reference, seed))
         if a is None or b is None:
             continue
-        if metric == "drift":
-            pairs.append((f"seed {seed}", a["drift"], b["drift"]))
+        if metric == "drift":  # the class prompt, which the prior trains on, and prompts it never sees
+            pairs += [(f"seed {seed} {key}", a[key], b[key]) for key in ("class_drift", "drift")]
         else:
             pairs += [(f"seed {seed} w={w}", a[metric][w], b[metric][w]) for w in a[metric]]
     return [p for p in pairs if p[1] is not None and p[2] is not None]
@@ -233,6 +234,7 @@ def summary(rows: list[dict]) -> dict[str, dict]:
 
 
 def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> dict:
+    from balora_diffusion.bench.cell import cell_result
     from balora_diffusion.bench.sweep import check_sweep_folder, expand, run_cells
     from balora_diffusion.formats.read import read_adapter
     from balora_diffusion.models import load_pipeline
@@ -244,12 +246,16 @@ def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> di
     per_arm = {arm: expand(config) for arm, config in configs.items()}
     for arm, cells in per_arm.items():
         check_sweep_folder(Path(configs[arm].out), cells)
+    # the arms' cells share their names (method, lr, seed): run_cells keys its records by name
+    per_arm = {arm: [replace(c, name=f"{arm}-{c.name}") for c in cells] for arm, cells in per_arm.items()}
     cells = [c for arm_cells in per_arm.values() for c in arm_cells]
+    trained = sum(cell_result(Path(c.values["output_dir"])) is None for c in cells)
     records = run_cells(configs["whole"], cells, None)
     failed = [c.name for c, r in zip(cells, records) if r is None or r["status"] != "done"]
     if failed:
         raise UserError(f"the trainings of {', '.join(failed)} did not finish; see their cell.log")
     training_seconds = time.perf_counter() - started
+    seconds = {c.name: r["training_seconds"] for c, r in zip(cells, records)}
     pipe = load_pipeline(base_model, device="cpu")
     use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -262,15 +268,17 @@ def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> di
         for cell in arm_cells:
             scores, images = scorer.score(read_adapter(Path(cell.values["output_dir"])), concept,
                                           drift=arm in ("whole", "prior"))
-            rows.append({"arm": arm, "seed": cell.labels["seed"], "scores": scores})
+            rows.append({"arm": arm, "seed": cell.labels["seed"], "scores": {**scores, "train_s": seconds[cell.name]}})
             if cell is arm_cells[0]:
-                figure.append((f"{arm} s{cell.labels['seed']}", images))
+                figure.append((f"{arm} s{cell.labels['seed']}", images[::len(plan.score_seeds)]))
     kept = {arm: subject_kept(EDGE_CONCEPT, option, resolution, resolution_step(pipe))
             for arm, option in EDGE_BUCKETS.items()}
     result = {"plan": asdict(plan), "command": command, "base_model": base_model or "the shipped tiny model",
               "resolution": resolution, "rows": rows, "summary": summary(rows),
               "verdicts": {q: verdict(rows, q) for q in QUESTIONS}, "subject_kept": kept,
               "drift_prompts": scorer.drift, "training_seconds": round(training_seconds, 1),
+              "cells": len(cells), "trained_cells": trained,
+              "cell_seconds": round(sum(r["wall_seconds"] for r in records), 1),
               "wall_seconds": round(time.perf_counter() - started, 1), "cpu_count": os.cpu_count(),
               "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)]}
     write_json_atomic(out / "photos.json", result)
@@ -283,11 +291,14 @@ def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> di
 def _grid(path: Path, figure: list, concepts: dict[str, Concept]) -> None:
     from balora_diffusion.generate import write_grid
 
-    seeds = len(figure[0][1]) // len(concepts["demo"].eval_prompts)
-    cols = [f"prompt {i + 1} s{s}" for i in range(len(concepts["demo"].eval_prompts)) for s in range(seeds)]
-    write_grid(path, [images for _, images in figure], [label for label, _ in figure], cols, cell=96,
-               title="each arm's first seed at fusion 1 on its concept's eval prompts (zorb for whole, masked and "
-                     "prior; zorb-edge for crop and buckets)")
+    cols = [f"prompt {i + 1}" for i in range(len(concepts["demo"].eval_prompts))]
+    write_grid(path, [images for _, images in figure], [label for label, _ in figure], cols, cell=64,
+               title="each arm's first training and sampling seed at fusion 1 on its concept's eval prompts (zorb "
+                     "for whole, masked and prior; zorb-edge for crop and buckets)")
+
+
+# a cell's training time (run.json "seconds"), in every question's table: what the option costs
+TRAIN_SECONDS = ("train_s", "training s", ".0f")
 
 
 def _fmt(stat: dict | None, spec: str) -> str:
@@ -324,13 +335,18 @@ def page(result: dict, figure: str) -> str:
              f"    {result['command']}", "",
              f"Every arm is `balora train` with the demo config (training/configs/demo.toml: BaLoRA, rank 4) on "
              f"{result['base_model']} at {result['resolution']} px, {plan['steps']} steps (the demo trains 600; fewer "
-             f"so that the whole benchmark fits about 15 minutes on 2 CPU cores), training seeds {seeds}; the arms of "
+             f"to keep {len(ARMS) * len(plan['seeds'])} trainings short on 2 CPU cores), training seeds {seeds}; "
+             "the arms of "
              f"a question differ in one option only. Every scored image is drawn with {plan['sample_steps']} sampling "
              f"steps and sampling seeds {', '.join(map(str, plan['score_seeds']))}: each concept's 6 eval prompts at "
              f"fusion {' and '.join(f'{w:g}' for w in FUSIONS)}. Tables give the mean over the training seeds ± half "
-             f"the range between them. Wall time {result['wall_seconds']:.0f} s ({result['training_seconds']:.0f} s "
-             f"training), {result['cpu_count']} CPU cores, load average {result['load_average'][0]} at the start and "
-             f"{result['load_average'][1]} at the end (the machine is shared).", "",
+             f"the range between them; training s is one cell's training time, {plan['workers']} cell(s) training at "
+             f"once. This invocation: wall time {result['wall_seconds']:.0f} s, "
+             f"{result['training_seconds']:.0f} s of it "
+             f"training {result['trained_cells']} of the {result['cells']} cells (a rerun keeps finished cells; the "
+             f"cells' own times add up to {result['cell_seconds']:.0f} s), {result['cpu_count']} CPU cores, load "
+             f"average {result['load_average'][0]} at the start and {result['load_average'][1]} at the end (the "
+             "machine is shared).", "",
              f"A small run: {len(plan['seeds'])} training seed(s), {plan['steps']} steps, a {result['resolution']} px "
              "model (the shipped one knows only flat-coloured shapes), six training images per concept. A verdict "
              "counts paired comparisons (same seed and fusion): **holds** where the "
@@ -341,15 +357,16 @@ def page(result: dict, figure: str) -> str:
                      f"{v[q]['pairs']} pairs)")
     masked_cols = [(f"{m} w={w:g}", f"{title} w={w:g}", spec) for m, title, spec in
                    (("bleed", "background bleed (RGB)", ".1f"), ("fidelity", "fidelity", ".3f")) for w in FUSIONS]
+    masked_cols.append(TRAIN_SECONDS)
     lines += ["", "## 1. Masked loss (`--masked-loss true --unmasked-weight 0`) on `<zorb>`", "",
               "Background bleed: RGB distance (0-441) of the drawn border from the background the eval prompt asks "
               "for; lower is better. The masks are assets/concepts/zorb-masks beside the images.", "",
               *_table(result, ["whole", "masked"], masked_cols), "",
               f"Verdict: **{v['masked']['answer']}**. Where the masked loss did not help: "
-              f"{_not_better(result, 'masked', 'whole', masked_cols, {'bleed'})}.", ""]
+              f"{_not_better(result, 'masked', 'whole', masked_cols, {'bleed', 'train_s'})}.", ""]
     prior_cols = [("drift", "drift, world prompts (pixels)", ".2f"), ("changed", "classify reading changed", ".2f"),
                   ("class_drift", f"drift, '{PRIOR_PROMPT}' (pixels)", ".2f"),
-                  *((f"fidelity w={w:g}", f"fidelity w={w:g}", ".3f") for w in FUSIONS)]
+                  *((f"fidelity w={w:g}", f"fidelity w={w:g}", ".3f") for w in FUSIONS), TRAIN_SECONDS]
     lines += [f"## 2. Prior preservation (`--prior-prompt \"{PRIOR_PROMPT}\"`) on `<zorb>`", "",
               f"Drift: mean absolute pixel difference (0-255) between the base model's images and the adapter's at "
               f"fusion 1, same prompts and seeds, over {plan['drift_prompts']} world prompts without the token "
@@ -358,10 +375,12 @@ def page(result: dict, figure: str) -> str:
               "colour, shape) differs from the base model's. Lower is better for all three.", "",
               *_table(result, ["whole", "prior"], prior_cols), "",
               f"Verdict: **{v['prior']['answer']}**. Where prior preservation did not help: "
-              f"{_not_better(result, 'prior', 'whole', prior_cols, {'drift', 'changed', 'class_drift'})}.", ""]
+              f"{_not_better(result, 'prior', 'whole', prior_cols, {'drift', 'changed', 'class_drift', 'train_s'})}.",
+              ""]
     kept = result["subject_kept"]
     bucket_cols = [(f"{m} w={w:g}", f"{title} w={w:g}", ".3f") for m, title in
                    (("fidelity", "fidelity"), ("position", "position shown")) for w in FUSIONS]
+    bucket_cols.append(TRAIN_SECONDS)
     lines += ["## 3. Aspect-ratio buckets (`--buckets auto`) against the centred square crop on zorb-edge", "",
               "zorb-edge: six 192x128 and 128x192 `<zorb>` photos with the heart near an edge (assets/concepts/"
               "zorb-edge, training/make_demo_concept.py). Subject kept: the share of each image's heart inside the "
@@ -374,7 +393,7 @@ def page(result: dict, figure: str) -> str:
                      f"{sum(k >= 0.99 for k in kept[arm])} of {len(kept[arm])} |")
     lines += ["", *_table(result, ["crop", "buckets"], bucket_cols), "",
               f"Verdict: **{v['buckets']['answer']}**. Where the buckets did not help: "
-              f"{_not_better(result, 'buckets', 'crop', bucket_cols, set())}.", "",
+              f"{_not_better(result, 'buckets', 'crop', bucket_cols, {'train_s'})}.", "",
               f"![each arm's images at fusion 1]({figure})", ""]
     return "\n".join(lines)
 

@@ -332,6 +332,7 @@ def run_bench(plan: Plan, out: Path, command: str) -> dict:
               "summary": summary(rows), "verdicts": verdicts(rows), "fuse_times": timed, "sd15": sd15_cost(eigh),
               "eigh_seconds": eigh,
               "drift_prompts": scorer.drift, "training_seconds": round(training_seconds, 1),
+              "cell_seconds": round(sum(r["wall_seconds"] for r in records), 1),
               "wall_seconds": round(time.perf_counter() - started, 1), "cpu_count": os.cpu_count(),
               # what else ran: the same plan takes far longer beside other processes
               "load_average": [load_start, os.getloadavg()[0]]}
@@ -347,12 +348,17 @@ def _cell_name(cells: list, method: str, seed: int) -> str:
 
 
 def _grid(path: Path, figure: list, concepts: list[Concept], plan: Plan) -> None:
-    from balora_diffusion.generate import write_grid
+    """The first sampling seed's images, in 256 colours: a figure for the docs, not the scored pixels."""
+    from PIL import Image
 
-    prompts = concepts[0].eval_prompts
-    cols = [f"{p.replace(concepts[0].token, 'TOKEN')} s{s}" for p in prompts for s in plan.score_seeds]
-    write_grid(path, [images for _, images in figure], [label for label, _ in figure], cols, cell=96,
-               title="each concept's eval prompts (TOKEN = its token) with its own adapter and in the fused ones")
+    from balora_diffusion.generate import image_grid, save_image
+
+    seeds = len(plan.score_seeds)
+    cols = [f"{p.replace(concepts[0].token, 'TOKEN')}" for p in concepts[0].eval_prompts]
+    grid = image_grid([images[::seeds] for _, images in figure], [label for label, _ in figure], cols, cell=96,
+                      title=f"each concept's eval prompts (TOKEN = its token), seed {plan.score_seeds[0]}, with its "
+                            "own adapter and in the fused ones")
+    save_image(path, grid.quantize(256, method=Image.Quantize.MEDIANCUT))
 
 
 def _fmt(x, spec: str = ".3f") -> str:
@@ -374,7 +380,9 @@ def page(result: dict, figure: str) -> str:
              f"{MIN_OWN_FIDELITY}). Bleed: the other concept's fidelity score of the same images. Drift: mean "
              f"absolute pixel difference (0-255) from the base model on {plan['drift_prompts']} prompts without a "
              f"token ({'; '.join(result['drift_prompts'])}). Wall time {result['wall_seconds']:.0f} s, "
-             f"{result['training_seconds']:.0f} s of it training, on {result['cpu_count']} CPU cores with a load "
+             f"{result['training_seconds']:.0f} s of it training (the {len(plan['methods']) * len(plan['seeds']) * 2} "
+             f"trainings took {result['cell_seconds']:.0f} s in all, {plan['workers']} at a time, whichever run of "
+             f"the command trained them), on {result['cpu_count']} CPU cores with a load "
              f"average of {result['load_average'][0]:.1f} at the start and {result['load_average'][1]:.1f} at the end "
              f"(1 per busy core: above {result['cpu_count']}, other processes shared the cores).", "",
              "## Verdicts", ""]

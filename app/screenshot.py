@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="")
     parser.add_argument("--fusion", default="0.7, 1")
     parser.add_argument("--width", type=int, default=1280)
-    parser.add_argument("--cpu-threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    parser.add_argument("--cpu-threads", type=int, default=0, help="torch CPU threads; 0 = automatic (see balora train --help)")
     args = parser.parse_args()
 
     from playwright.sync_api import expect, sync_playwright

@@ -136,11 +136,11 @@ def summarise(rows: list[dict], n_cores: int) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'threads':<10}{'busy':>5}{'demo s':>9}{'slowdown':>10}{'fair':>7}{'x fair':>8}"
+    head = (f"{'threads':<14}{'busy':>5}{'demo s':>9}{'slowdown':>10}{'fair':>7}{'x fair':>8}"
             f"{'train steps/s':>15}{'train slowdown':>16}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['setting'] + ' (' + str(r['cpu_threads']) + ')':<10}{r['busy']:>5}{r['seconds']:>9.1f}"
+        lines.append(f"{r['setting'] + ' (' + str(r['cpu_threads']) + ')':<14}{r['busy']:>5}{r['seconds']:>9.1f}"
                      f"{r['slowdown']:>9.2f}x{r['proportional']:>6.2f}x{r['to_proportional']:>7.2f}x"
                      f"{r['training_steps_per_second']:>15.2f}{r['training_slowdown']:>15.2f}x")
     return "\n".join(lines)

@@ -46,7 +46,7 @@ browser:
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 test: setup browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n auto
 
 # A fresh venv with the newest releases pyproject allows (no lock), except torch: which torch a
 # machine gets is a choice (CPU wheel or a CUDA build), so it stays TORCH_SPEC. Prints what differs
@@ -59,7 +59,7 @@ test-latest: browser
 	$(LATEST)/bin/$(PIP) -e ".[dev,app]"
 	$(LATEST)/bin/python -m pip freeze --all --exclude-editable > $(LATEST)/freeze.txt
 	$(LATEST)/bin/python -m balora_diffusion.versions --lock $(LOCK)
-	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(LATEST)/bin/python -m pytest -q -n auto -p no:cacheprovider
 
 # The lock is written only from an environment the whole suite has just passed in: a freeze of it
 # (pip freeze rather than a resolver such as pip-compile or uv, which would pin what PyPI serves

@@ -414,7 +414,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from balora_diffusion.bench.outputs import claim_out
+    from balora_diffusion.bench.outputs import claim_out, write_page
     from balora_diffusion.models import check_model_dir
     from balora_diffusion.outputs import claim
 
@@ -428,11 +428,7 @@ def run(args: argparse.Namespace) -> int:
                + (f" --page {shlex.quote(str(args.page))}" if args.page else ""))
     result = run_bench(QUICK if args.quick else FULL, args.out, args.base_model, command)
     if args.page is not None:
-        figure = args.page.with_suffix(".png")
-        with atomic_path(figure) as tmp:
-            tmp.write_bytes((args.out / "photos.png").read_bytes())
-        with atomic_path(args.page) as tmp:
-            tmp.write_text(page(result, figure.name), encoding="utf-8")
+        write_page(args.page, args.out / "photos.png", lambda figure: page(result, figure))
     for v in result["verdicts"].values():
         print(f"{v['question']} {v['answer']} ({v['wins']} of {v['pairs']})")
     print(f"wall time {result['wall_seconds']:.0f} s; wrote {args.out / 'photos.md'}"

@@ -254,6 +254,10 @@ def _start_worker() -> None:
     tqdm.set_lock(threading.RLock())
 
 
+def _folder(cell: Cell) -> Path:
+    return Path(cell.values["output_dir"]).resolve()
+
+
 def run_cells(sweep: SweepConfig, cells: list[Cell], scoring: dict | None,
               deadline: float | None = None) -> list[dict | None]:
     """Run the unfinished cells, at most `sweep.workers` at once; the records of all cells, in order.
@@ -261,8 +265,9 @@ def run_cells(sweep: SweepConfig, cells: list[Cell], scoring: dict | None,
     others stay None for a later run."""
     from tqdm.auto import tqdm
 
-    results = {c.name: cell_result(Path(c.values["output_dir"])) for c in cells}
-    todo = deque(c for c in cells if results[c.name] is None)
+    # keyed by folder: two sweeps run together (one per concept or arm) reuse the same cell names
+    results = {_folder(c): cell_result(_folder(c)) for c in cells}
+    todo = deque(c for c in cells if results[_folder(c)] is None)
     submit, shutdown = _submitter(sweep, scoring)
     running: list[tuple[Cell, object]] = []
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep", unit="cell")
@@ -278,14 +283,14 @@ def run_cells(sweep: SweepConfig, cells: list[Cell], scoring: dict | None,
             for cell, handle in finished:
                 running.remove((cell, handle))
                 try:
-                    results[cell.name] = handle.result()
+                    results[_folder(cell)] = handle.result()
                 except Exception as exc:  # a cell's own failure: name it, the finished cells stay
                     first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
                     raise UserError(f"cell {cell.name} failed ({first}); its log: "
                                     f"{Path(cell.values['output_dir']) / LOG}. Finished cells are kept: "
                                     "rerun the same command to continue") from None
                 bar.update()
-                bar.write(describe(results[cell.name]))
+                bar.write(describe(results[_folder(cell)]))
         shutdown(False)
     except KeyboardInterrupt:
         shutdown(True)
@@ -296,7 +301,7 @@ def run_cells(sweep: SweepConfig, cells: list[Cell], scoring: dict | None,
         raise
     finally:
         bar.close()
-    return [results[c.name] for c in cells]
+    return [results[_folder(c)] for c in cells]
 
 
 def _past(deadline: float | None) -> bool:

@@ -40,6 +40,9 @@ def test_verdicts_compare_paired_retentions():
     flipped = [dict(r, retention=0.95) if (r["method"], r["fusion"], r["concept"]) == ("lora", "sum", "<a>") else r
                for r in rows]
     assert bench.verdicts(flipped)["gradient_over_sum"]["answer"] == "mixed"
+    # the page names where gradient fusion does not help: that one pair, with both retentions
+    assert bench.verdicts(flipped)["gradient_over_sum"]["losses"] == ["lora seed 0 <a> (0.500 against 0.950)"]
+    assert verdicts["gradient_over_sum"]["losses"] == []
     swapped = [dict(r, fusion={"sum": "gradient", "gradient": "sum"}[r["fusion"]]) for r in rows]
     assert bench.verdicts(swapped)["gradient_over_sum"]["answer"] == "no"
     # a concept its own adapter never drew is no comparison at all

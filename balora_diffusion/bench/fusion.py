@@ -53,7 +53,7 @@ class Plan:
     workers: int
 
 
-FULL = Plan(methods=("lora", "balora", "ilora", "pilora"), seeds=(0,), steps=300, sample_steps=20, score_seeds=(1, 2),
+FULL = Plan(methods=("lora", "balora", "ilora", "pilora"), seeds=(0, 1, 2), steps=300, sample_steps=20, score_seeds=(1, 2),
             fuse_steps=10, drift_prompts=4, cost_concepts=(2, 5), workers=2)
 QUICK = Plan(methods=("lora", "balora"), seeds=(0,), steps=4, sample_steps=2, score_seeds=(1,), fuse_steps=2,
              drift_prompts=2, cost_concepts=(2, 3), workers=1)
@@ -174,6 +174,12 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _sd(values) -> float | None:
+    """Spread over concepts and seeds: whether a difference of means is larger than the seeds' own."""
+    values = [v for v in values if v is not None]
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
 def summary(rows: list[dict]) -> dict[str, dict]:
     """(method, fusion) -> the means over concepts and seeds."""
     table = {}
@@ -183,14 +189,17 @@ def summary(rows: list[dict]) -> dict[str, dict]:
             name: _mean(r[name] for r in group)
             for name in ("own_fidelity", "fused_fidelity", "retention", "own_bleed", "fused_bleed", "own_drift",
                          "fused_drift", "fuse_seconds")} | {"method": key[0], "fusion": key[1],
-                                                           "scored": sum(r["retention"] is not None for r in group)}
+                                                           "scored": sum(r["retention"] is not None for r in group),
+                                                           "retention_sd": _sd(r["retention"] for r in group)}
     return table
 
 
-def _compare(better: list[float | None], worse: list[float | None]) -> tuple[int, int]:
-    """(wins, pairs) of `better` over `worse`, pairs where both are numbers."""
-    pairs = [(a, b) for a, b in zip(better, worse) if a is not None and b is not None]
-    return sum(a > b for a, b in pairs), len(pairs)
+def _compare(better: list[float | None], worse: list[float | None], labels: list[str]) -> tuple[int, int, list[str]]:
+    """(wins, pairs, losses) of `better` over `worse`, pairs where both are numbers; losses names
+    each pair `better` does not win, by its label, so that the page says where an option does not help."""
+    pairs = [(a, b, label) for a, b, label in zip(better, worse, labels, strict=True) if a is not None and b is not None]
+    losses = [f"{label} ({a:.3f} against {b:.3f})" for a, b, label in pairs if not a > b]
+    return sum(a > b for a, b, _ in pairs), len(pairs), losses
 
 
 def _verdict(wins: int, pairs: int) -> str:
@@ -209,16 +218,18 @@ def verdicts(rows: list[dict]) -> dict[str, dict]:
 
     by = {(key(r), r["fusion"]): r["retention"] for r in rows}
     pairs = sorted({key(r) for r in rows})
-    wins, n = _compare([by.get((k, "gradient")) for k in pairs], [by.get((k, "sum")) for k in pairs])
+    wins, n, losses = _compare([by.get((k, "gradient")) for k in pairs], [by.get((k, "sum")) for k in pairs],
+                               [f"{m} seed {s} {c}" for m, s, c in pairs])
     out = {"gradient_over_sum": {"question": "does gradient fusion retain concepts better than sum?",
-                                 "wins": wins, "pairs": n, "answer": _verdict(wins, n)}}
+                                 "wins": wins, "pairs": n, "answer": _verdict(wins, n), "losses": losses}}
     lora = {(r["seed"], r["concept"], r["fusion"]): r["retention"] for r in rows if r["method"] == "lora"}
     aware = [r for r in rows if r["method"] in FACTOR_AWARE]
-    wins, n = _compare([r["retention"] for r in aware],
-                       [lora.get((r["seed"], r["concept"], r["fusion"])) for r in aware])
+    wins, n, losses = _compare([r["retention"] for r in aware],
+                               [lora.get((r["seed"], r["concept"], r["fusion"])) for r in aware],
+                               [f"{r['method']} seed {r['seed']} {r['concept']} {r['fusion']}" for r in aware])
     out["factor_aware_over_lora"] = {"question": "do the factor-aware rules (" + ", ".join(FACTOR_AWARE)
                                                  + ") fuse better than plain LoRA?", "wins": wins, "pairs": n,
-                                     "answer": _verdict(wins, n)}
+                                     "answer": _verdict(wins, n), "losses": losses}
     return out
 
 
@@ -371,7 +382,7 @@ def page(result: dict, figure: str) -> str:
     lines = ["# Several concepts in one adapter: sum against gradient fusion, per update rule", "",
              "Written by:", "", f"    {result['command']}", "",
              f"`<zorb>` and `<quax>` (assets/concepts) are each trained with the demo config for {plan['steps']} "
-             f"steps (the demo trains 600; fewer so that the whole benchmark fits about 20 minutes on 2 CPU cores), "
+             f"steps (the demo trains 600; fewer to keep the benchmark's many trainings affordable on a CPU), "
              f"training seed(s) {', '.join(map(str, plan['seeds']))}, by each rule; every pair is fused by sum and by "
              f"gradient fusion (layer inputs recorded on each concept's training captions, {plan['fuse_steps']} "
              f"sampling steps, ridge 1e-4), and every image is drawn with {plan['sample_steps']} sampling steps and "
@@ -389,12 +400,15 @@ def page(result: dict, figure: str) -> str:
     for verdict in result["verdicts"].values():
         lines.append(f"- {verdict['question']} **{verdict['answer']}** (higher retention in {verdict['wins']} of "
                      f"{verdict['pairs']} paired comparisons)")
+        if verdict["losses"]:
+            lines.append(f"  - where it does not help: {'; '.join(verdict['losses'])}")
     lines += ["", "## Per rule and fusion (means over both concepts and the seeds)", "",
-              "| rule | fusion | own fidelity | fused fidelity | retention | own bleed | fused bleed | own drift | "
+              "| rule | fusion | own fidelity | fused fidelity | retention (sd) | own bleed | fused bleed | own drift | "
               "fused drift | fuse s |", "|" + "---|" * 10]
     for row in result["summary"].values():
         lines.append("| " + " | ".join([row["method"], row["fusion"], _fmt(row["own_fidelity"]),
-                                         _fmt(row["fused_fidelity"]), _fmt(row["retention"], ".2f"),
+                                         _fmt(row["fused_fidelity"]),
+                                         f"{_fmt(row['retention'], '.2f')} ({_fmt(row.get('retention_sd'), '.2f')})",
                                          _fmt(row["own_bleed"]), _fmt(row["fused_bleed"]),
                                          _fmt(row["own_drift"], ".1f"), _fmt(row["fused_drift"], ".1f"),
                                          _fmt(row["fuse_seconds"], ".1f")]) + " |")

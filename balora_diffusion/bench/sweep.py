@@ -235,8 +235,18 @@ def _submitter(sweep: SweepConfig, scoring: dict | None):
 
     pool = ProcessPoolExecutor(max_workers=sweep.workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker)
-    return (lambda cell: pool.submit(run_cell, cell.name, cell.labels, cell.values, scoring),
-            lambda cancel: pool.shutdown(wait=not cancel, cancel_futures=cancel))
+
+    def shutdown(cancel: bool) -> None:
+        pool.shutdown(wait=not cancel, cancel_futures=cancel)
+        if cancel:
+            # an interrupt sent to this process alone (kill -INT PID, a scheduler) reaches no worker, and
+            # cancel_futures stops only the cells not started: end the running trainings here; their
+            # checkpoints are written whole (temporary name, then rename), so they resume from the last
+            for worker in multiprocessing.active_children():
+                worker.terminate()
+            for worker in multiprocessing.active_children():
+                worker.join(timeout=60)
+    return (lambda cell: pool.submit(run_cell, cell.name, cell.labels, cell.values, scoring)), shutdown
 
 
 def _start_worker() -> None:

@@ -28,7 +28,7 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +71,7 @@ class Plan:
     workers: int
 
 
-FULL = Plan(seeds=(0, 1), steps=300, sample_steps=10, score_seeds=(1, 2), drift_prompts=8, workers=2)
+FULL = Plan(seeds=(0, 1, 2), steps=300, sample_steps=10, score_seeds=(1, 2), drift_prompts=8, workers=2)
 QUICK = Plan(seeds=(0,), steps=2, sample_steps=2, score_seeds=(1,), drift_prompts=2, workers=1)
 
 
@@ -246,16 +246,14 @@ def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> di
     per_arm = {arm: expand(config) for arm, config in configs.items()}
     for arm, cells in per_arm.items():
         check_sweep_folder(Path(configs[arm].out), cells)
-    # the arms' cells share their names (method, lr, seed): run_cells keys its records by name
-    per_arm = {arm: [replace(c, name=f"{arm}-{c.name}") for c in cells] for arm, cells in per_arm.items()}
     cells = [c for arm_cells in per_arm.values() for c in arm_cells]
     trained = sum(cell_result(Path(c.values["output_dir"])) is None for c in cells)
     records = run_cells(configs["whole"], cells, None)
-    failed = [c.name for c, r in zip(cells, records) if r is None or r["status"] != "done"]
+    failed = [c.values["output_dir"] for c, r in zip(cells, records) if r is None or r["status"] != "done"]
     if failed:
         raise UserError(f"the trainings of {', '.join(failed)} did not finish; see their cell.log")
     training_seconds = time.perf_counter() - started
-    seconds = {c.name: r["training_seconds"] for c, r in zip(cells, records)}
+    seconds = {c.values["output_dir"]: r["training_seconds"] for c, r in zip(cells, records)}
     pipe = load_pipeline(base_model, device="cpu")
     use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -268,7 +266,7 @@ def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> di
         for cell in arm_cells:
             scores, images = scorer.score(read_adapter(Path(cell.values["output_dir"])), concept,
                                           drift=arm in ("whole", "prior"))
-            rows.append({"arm": arm, "seed": cell.labels["seed"], "scores": {**scores, "train_s": seconds[cell.name]}})
+            rows.append({"arm": arm, "seed": cell.labels["seed"], "scores": {**scores, "train_s": seconds[cell.values["output_dir"]]}})
             if cell is arm_cells[0]:
                 figure.append((f"{arm} s{cell.labels['seed']}", images[::len(plan.score_seeds)]))
     kept = {arm: subject_kept(EDGE_CONCEPT, option, resolution, resolution_step(pipe))

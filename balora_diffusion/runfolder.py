@@ -36,13 +36,13 @@ RUN_OUTPUTS = ("checkpoints", "adapter", "kohya", "run.json", "config.json", "me
 STEP_GRIDS = "grid-step*.png"
 
 # TrainConfig keys that a resumed run may set differently from its checkpoint: how long to train,
-# how often to checkpoint, evaluate and draw, where to write, and settings of speed and memory
+# how often to checkpoint, evaluate, score and draw (the best so far is the best of the steps scored), where to write, and settings of speed and memory
 # (an fp16 run that diverged may go on in bf16). Every other key is part of what is trained, so a
 # key added to TrainConfig later must match too until it is listed here.
 RESUMABLE_CHANGES = frozenset({
     "steps", "checkpoint_every", "eval_every", "grid_every", "grid_prompts", "grid_seeds", "fusion",
     "sample_steps", "guidance_scale", "output_dir", "resume", "overwrite", "cpu_threads",
-    "mixed_precision", "gradient_checkpointing"})
+    "mixed_precision", "gradient_checkpointing", "eval_metrics_every"})
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -14,11 +14,15 @@ from pathlib import Path
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.errors import UserError
 
+# train --eval-metrics logs each metric as "eval/METRIC" and redraws its plot at every scored step
+SCORE_PREFIX = "eval/"
+SCORES_PLOT = "scores.png"
 # Plots written at the end of a run: file name -> (title, metric-name prefixes, log y axis)
 PLOTS = {
     "loss.png": ("training loss", ("loss",), True),
     "heldout_loss.png": ("held-out denoising loss (fixed image, noise, timestep triples)", ("heldout_loss",), False),
     "balance.png": ("balance diagnostics (median over pairs)", ("balance/",), True),
+    SCORES_PLOT: ("scores of the adapter (w = 1) at the scored checkpoints", (SCORE_PREFIX,), False),
 }
 
 
@@ -75,30 +79,33 @@ class RunLog:
         return {name: points[-1][1] for name, points in self.series.items() if points}
 
     def plots(self) -> None:
-        if not self.enabled:
+        for filename in PLOTS:
+            self.plot(filename)
+
+    def plot(self, filename: str) -> None:
+        """One of PLOTS, from the series logged so far (none of its series: nothing is written)."""
+        names = [n for n in sorted(self.series) if n.startswith(PLOTS[filename][1])]
+        if not self.enabled or not names:
             return
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        for filename, (title, prefixes, log_y) in PLOTS.items():
-            names = [n for n in sorted(self.series) if n.startswith(prefixes)]
-            if not names:
-                continue
-            fig, ax = plt.subplots(figsize=(6, 3.6))
-            for name in names:
-                steps, values = zip(*self.series[name])
-                ax.plot(steps, values, label=name, marker="." if len(steps) < 30 else None)
-            ax.set_xlabel("step")
-            ax.set_title(title, fontsize=10)
-            if log_y and all(v > 0 for n in names for _, v in self.series[n]):
-                ax.set_yscale("log")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            with atomic_path(self.out / filename) as tmp:
-                fig.savefig(tmp, format="png", dpi=110)
-            plt.close(fig)
+        title, _, log_y = PLOTS[filename]
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for name in names:
+            steps, values = zip(*self.series[name])
+            ax.plot(steps, values, label=name, marker="." if len(steps) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=10)
+        if log_y and all(v > 0 for n in names for _, v in self.series[n]):
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        with atomic_path(self.out / filename) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+        plt.close(fig)
 
     def close(self) -> None:
         if self.enabled:

@@ -8,6 +8,7 @@ then sees identical factors and gradients on every replica, so replicas stay ide
 from __future__ import annotations
 
 import math
+import os
 import platform
 import shutil
 import time
@@ -205,6 +206,108 @@ class GpuPeaks:
         return {"peak_gpu_memory_mib": self.overall / 2**20, "peak_train_gpu_memory_mib": self.train / 2**20}
 
 
+class ScoredCheckpoints:
+    """--eval-metrics: the adapter scored (balora eval's metrics, checkpoint_scoring) at every scored step,
+    each a checkpoint; with --best-by the best state so far exported into RUN/best/ as soon as it is
+    scored, and kept in every checkpoint (tree BEST_TREE: its step, scores and trainable tensors), so
+    that a resumed run goes on from the best of the steps before its checkpoint, whatever RUN/best/
+    held when the run was killed. The scoring runs on the main process only."""
+
+    BEST_TREE = "best_so_far"
+
+    def __init__(self, cfg: TrainConfig, out: Path, models: dict, accelerator, trained, embedding):
+        self.cfg, self.out, self.models, self.accelerator = cfg, out, models, accelerator
+        self.trained, self.embedding = trained, embedding  # (unet, text_encoder) as prepared
+        self.every = cfg.eval_metrics_every or cfg.checkpoint_every
+        self.best: dict | None = None
+        self._scorer = None
+        self._new_best = None
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.cfg.steps
+
+    def _adapter(self, step: int):
+        unet, te = (self.accelerator.unwrap_model(m) for m in self.trained)
+        return adapter_from_models(unet, te if self.cfg.train_text_encoder else None, self.embedding, self.cfg.token,
+                                   training_info(asdict(self.cfg), step, self.out.name))
+
+    def _scorer_of_run(self):
+        if self._scorer is None:
+            from balora_diffusion.checkpoint_scoring import AdapterScorer
+            from balora_diffusion.commands.generate import DrawConfig
+
+            draw = DrawConfig(seeds=self.cfg.eval_seeds, fusion=[1.0], steps=self.cfg.eval_sample_steps,
+                              device=str(self.accelerator.device), cpu_threads=self.cfg.cpu_threads)
+            self._scorer = AdapterScorer.for_run(self.out, self.cfg.token, self.cfg.eval_metrics, self.models, draw,
+                                                 self.cfg.base_model, self.cfg.base_config)
+        return self._scorer
+
+    def score(self, log: RunLog, step: int) -> None:
+        """Score the adapter as it is at `step`, log the scores and note a new best (exported by `export`
+        once the step's checkpoint holds it)."""
+        from balora_diffusion.checkpoint_scoring import better
+        from balora_diffusion.runlog import SCORE_PREFIX, SCORES_PLOT
+
+        adapter = self._adapter(step)
+        scores = self._scorer_of_run().score(adapter)["1"]
+        for metric, value in scores.items():
+            if value is not None:
+                log.scalar(step, SCORE_PREFIX + metric, value)
+        log.plot(SCORES_PLOT)
+        by = self.cfg.best_by
+        if by and better(scores.get(by), self.best and self.best["value"]):
+            trainable = {k: p.detach().cpu().clone()
+                         for k, p in trainable_parameters(self.accelerator, self.trained).items()}
+            self.best = {"by": by, "step": step, "value": scores[by], "scores": scores, "trainable": trainable}
+            self._new_best = adapter
+
+    def trees(self) -> dict:
+        return {self.BEST_TREE: self.best} if self.best else {}
+
+    def export(self) -> None:
+        if self._new_best is not None:
+            self._write(self._new_best)
+            self._new_best = None
+
+    def _write(self, adapter) -> None:
+        from balora_diffusion.checkpoint_scoring import write_best
+
+        b = self.best
+        write_best(self.out, adapter, {"by": b["by"], "fusion": 1.0, "label": f"{self.out.name} step {b['step']}",
+                                       "step": b["step"], "value": b["value"], **b["scores"], "source": "training"})
+
+    def resume(self, folder: Path) -> None:
+        """Take the best so far from checkpoint `folder` and make RUN/best/ hold it (the run may have been
+        killed before exporting it, or after exporting a later step that it trains again)."""
+        from balora_diffusion.atomic import temp_sibling
+        from balora_diffusion.checkpoint_scoring import read_best
+        from balora_diffusion.runfolder import BEST
+
+        if not self.cfg.best_by:
+            return
+        self.best = ckpt.load_tree(folder, self.BEST_TREE) if (folder / f"{self.BEST_TREE}.json").is_file() else None
+        if not self.accelerator.is_main_process:
+            return
+        held = read_best(self.out)
+        if self.best is None:
+            if (self.out / BEST).exists():  # a state this run has not reached yet
+                trash = temp_sibling(self.out / BEST)
+                os.replace(self.out / BEST, trash)
+                shutil.rmtree(trash)
+            return
+        if held is not None and (held.get("step"), held.get("value")) == (self.best["step"], self.best["value"]):
+            return
+        live = {k: p.detach().clone() for k, p in trainable_parameters(self.accelerator, self.trained).items()}
+        set_trainable(self.accelerator, self.trained, self.best["trainable"])
+        try:  # the adapter's tensors may share the parameters' memory: written before they change back
+            self._write(self._adapter(self.best["step"]))
+        finally:
+            set_trainable(self.accelerator, self.trained, live)
+
+    def summary(self) -> dict | None:
+        return None if self.best is None else {k: v for k, v in self.best.items() if k != "trainable"}
+
+
 def validation_grid(path: Path, cfg: TrainConfig, pipe, accelerator) -> None:
     """Prompts x (fusion coefficient, seed): the LoRA's strength through diffusers' lora scale,
     which scales the UNet and text-encoder LoRA alike; the new token embedding stays in.
@@ -227,19 +330,32 @@ def validation_grid(path: Path, cfg: TrainConfig, pipe, accelerator) -> None:
                title=f"{cfg.method}: rows = prompts, columns = fusion coefficient x seed")
 
 
-def save_training_state(out: Path, step: int, accelerator, models, optimizer, lr_schedule, cfg: TrainConfig) -> None:
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
+def trainable_parameters(accelerator, models) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters of (unet, text_encoder) by checkpoint key ("unet.NAME", "text_encoder.NAME")."""
     trainable = {}
     for prefix, model in zip(("unet", "text_encoder"), models):
         for name, p in accelerator.unwrap_model(model).named_parameters():
             if p.requires_grad:
                 trainable[f"{prefix}.{name}"] = p
+    return trainable
+
+
+@torch.no_grad()
+def set_trainable(accelerator, models, tensors: dict[str, torch.Tensor]) -> None:
+    for key, p in trainable_parameters(accelerator, models).items():
+        p.copy_(tensors[key])
+
+
+def save_training_state(out: Path, step: int, accelerator, models, optimizer, lr_schedule, cfg: TrainConfig,
+                        extra: dict | None = None) -> None:
+    """`extra`: more trees of the checkpoint (name -> tree), such as the best-scored state so far."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
     ckpt.write_checkpoint(out / "checkpoints", step, {
-        "trainable": trainable, "optimizer": optimizer.state_dict(),
+        "trainable": trainable_parameters(accelerator, models), "optimizer": optimizer.state_dict(),
         "schedule": lr_schedule.state_dict(), "meta": {"step": step},
-        "config": asdict(cfg)})  # what a resume must not change (runfolder.check_resumable)
+        "config": asdict(cfg), **(extra or {})})  # config: what a resume must not change (runfolder.check_resumable)
 
 
 def drop_checkpoints_after(out: Path, step: int, accelerator) -> Path | None:
@@ -254,12 +370,7 @@ def drop_checkpoints_after(out: Path, step: int, accelerator) -> Path | None:
 
 
 def load_training_state(folder: Path, accelerator, models, optimizer, lr_schedule) -> int:
-    trainable = ckpt.load_tree(folder, "trainable")
-    with torch.no_grad():
-        for prefix, model in zip(("unet", "text_encoder"), models):
-            for name, p in accelerator.unwrap_model(model).named_parameters():
-                if p.requires_grad:
-                    p.copy_(trainable[f"{prefix}.{name}"])
+    set_trainable(accelerator, models, ckpt.load_tree(folder, "trainable"))
     optimizer.load_state_dict(ckpt.load_tree(folder, "optimizer"))
     lr_schedule.load_state_dict(ckpt.load_tree(folder, "schedule"))
     return int(ckpt.load_tree(folder, "meta")["step"])
@@ -432,11 +543,24 @@ def train(cfg: TrainConfig) -> Path:
     check_prior_prompt(cfg.prior_prompt, cfg.token)
     examples = read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template, with_masks=cfg.masked_loss)
     examples, held_out = split_holdout(examples, cfg.holdout, cfg.heldout_seed)
+    score_models = _score_models(cfg)
     with StopRequest() as stop, RunFolder(cfg, accelerator) as run_folder:
-        return _train(cfg, accelerator, examples, held_out, run_folder, stop)
+        return _train(cfg, accelerator, examples, held_out, run_folder, stop, score_models)
 
 
-def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFolder, stop: StopRequest) -> Path:
+def _score_models(cfg: TrainConfig) -> dict | None:
+    """The metric models of --eval-metrics (None: off), loaded before the run folder is touched: a model
+    that is not here, or a pixel metric without concept.toml, fails before any training."""
+    if not cfg.eval_metrics:
+        return None
+    from balora_diffusion.checkpoint_scoring import check_concept, load_models
+
+    check_concept(cfg.eval_metrics, cfg.data_dir, "--eval-metrics")
+    return load_models(cfg.eval_metrics, cfg.eval_clip, cfg.eval_dino, ("--eval-clip", "--eval-dino"))
+
+
+def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFolder, stop: StopRequest,
+           score_models: dict | None = None) -> Path:
     device, world = accelerator.device, accelerator.num_processes
     out = Path(cfg.output_dir)
 
@@ -447,6 +571,8 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
     optimizer = make_optimizer(cfg, unet, text_encoder, embedding, pairs)
     lr_schedule = get_lr_schedule(cfg, optimizer)
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    scored = None if score_models is None else ScoredCheckpoints(cfg, out, score_models, accelerator,
+                                                                 (unet, text_encoder), embedding)
 
     # ---- resume
     start_step = 0
@@ -455,6 +581,8 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
                                          lr_schedule)
         # later checkpoints hold steps that this run does again; left, `--resume latest` would pick them
         drop_checkpoints_after(out, start_step + 1, accelerator)
+        if scored:
+            scored.resume(run_folder.resume_from)
         accelerator.print(f"resumed from {run_folder.resume_from} at step {start_step}")
 
     log = run_folder.closing(RunLog(out, enabled=accelerator.is_main_process, resume_step=start_step))
@@ -499,9 +627,15 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
             evaluate(log, done, fixed, accelerator, unet, text_encoder, scheduler, pairs)
         if cfg.grid_every and done % cfg.grid_every == 0 and done != cfg.steps and accelerator.is_main_process:
             validation_grid(out / f"grid-step{done:06d}.png", cfg, pipe, accelerator)
+        scoring = scored is not None and scored.due(done)
+        if scoring and accelerator.is_main_process:
+            scored.score(log, done)
         log.flush()  # before a checkpoint can name this step
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.asked:
-            save_training_state(out, done, accelerator, [unet, text_encoder], optimizer, lr_schedule, cfg)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.asked or scoring:
+            save_training_state(out, done, accelerator, [unet, text_encoder], optimizer, lr_schedule, cfg,
+                                scored.trees() if scored else None)
+        if scoring and accelerator.is_main_process:
+            scored.export()  # after the checkpoint that holds it: a kill in between is mended on resume
         if stop.asked and done < cfg.steps:
             raise KeyboardInterrupt  # RunFolder says how to go on from the checkpoint just written
     elapsed = time.perf_counter() - started
@@ -523,7 +657,7 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
             "device": str(device), "processes": world, "cpu_threads": torch.get_num_threads(),
             "mixed_precision": accelerator.mixed_precision, "latents_cached": isinstance(batches, LatentCache),
             **memory.summary(), "replica_checksums": checksums,
-            "final": log.last_values(), "holdout_images": sorted(e.path.name for e in held_out),
+            "final": log.last_values(), "best": scored.summary() if scored else None, "holdout_images": sorted(e.path.name for e in held_out),
             "diagnostics": balance_diagnostics(pairs),
             "versions": library_versions(),
         }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from balora_diffusion.checkpoint_scoring import METRICS
 from balora_diffusion.config import check_config, field
 from balora_diffusion import threads
 from balora_diffusion.errors import UserError
@@ -55,6 +56,9 @@ def _template_problem(template: str) -> str | None:
 class TrainConfig:
     def __post_init__(self) -> None:
         check_config(self)
+        if self.best_by and self.best_by not in self.eval_metrics:
+            raise UserError(f"best_by {self.best_by} is not among eval_metrics ({' '.join(self.eval_metrics) or 'none'}): "
+                            f"add it, e.g. --eval-metrics {' '.join([*self.eval_metrics, self.best_by])}")
 
     # --- data
     data_dir: str = field("", "folder of concept images with optional same-name .txt captions",
@@ -151,6 +155,25 @@ class TrainConfig:
                                 nonempty=True)
     sample_steps: int = field(20, "sampling steps of the validation grid", ge=1)
     guidance_scale: float = field(5.0, "classifier-free guidance of the validation grid", ge=0)
+    # --- scores of the adapter while training (balora eval's metrics)
+    eval_metrics: list[str] = field([], "score the adapter at checkpoints: clip-t (prompt-image agreement), clip-i "
+                                        "and dino (likeness to the held-out images, else the training images), "
+                                        "fidelity and adherence (the world concept's pixel scores; need concept.toml); "
+                                        "into metrics.jsonl, TensorBoard and scores.png; empty = off",
+                                    choices=METRICS)
+    eval_clip: str = field("", "CLIP model of clip-t and clip-i: a folder or a hub id in the local cache; empty = "
+                               "balora eval's default")
+    eval_dino: str = field("", "DINO / DINOv2 model of dino: a folder or a hub id in the local cache; empty = "
+                               "balora eval's default")
+    eval_metrics_every: int = field(0, "score every N steps (a checkpoint is written at each scored step); 0 = at "
+                                       "every checkpoint_every", ge=0)
+    eval_seeds: list[int] = field([1], "sampling seeds of the scored images: each of the concept's evaluation "
+                                       "prompts is drawn once per seed", nonempty=True, **SEED)
+    eval_sample_steps: int = field(8, "sampling steps of the scored images (few: they are drawn at every scored "
+                                      "step; balora eval --steps N --seeds S --fusion 1 gives the same scores)", ge=1)
+    best_by: str = field("", "keep the checkpoint that scores best on this metric (one of eval_metrics) in every "
+                             "format in RUN/best/, as balora eval --best-by does; empty = off",
+                         choices=["", *METRICS])
     resume: str = field("", "'latest' or a checkpoint folder to continue from", path=True,
                         not_paths=["latest"])
     overwrite: bool = field(False, "start over in an output_dir that holds a run: its checkpoints, metrics, "

@@ -28,4 +28,11 @@ def run(args: argparse.Namespace) -> int:
 
     out = train(cfg)
     print(f"adapter written to {out / 'adapter'}; grid: {out / 'grid.png'}")
+    if cfg.best_by:
+        from balora_diffusion.checkpoint_scoring import read_best
+        from balora_diffusion.runfolder import BEST
+
+        best = read_best(out)
+        print(f"best by {cfg.best_by}: step {best['step']} ({best['value']:.4f}), in every format in {out / BEST}; "
+              f"scores at each checkpoint: {out / 'scores.png'}")
     return 0

@@ -17,7 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from balora_diffusion.app import compare as grids
-from balora_diffusion.app import curves
+from balora_diffusion import masks
+from balora_diffusion.app import curves, methods, training
 from balora_diffusion.app.downloads import stage_downloads
 from balora_diffusion.app.engine import Engine, Sampling
 from balora_diffusion.app.training import MAX_FILE_MB, MAX_IMAGES, MIN_IMAGES, Job, Trainer
@@ -26,6 +27,7 @@ from balora_diffusion.rules import METHODS
 from balora_diffusion.runs import COLUMNS, list_runs, read_run
 
 POLL_SECONDS = 1.0
+SAMPLE_EVERY = 100  # the Train tab's starting sample interval; scripts that leave it out get it too
 # The text encoder reads 77 tokens of a prompt; a longer text is a mistake, and tokenizing a huge
 # one would hold the only drawing slot.
 MAX_PROMPT_CHARS = 1000
@@ -92,6 +94,24 @@ def checked_token(token: str) -> str:
     if len(token.split()) > 1:
         raise UserError(f"the token must be one word without spaces, got {token!r}")
     return token
+
+
+def option_help(name: str) -> str:
+    """`balora train`'s own help for option `name`, which the Train tab shows under its field."""
+    from dataclasses import fields
+
+    from balora_diffusion.train_config import TrainConfig
+
+    return next(f.metadata["help"] for f in fields(TrainConfig) if f.name == name)
+
+
+def photo_options(buckets, masked_loss, unmasked_weight, holdout, prior_prompt, prior_weight) -> dict:
+    """The Train tab's photo options as TrainConfig values (which check them further)."""
+    return {"buckets": _items(str(buckets or "")) or ["off"], "masked_loss": bool(masked_loss),
+            "unmasked_weight": checked_number(unmasked_weight, float, "background weight", 0, 1),
+            "holdout": checked_number(holdout, int, "held-out images", 0, MAX_IMAGES - 1),
+            "prior_prompt": checked_text("prior prompt", prior_prompt),
+            "prior_weight": checked_number(prior_weight, float, "prior weight", 0)}
 
 
 def base_tokenizer(base_model: str):
@@ -187,9 +207,13 @@ class App:
 
     # ---- Train
     def train(self, files: list[str], name: str, token: str, init_word: str, method: str, lr_unet: float,
-              lr_text: float, steps: int, rank: int, overwrite: bool = False) -> Job:
+              lr_text: float, steps: int, rank: int, overwrite: bool = False, buckets: str = "off",
+              masked_loss: bool = False, unmasked_weight: float = 0.0, holdout: int = 0, prior_prompt: str = "",
+              prior_weight: float = 1.0, sample_every: int = 0) -> Job:
         """Start a training; every option is checked (TrainConfig's checks included, in Trainer.start)
-        before a run folder is made. `overwrite`: replace a run of that name trained from the page."""
+        before a run folder is made. `overwrite`: replace a run of that name trained from the page.
+        The photo options are TrainConfig's; `sample_every`: a validation grid every that many steps
+        (its grid_every; 0: only at the end)."""
         token = checked_token(token)
         name = str(name or "").strip() or f"{re.sub(r'[^A-Za-z0-9]+', '', token) or 'concept'}-{method}-" \
                                           f"{time.strftime('%Y%m%d-%H%M%S')}"
@@ -198,8 +222,47 @@ class App:
                   "lr_unet": checked_number(lr_unet, float, "learning rate (UNet)", 0),
                   "lr_text": checked_number(lr_text, float, "learning rate (text encoder)", 0),
                   "steps": steps, "rank": rank, "alpha": float(rank), "text_rank": rank, "text_alpha": float(rank),
-                  "eval_every": max(1, steps // 20)}
+                  "eval_every": max(1, steps // 20), **photo_options(buckets, masked_loss, unmasked_weight, holdout,
+                                                                      prior_prompt, prior_weight),
+                  "grid_every": checked_number(sample_every, int, "samples every", 0)}
         return self.trainer.start(name, list(files or []), values, overwrite=bool(overwrite))
+
+    def uploads_preview(self, files: list[str] | None, token: str) -> tuple[list[tuple[str, str]], str]:
+        """The uploads as the Train tab shows them: thumbnails of each image with the caption it
+        trains with (its .txt, else the caption template with the token), its mask after it; and
+        Markdown saying what was uploaded, each caption in full, or what Train would refuse about
+        it (an unpaired caption or mask, a mask not of its image's size) before any training."""
+        if not files:
+            return [], ""
+        template = self.defaults["caption_template"].format(token=str(token or "").strip())
+        shown = training.preview(files, template)
+        try:
+            found = training.check_uploads(files)
+            head = f"{len(found.images)} image(s), {len(found.captions)} caption(s), {len(found.masks)} mask(s)"
+        except UserError as exc:
+            head = f"**{for_page(str(exc), self.runs)}**"
+        items = [item for image, caption, mask in shown for item in
+                 [(str(image), f"{image.name}: {caption}")]
+                 + ([(str(mask), f"{mask.name}: mask of {image.name} (white = subject)")] if mask else [])]
+        rows = [f"| {html.escape(image.name)} | {html.escape(caption, quote=False)} | {'yes' if mask else ''} |"
+                for image, caption, mask in shown]
+        return items, "\n".join([head, "", "| image | caption it trains with | mask |", "|---|---|---|", *rows])
+
+    def samples(self, shown: str = "") -> tuple:
+        """(the newest samples of the training started here, what they show, a key naming that
+        file's version); the image is None before there are any, and when `shown` is their key."""
+        job = self.trainer.job
+        found = None if job is None else training.newest_samples(job.folder)
+        if found is None:
+            return None, "", ""
+        from PIL import Image
+
+        path, label = found
+        key = f"{path}:{path.stat().st_mtime_ns}"
+        if key == shown:
+            return None, f"{job.name}: {label}", key
+        with Image.open(path) as image:
+            return image.convert("RGB"), f"{job.name}: {label}", key
 
     def resume(self, name: str) -> Job:
         """Continue run `name`, stopped, from its newest checkpoint; no name: the last one trained here."""
@@ -308,25 +371,73 @@ def build_ui(app: App):
 
         with gr.Tab("Train"):
             gr.Markdown(f"Upload {MIN_IMAGES} to {MAX_IMAGES} images of the concept (at most {MAX_FILE_MB} MB "
-                        "each), with optional captions as same-name .txt files; a caption must name the token.")
-            uploads = gr.File(file_count="multiple", label="images and captions", type="filepath", elem_id="uploads")
+                        "each), with optional captions as same-name .txt files (a caption must name the token) and "
+                        f"optional masks as NAME{masks.SUFFIX} (white = subject, the image's size) for a masked "
+                        "loss.")
             with gr.Row():
-                run_name = gr.Textbox("", label="run name (empty: token-method-time)")
-                token = gr.Textbox(d["token"][0], label="token")
-                init_word = gr.Textbox(d["init_word"], label="init word")
-                method = gr.Dropdown(list(METHODS), value=d["method"], label="method")
+                uploads = gr.File(file_count="multiple", label="images, captions and masks", type="filepath",
+                                  elem_id="uploads", scale=2, height=320)
+                with gr.Column(scale=3):
+                    thumbnails = gr.Gallery(label="what trains: each image with its caption, its mask after it",
+                                            columns=6, height=240, object_fit="contain", elem_id="thumbnails",
+                                            interactive=False)
+                    upload_check = gr.Markdown(elem_id="upload-check")
             with gr.Row():
-                lr_unet = gr.Number(d["lr_unet"], label="learning rate (UNet)")
-                lr_text = gr.Number(d["lr_text"], label="learning rate (text encoder)")
-                train_steps = gr.Number(d["steps"], precision=0, label="steps", minimum=1)
-                rank = gr.Number(d["rank"], precision=0, label="rank", minimum=1)
+                # ids: a textbox's help is part of its accessible name, so scripts find it by id
+                run_name = gr.Textbox("", label="run name (empty: token-method-time)", elem_id="run-name",
+                                      info="the run's folder under the runs folder")
+                token = gr.Textbox(d["token"][0], label="token", elem_id="token", info=option_help("token") +
+                                   "; every caption must name it")
+                init_word = gr.Textbox(d["init_word"], label="init word", elem_id="init-word", info=option_help("init_word") +
+                                       " (what the concept is: dog, heart); Compare's base model draws it")
+                method = gr.Dropdown(list(METHODS), value=d["method"], label="method",
+                                     info="update rule of the LoRA factors: what each does is said below")
+            method_help = gr.Markdown(methods.method_help(d["method"]), elem_id="method-help")
+            with gr.Row():
+                lr_unet = gr.Number(d["lr_unet"], label="learning rate (UNet)", info=option_help("lr_unet") +
+                                    "; each method's taste is said above")
+                lr_text = gr.Number(d["lr_text"], label="learning rate (text encoder)", info=option_help("lr_text"))
+                train_steps = gr.Number(d["steps"], precision=0, label="steps", minimum=1,
+                                        info=f"optimizer steps of {d['batch_size']} images; a checkpoint every "
+                                             f"{d['checkpoint_every']} (Stop keeps the step reached)")
+                rank = gr.Number(d["rank"], precision=0, label="rank", minimum=1,
+                                 info="LoRA rank of UNet and text encoder, alpha = rank (scale 1): higher holds "
+                                      "more detail in a larger file")
+                sample_every = gr.Number(SAMPLE_EVERY, precision=0, label="samples every N steps", minimum=0,
+                                         info="a grid of the validation prompt (fusion coefficient x seed) every N "
+                                              "steps, shown below as it trains; 0: only at the end. Each grid "
+                                              "pauses the training while it draws")
+            with gr.Accordion("Your own photos: buckets, masks, hold-out, prior preservation", open=False,
+                              elem_id="photo-options"):
+                with gr.Row():
+                    buckets = gr.Textbox(" ".join(d["buckets"]), label="aspect-ratio buckets",
+                                         info=option_help("buckets"))
+                    holdout = gr.Number(d["holdout"], precision=0, minimum=0, label="held-out images",
+                                        info=option_help("holdout"))
+                with gr.Row():
+                    masked_loss = gr.Checkbox(d["masked_loss"], label="masked loss", info=option_help("masked_loss"))
+                    unmasked_weight = gr.Number(d["unmasked_weight"], minimum=0, maximum=1,
+                                                label="background weight (with masked loss)",
+                                                info=option_help("unmasked_weight"))
+                with gr.Row():
+                    prior_prompt = gr.Textbox(d["prior_prompt"], label="prior prompt",
+                                              info=option_help("prior_prompt"))
+                    prior_weight = gr.Number(d["prior_weight"], minimum=0, label="prior weight",
+                                             info=option_help("prior_weight"))
+                gr.Markdown("What each costs and what it bought on the shipped concepts: `docs/results/photos.md` "
+                            "in the project's source.")
             with gr.Row():
                 overwrite = gr.Checkbox(False, label="Overwrite: replace a run of this name trained here")
                 start = gr.Button("Train", variant="primary")
                 stop = gr.Button("Stop (keeps the step reached)")
                 resume = gr.Button("Continue the stopped run")
             status = gr.Markdown(label="status", elem_id="train-status")
-            live = gr.Plot(label="curves")
+            with gr.Row():
+                samples = gr.Image(type="pil", label="samples", format="png", elem_id="live-samples",
+                                   interactive=False, scale=2)
+                live = gr.Plot(label="curves", scale=3)
+            # the samples appear as the training writes them, without changing the train endpoint's outputs
+            ticker = gr.Timer(POLL_SECONDS * 2)
             with gr.Row():
                 download_run = gr.Dropdown(finished, label="run", scale=3, allow_custom_value=True)
                 prepare = gr.Button("Download files", scale=1)
@@ -380,9 +491,12 @@ def build_ui(app: App):
             yield for_page(job.outcome(), app.runs), app.job_curves(job), app.downloads(job.name) if done else None
 
         def train(files, name, token, init_word, method, lr_unet, lr_text, steps, rank, overwrite=False,
-                  progress=gr.Progress()):
+                  buckets="off", masked_loss=False, unmasked_weight=0.0, holdout=0, prior_prompt="", prior_weight=1.0,
+                  sample_every=SAMPLE_EVERY, progress=gr.Progress()):
             try:
-                job = app.train(files, name, token, init_word, method, lr_unet, lr_text, steps, rank, overwrite)
+                job = app.train(files, name, token, init_word, method, lr_unet, lr_text, steps, rank, overwrite,
+                                buckets, masked_loss, unmasked_weight, holdout, prior_prompt, prior_weight,
+                                sample_every)
             except UserError as exc:
                 raise page_error(exc, app.runs) from None
             yield from watched(job, progress)
@@ -397,12 +511,28 @@ def build_ui(app: App):
         # not queued behind a running training: a second one is refused at once (Trainer); the
         # progress bar over the status line only, so the curves below stay in view
         watching = dict(outputs=[status, live, files], concurrency_limit=None, show_progress_on=status)
-        start.click(train, [uploads, run_name, token, init_word, method, lr_unet, lr_text, train_steps, rank, overwrite],
+        # the photo options and the sample interval after today's inputs: scripts' calls keep working
+        start.click(train, [uploads, run_name, token, init_word, method, lr_unet, lr_text, train_steps, rank, overwrite,
+                            buckets, masked_loss, unmasked_weight, holdout, prior_prompt, prior_weight, sample_every],
                     api_name="train", **watching).then(trained, chosen, [*run_pickers, prompt],
                                                        api_visibility="private")
         resume.click(resumed, run_name, api_name="resume", **watching).then(trained, chosen, [*run_pickers, prompt],
                                                                             api_visibility="private")
         stop.click(app.stop, None, status, api_name="stop", concurrency_limit=None)
+
+        for changed in (uploads.change, token.blur):
+            changed(_shown(app.uploads_preview, app.runs), [uploads, token], [thumbnails, upload_check],
+                    api_visibility="private", show_progress="hidden")
+        method.change(methods.method_help, method, method_help, api_visibility="private", show_progress="hidden")
+
+        def sampled(shown):
+            """The newest samples, sent only when they are new (the timer ticks on every open page)."""
+            image, label, key = app.samples(shown)
+            return (gr.update(), shown) if image is None else (gr.update(value=image, label=label), key)
+
+        shown_samples = gr.State("")
+        ticker.tick(sampled, shown_samples, [samples, shown_samples], api_visibility="private",
+                    show_progress="hidden", concurrency_limit=None)
         prepare.click(_shown(app.downloads, app.runs), download_run, files, api_name="downloads")
         plot.click(_shown(app.curves, app.runs), curve_runs, figure, api_name="curves")
     return ui

@@ -5,18 +5,24 @@ take the app down. One training at a time: a second is refused while the first r
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from balora_diffusion import checkpoint as ckpt
+from balora_diffusion import masks
 from balora_diffusion.atomic import atomic_path, temp_sibling
-from balora_diffusion.data import IMAGE_SUFFIXES, load_image, read_concept_folder
+from balora_diffusion.data import IMAGE_SUFFIXES, load_image, read_caption, read_concept_folder
 from balora_diffusion.errors import UserError
+from balora_diffusion.runfolder import STEP_GRIDS
 from balora_diffusion.runs import new_run_folder, own_file, read_metrics, read_run, resolve_run
 from balora_diffusion.stop_request import STOP_SIGNAL
 
@@ -26,38 +32,97 @@ CONFIG_FILE, LOG_FILE, DATA_FOLDER = "train.toml", "train.log", "data"
 INTERRUPTED = 130  # the exit status of a stopped training (128 + SIGINT, as a shell reports Ctrl-C)
 
 
-def stage_uploads(files: list[str | Path], dest: Path) -> int:
-    """Copy uploaded images and their same-name .txt captions into `dest` (which must not exist);
-    anything else, an unreadable image, a file over the size limit or a count outside
-    MIN_IMAGES..MAX_IMAGES is a UserError and leaves nothing behind. Returns the number of images."""
-    images: dict[str, Path] = {}
-    captions: dict[str, Path] = {}
+@dataclass
+class Uploads:
+    """Uploaded files by kind, each keyed by the name of the image it belongs to."""
+    images: dict[str, Path]
+    captions: dict[str, Path]
+    masks: dict[str, Path]
+
+
+def sort_uploads(files: list[str | Path]) -> Uploads:
+    """Images, their same-name .txt captions and NAME.mask.png masks; anything else, a file over
+    the size limit, two files of one name or a count of images outside MIN_IMAGES..MAX_IMAGES is
+    a UserError. A caption or mask is paired with its image by name, so one without is refused."""
+    found = Uploads({}, {}, {})
     for given in files:
         path = Path(given)
         suffix = path.suffix.lower()
-        if suffix not in IMAGE_SUFFIXES and suffix != ".txt":
-            raise UserError(f"{path.name}: neither an image ({', '.join(sorted(IMAGE_SUFFIXES))}) nor a .txt caption")
+        if masks.is_mask_file(path):
+            kind, stem, ending = found.masks, path.name[:-len(masks.SUFFIX)], masks.SUFFIX
+        elif suffix in IMAGE_SUFFIXES or suffix == ".txt":
+            kind, stem, ending = (found.captions, path.stem, ".txt") if suffix == ".txt" else (found.images, path.stem, "")
+        else:
+            raise UserError(f"{path.name}: neither an image ({', '.join(sorted(IMAGE_SUFFIXES))}), a .txt caption "
+                            f"nor a {masks.SUFFIX} mask")
         if path.stat().st_size > MAX_FILE_MB * 2**20:
             raise UserError(f"{path.name} is larger than {MAX_FILE_MB} MB")
-        found = captions if suffix == ".txt" else images
-        if path.stem in found:
-            raise UserError(f"two uploads are named {path.stem}{'.txt' if suffix == '.txt' else ''}: "
-                            "each image and caption needs its own name")
-        found[path.stem] = path
-    if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
-        raise UserError(f"{len(images)} image(s) uploaded: a concept needs {MIN_IMAGES} to {MAX_IMAGES}")
-    orphans = sorted(set(captions) - set(images))
-    if orphans:
-        raise UserError(f"caption(s) without an image of the same name: {', '.join(o + '.txt' for o in orphans)}")
-    for path in images.values():
-        load_image(path)  # not an image, or too large to decode: a UserError naming the file
+        if stem in kind:
+            raise UserError(f"two uploads are named {stem}{ending}: each image, caption and mask needs its own name")
+        kind[stem] = path
+    if not MIN_IMAGES <= len(found.images) <= MAX_IMAGES:
+        raise UserError(f"{len(found.images)} image(s) uploaded: a concept needs {MIN_IMAGES} to {MAX_IMAGES}")
+    for kind, ending, what in [(found.captions, ".txt", "caption"), (found.masks, masks.SUFFIX, "mask")]:
+        if orphans := sorted(set(kind) - set(found.images)):
+            raise UserError(f"{what}(s) without an image of the same name: {', '.join(o + ending for o in orphans)} "
+                            f"(NAME{ending} goes with the image NAME.png or NAME.jpg)")
+    return found
+
+
+def stage_uploads(files: list[str | Path], dest: Path) -> int:
+    """Copy uploaded images with their captions and masks (see `sort_uploads`) into `dest` (which
+    must not exist); an unreadable image, or a mask that is not its image's size or marks nothing,
+    is a UserError too, and leaves nothing behind. Returns the number of images."""
+    found = sort_uploads(files)
+    sizes = {stem: load_image(path).size for stem, path in found.images.items()}  # a UserError naming the file
     with atomic_path(dest) as tmp:
         tmp.mkdir()
-        for stem, path in images.items():
-            shutil.copyfile(path, tmp / f"{stem}{path.suffix.lower()}")
-            if stem in captions:
-                shutil.copyfile(captions[stem], tmp / f"{stem}.txt")
-    return len(images)
+        for stem, path in found.images.items():
+            image = tmp / f"{stem}{path.suffix.lower()}"
+            shutil.copyfile(path, image)
+            if stem in found.captions:
+                shutil.copyfile(found.captions[stem], tmp / f"{stem}.txt")
+            if stem in found.masks:
+                shutil.copyfile(found.masks[stem], masks.mask_file(image))
+                masks.read_mask(image, sizes[stem])  # its image's size, and some subject marked
+    return len(found.images)
+
+
+def check_uploads(files: list[str | Path]) -> Uploads:
+    """`sort_uploads` and every check `stage_uploads` makes, staged into a folder that is then
+    deleted: what Train would refuse, said while the files are still being chosen."""
+    with tempfile.TemporaryDirectory() as folder:
+        stage_uploads(files, Path(folder) / DATA_FOLDER)
+    return sort_uploads(files)
+
+
+def preview(files: list[str | Path], template: str) -> list[tuple[Path, str, Path | None]]:
+    """(image, the caption it trains with: its .txt, else `template`, its mask or None) of each
+    uploaded image in name order; files of other kinds are left out."""
+    paths = [Path(f) for f in files]
+    captions = {p.stem: p for p in paths if p.suffix.lower() == ".txt"}
+    masked = {p.name[:-len(masks.SUFFIX)]: p for p in paths if masks.is_mask_file(p)}
+    found = []
+    for path in sorted((p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES and not masks.is_mask_file(p)),
+                       key=lambda p: p.name):
+        try:
+            caption = read_caption(captions[path.stem]) if path.stem in captions else f"{template} (caption template)"
+        except UserError:
+            caption = f"its caption {captions[path.stem].name} cannot be read: save it as UTF-8"
+        found.append((path, caption, masked.get(path.stem)))
+    return found
+
+
+def unmasked_images(folder: Path) -> list[str]:
+    """The images of a staged concept folder with neither a NAME.mask.png nor an alpha channel."""
+    missing = []
+    for example in read_concept_folder(folder, [], "{token}"):
+        if masks.mask_file(example.path).is_file():
+            continue
+        with Image.open(example.path) as raw:
+            if not masks._has_alpha(raw):  # noqa: SLF001 (the rule read_mask applies)
+                missing.append(example.path.name)
+    return missing
 
 
 @dataclass
@@ -103,6 +168,34 @@ def stopped_message(name: str, folder: Path, steps: int) -> str:
             "Overwrite (ticked) and Train starts it again")
 
 
+def newest_samples(folder: Path) -> tuple[Path, str] | None:
+    """The newest validation grid of a run folder and what it shows: a finished run's final
+    grid.png, else the grid-stepN.png of the highest step (train's `grid_every`); None before one."""
+    if own_file(folder, "run.json") and (final := own_file(folder, "grid.png")):
+        return final, "samples of the finished run"
+    grids = sorted(p for p in folder.glob(STEP_GRIDS) if own_file(folder, p.name))
+    if not grids:
+        return None
+    step = int(re.sub(r"\D", "", grids[-1].name))
+    return grids[-1], f"samples at step {step}"
+
+
+def check_photo_options(folder: Path, cfg) -> None:
+    """What `balora train` would refuse about the staged images with these options, said in the
+    page's words before any process starts: captions that do not name the token, masks missing
+    for a masked loss, a hold-out that leaves nothing to train on, a prior prompt naming the token."""
+    from balora_diffusion.data import split_holdout
+    from balora_diffusion.prior import check_prior_prompt
+
+    if cfg.masked_loss and (missing := unmasked_images(folder)):
+        raise UserError(f"masked loss needs a mask for every image; none for {', '.join(missing)}: upload "
+                        f"NAME{masks.SUFFIX} beside each (white = subject), images with an alpha channel, "
+                        "or untick masked loss")
+    examples = read_concept_folder(folder, cfg.token, cfg.caption_template, with_masks=cfg.masked_loss)
+    split_holdout(examples, cfg.holdout, cfg.heldout_seed)
+    check_prior_prompt(cfg.prior_prompt, cfg.token)
+
+
 class Trainer:
     def __init__(self, runs: Path, cpu_threads: int = 0):
         self.runs, self.cpu_threads = Path(runs), cpu_threads
@@ -126,7 +219,7 @@ class Trainer:
             staged = temp_sibling(folder / DATA_FOLDER)
             try:
                 stage_uploads(uploads, staged)
-                read_concept_folder(staged, cfg.token, cfg.caption_template)  # captions name the token
+                check_photo_options(staged, cfg)
                 with atomic_path(folder / DATA_FOLDER) as tmp:
                     os.replace(staged, tmp)
                 with atomic_path(folder / CONFIG_FILE) as tmp:

@@ -27,6 +27,7 @@ from balora_diffusion.rules import METHODS
 from balora_diffusion.runs import COLUMNS, list_runs, read_run
 
 POLL_SECONDS = 1.0
+SAMPLE_POLL_SECONDS = 2.0  # how often an open Train tab looks for new samples
 SAMPLE_EVERY = 100  # the Train tab's starting sample interval; scripts that leave it out get it too
 # The text encoder reads 77 tokens of a prompt; a longer text is a mistake, and tokenizing a huge
 # one would hold the only drawing slot.
@@ -437,7 +438,7 @@ def build_ui(app: App):
                                    interactive=False, scale=2)
                 live = gr.Plot(label="curves", scale=3)
             # the samples appear as the training writes them, without changing the train endpoint's outputs
-            ticker = gr.Timer(POLL_SECONDS * 2)
+            ticker = gr.Timer(SAMPLE_POLL_SECONDS)
             with gr.Row():
                 download_run = gr.Dropdown(finished, label="run", scale=3, allow_custom_value=True)
                 prepare = gr.Button("Download files", scale=1)

@@ -7,6 +7,7 @@ stop, downloads, curves. Started by `balora app --runs DIR` (also `python -m app
 from __future__ import annotations
 
 import functools
+import hashlib
 import html
 import math
 import re
@@ -24,7 +25,8 @@ from balora_diffusion.app.engine import Engine, Sampling
 from balora_diffusion.app.training import MAX_FILE_MB, MAX_IMAGES, MIN_IMAGES, Job, Trainer
 from balora_diffusion.errors import UserError
 from balora_diffusion.rules import METHODS
-from balora_diffusion.runs import COLUMNS, list_runs, read_run
+from balora_diffusion.atomic import atomic_path
+from balora_diffusion.runs import COLUMNS, list_runs, own_file, read_run
 
 POLL_SECONDS = 1.0
 SAMPLE_POLL_SECONDS = 2.0  # how often an open Train tab looks for new samples
@@ -95,6 +97,15 @@ def checked_token(token: str) -> str:
     if len(token.split()) > 1:
         raise UserError(f"the token must be one word without spaces, got {token!r}")
     return token
+
+
+# where the files are and how the process runs: the page decides these, not a loaded file
+IGNORED_ON_LOAD = {"data_dir", "output_dir", "cpu_threads", "overwrite", "resume"}
+
+
+def safe_name(name: str) -> str:
+    """A run name as a file name (a run below a folder, "sweep/a", is "sweep_a")."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "train"
 
 
 def option_help(name: str) -> str:
@@ -213,20 +224,72 @@ class App:
               prior_weight: float = 1.0, sample_every: int = 0) -> Job:
         """Start a training; every option is checked (TrainConfig's checks included, in Trainer.start)
         before a run folder is made. `overwrite`: replace a run of that name trained from the page.
-        The photo options are TrainConfig's; `sample_every`: a validation grid every that many steps
-        (its grid_every; 0: only at the end)."""
+        The fields after it are `train_values`'."""
+        name, values = self.train_values(name, token, init_word, method, lr_unet, lr_text, steps, rank, buckets,
+                                         masked_loss, unmasked_weight, holdout, prior_prompt, prior_weight,
+                                         sample_every)
+        return self.trainer.start(name, list(files or []), values, overwrite=bool(overwrite))
+
+    def train_values(self, name, token, init_word, method, lr_unet, lr_text, steps, rank, buckets="off",
+                     masked_loss=False, unmasked_weight=0.0, holdout=0, prior_prompt="", prior_weight=1.0,
+                     sample_every=0) -> tuple[str, dict]:
+        """(run name, TrainConfig's values) of the Train tab's fields, each field checked; the
+        photo options are TrainConfig's, `sample_every` its grid_every (0: samples only at the end)."""
         token = checked_token(token)
         name = str(name or "").strip() or f"{re.sub(r'[^A-Za-z0-9]+', '', token) or 'concept'}-{method}-" \
                                           f"{time.strftime('%Y%m%d-%H%M%S')}"
         steps, rank = checked_number(steps, int, "steps", 1), checked_number(rank, int, "rank", 1)
-        values = {**self.defaults, "token": [token], "init_word": str(init_word or "").strip(), "method": method,
-                  "lr_unet": checked_number(lr_unet, float, "learning rate (UNet)", 0),
-                  "lr_text": checked_number(lr_text, float, "learning rate (text encoder)", 0),
-                  "steps": steps, "rank": rank, "alpha": float(rank), "text_rank": rank, "text_alpha": float(rank),
-                  "eval_every": max(1, steps // 20), **photo_options(buckets, masked_loss, unmasked_weight, holdout,
-                                                                      prior_prompt, prior_weight),
-                  "grid_every": checked_number(sample_every, int, "samples every", 0)}
-        return self.trainer.start(name, list(files or []), values, overwrite=bool(overwrite))
+        return name, {**self.defaults, "token": [token], "init_word": str(init_word or "").strip(), "method": method,
+                      "lr_unet": checked_number(lr_unet, float, "learning rate (UNet)", 0),
+                      "lr_text": checked_number(lr_text, float, "learning rate (text encoder)", 0),
+                      "steps": steps, "rank": rank, "alpha": float(rank), "text_rank": rank,
+                      "text_alpha": float(rank), "eval_every": max(1, steps // 20),
+                      **photo_options(buckets, masked_loss, unmasked_weight, holdout, prior_prompt, prior_weight),
+                      "grid_every": checked_number(sample_every, int, "samples every", 0)}
+
+    def save_config(self, *fields) -> str:
+        """The Train tab's fields (`train_values`' arguments) as a TOML file that `balora train
+        --config FILE --data-dir PHOTOS` trains, in the cache for download; its path."""
+        from balora_diffusion.config import to_toml
+        from balora_diffusion.train_config import TrainConfig
+
+        name, values = self.train_values(*fields)
+        cfg = TrainConfig(**{**values, "cpu_threads": self.trainer.cpu_threads})
+        # a path in a TOML file is read relative to the file's folder, wherever it was downloaded to:
+        # where the photos are and where the run goes are said on the command line instead
+        lines = [line for line in to_toml(cfg).splitlines(keepends=True)
+                 if line.split(" = ")[0] not in IGNORED_ON_LOAD]
+        text = (f"# balora train --config {safe_name(name)}.toml --data-dir YOUR_PHOTOS --output-dir "
+                f"runs/{safe_name(name)}\n# (YOUR_PHOTOS: images, same-name .txt captions, NAME.mask.png masks)\n"
+                + "".join(lines))
+        path = self.engine.cache / "configs" / hashlib.sha256(text.encode()).hexdigest()[:16] / f"{safe_name(name)}.toml"
+        if own_file(self.engine.cache, path.relative_to(self.engine.cache)) is None:
+            with atomic_path(path) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+        return str(path)
+
+    def load_config(self, path: str | None) -> tuple[list, str]:
+        """The Train tab's fields (`train_values`' arguments, in order) from a train TOML, checked
+        as `balora train` checks it, and a line naming the file's options the tab has no field for
+        (they are not used: the tab trains with its own values of them)."""
+        from balora_diffusion.config import read_toml
+        from balora_diffusion.train_config import TrainConfig
+
+        if not path:
+            raise UserError("choose a train TOML file to load")
+        values = read_toml(TrainConfig, Path(path))
+        cfg = TrainConfig(**{**self.defaults, **values})
+        if len(cfg.token) != 1:
+            raise UserError(f"the Train tab trains one token; {Path(path).name} names {len(cfg.token)}: "
+                            f"{' '.join(cfg.token)}")
+        fields = [Path(cfg.output_dir).name if "output_dir" in values else "", cfg.token[0], cfg.init_word,
+                  cfg.method, cfg.lr_unet, cfg.lr_text, cfg.steps, cfg.rank, " ".join(cfg.buckets), cfg.masked_loss,
+                  cfg.unmasked_weight, cfg.holdout, cfg.prior_prompt, cfg.prior_weight, cfg.grid_every]
+        _, used = self.train_values(*fields)
+        ignored = sorted(key for key in values if key not in IGNORED_ON_LOAD and getattr(cfg, key) != used.get(key))
+        note = f"loaded {Path(path).name}" + (f"; the Train tab has no field for {', '.join(ignored)}: its own "
+                                               "values of them are used" if ignored else "")
+        return fields, for_page(note, self.runs)
 
     def uploads_preview(self, files: list[str] | None, token: str) -> tuple[list[tuple[str, str]], str]:
         """The uploads as the Train tab shows them: thumbnails of each image with the caption it
@@ -427,6 +490,13 @@ def build_ui(app: App):
                                              info=option_help("prior_weight"))
                 gr.Markdown("What each costs and what it bought on the shipped concepts: `docs/results/photos.md` "
                             "in the project's source.")
+            with gr.Row(equal_height=True):
+                config_in = gr.File(label="load a train TOML into the fields", file_types=[".toml"],
+                                    type="filepath", elem_id="config-in", height=120)
+                save_config = gr.Button("Save the fields as a train TOML", scale=1)
+                config_out = gr.File(label="train TOML (balora train --config FILE --data-dir PHOTOS)",
+                                     elem_id="config-out", height=120)
+            config_note = gr.Markdown(elem_id="config-note")
             with gr.Row():
                 overwrite = gr.Checkbox(False, label="Overwrite: replace a run of this name trained here")
                 start = gr.Button("Train", variant="primary")
@@ -524,6 +594,14 @@ def build_ui(app: App):
         for changed in (uploads.change, token.blur):
             changed(_shown(app.uploads_preview, app.runs), [uploads, token], [thumbnails, upload_check],
                     api_visibility="private", show_progress="hidden")
+        fields = [run_name, token, init_word, method, lr_unet, lr_text, train_steps, rank, buckets, masked_loss,
+                  unmasked_weight, holdout, prior_prompt, prior_weight, sample_every]
+        save_config.click(_shown(app.save_config, app.runs), fields, config_out, api_name="save_config")
+
+        def loaded_config(path):
+            values, note = app.load_config(path)
+            return *values, note
+        config_in.upload(_shown(loaded_config, app.runs), config_in, [*fields, config_note], api_name="load_config")
         method.change(methods.method_help, method, method_help, api_visibility="private", show_progress="hidden")
 
         def sampled(shown):

@@ -121,7 +121,7 @@ core: above the core count, other processes shared the cores and the times are u
 ## Compare: a grid of {grid['runs']} runs
 
 Every finished run of `{args.runs}` (rows = learning rate, columns = method), prompt
-{grid['prompt']!r}, fusion coefficient(s) {args.fusion}, seed(s) {args.seeds}, {args.steps} sampling steps,
+`{grid['prompt']}`, fusion coefficient(s) {args.fusion}, seed(s) {args.seeds}, {args.steps} sampling steps,
 guidance {args.guidance:g}, drawn into a fresh temporary cache: the first grid draws every image
 (each adapter swapped in once); "after a restart" is a new app over the same cache.
 

@@ -24,8 +24,9 @@ from typing import Any
 from balora_diffusion.errors import UserError
 
 CLIP_METRICS = ("clip-t", "clip-i")
+MODEL_METRICS = (*CLIP_METRICS, "dino")  # any concept's
 PIXEL_METRICS = ("fidelity", "adherence")  # the toy world's: they read concept.toml
-METRICS = [*CLIP_METRICS, "dino", *PIXEL_METRICS]
+METRICS = [*MODEL_METRICS, *PIXEL_METRICS]
 BEST_RECORD = "best.json"
 
 
@@ -95,6 +96,7 @@ class AdapterScorer:
     base_model: str = ""
     base_config: str = ""
     calibration: Any = None
+    drawn: list = field(default_factory=list, repr=False)  # the last adapter's images[fusion][prompt][seed]
     _pipe: Any = field(default=None, repr=False)
     _call: dict = field(default_factory=dict, repr=False)
 
@@ -136,11 +138,11 @@ class AdapterScorer:
         prompts, seeds = self.subject.prompts, list(self.draw.seeds)
         with Fused(pipe, [(adapter, 1.0)]) as fused:
             check_prompt_windows(pipe.tokenizer, prompts, fused.tokens)
-            drawn = fusion_grid(pipe, fused, prompts, seeds, self.draw.fusion, progress=False, **call)
+            self.drawn = fusion_grid(pipe, fused, prompts, seeds, self.draw.fusion, progress=False, **call)
         flat_prompts = [p for p in prompts for _ in seeds]
         return {f"{w:g}": score_images([im for row in images for im in row], flat_prompts, self.subject, self.metrics,
                                        self.models, self.calibration)
-                for w, images in zip(self.draw.fusion, drawn)}
+                for w, images in zip(self.draw.fusion, self.drawn)}
 
 
 def better(value: float | None, than: float | None) -> bool:

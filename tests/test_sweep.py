@@ -188,3 +188,75 @@ def test_a_killed_worker_ends_the_sweep_with_one_error_and_no_leaked_semaphores(
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
+
+
+def plain_concept(folder: Path) -> Path:
+    """The zorb images and captions without concept.toml: a concept of the user's own, not the world's."""
+    folder.mkdir(parents=True)
+    for file in paths.DEMO_CONCEPT.iterdir():
+        if file.suffix in (".png", ".txt"):
+            shutil.copyfile(file, folder / file.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip_swept(random_sd_dir, tiny_clip_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("clip-sweep")
+    out = root / "grid"
+    assert main(sweep_args(out, random_sd_dir, "--set", f"data_dir={plain_concept(root / 'plain')}", "--clip",
+                           str(tiny_clip_dir), "--sort-by", "clip-i")) == 0
+    return out
+
+
+def test_a_concept_without_concept_toml_is_scored_with_clip_as_balora_eval_scores_it(clip_swept, tiny_clip_dir,
+                                                                                   tmp_path):
+    summary = json.loads((clip_swept / "summary.json").read_text())
+    assert summary["protocol"]["scoring"]["metrics"] == {"names": ["clip-t", "clip-i"], "clip": str(tiny_clip_dir)}
+    cells = summary["cells"]
+    for c in cells:
+        assert c["fidelity"] is None and set(c["clip-t"]) == set(c["clip-i"]) == {"0.7", "1"}
+        assert (clip_swept / c["name"] / "sample.png").is_file()
+    assert (clip_swept / "grid.png").is_file()
+    # the same adapter scored by balora eval with the sweep's sampling: the same numbers
+    cell = cells[1]
+    out = tmp_path / "eval"
+    assert main(["eval", str(clip_swept / cell["name"]), "--clip", str(tiny_clip_dir), "--metrics", "clip-t", "clip-i",
+                 "--seeds", "1", "--steps", "1", "--guidance", "5", "--fusion", "0.7", "1", "--out", str(out)]) == 0
+    final = [r for r in json.loads((out / "eval.json").read_text())["results"] if r["label"].endswith(" final")]
+    for r in final:
+        for metric in ("clip-t", "clip-i"):
+            assert cell[metric][f"{r['fusion']:g}"] == pytest.approx(r[metric], abs=1e-6)
+
+
+def test_sort_by_orders_the_summary_table_best_first(clip_swept):
+    lines = (clip_swept / "summary.md").read_text().splitlines()
+    assert lines[0] == "Rows by clip-i (best first)."
+    head = [h.strip() for h in lines[2].strip("|").split("|")]
+    rows = [[v.strip() for v in line.strip("|").split("|")] for line in lines[4:]]
+    values = [float(row[head.index("clip-i w=1")]) for row in rows]
+    assert values == sorted(values, reverse=True)
+    cells = json.loads((clip_swept / "summary.json").read_text())["cells"]
+    by_name = {(c["labels"]["method"], c["labels"]["lr"]): c["clip-i"]["1"] for c in cells}
+    assert [by_name[(row[0], row[1])] for row in rows] == sorted(by_name.values(), reverse=True)
+
+
+def test_sort_records_puts_lowest_loss_first_and_unscored_cells_last():
+    from balora_diffusion.bench.sweep import sort_records
+
+    records = [{"name": "a", "final_heldout_loss": 0.3, "clip-t": {"1": 0.1}},
+               {"name": "b", "final_heldout_loss": None, "clip-t": None},
+               {"name": "c", "final_heldout_loss": 0.1, "clip-t": {"1": 0.2}}]
+    assert [r["name"] for r in sort_records(records, "heldout-loss", [0.7, 1.0])] == ["c", "a", "b"]
+    assert [r["name"] for r in sort_records(records, "clip-t", [0.7, 1.0])] == ["c", "a", "b"]
+
+
+@pytest.mark.parametrize("extra, message", [(["--clip", "{tmp}/no-clip"], "--clip"),
+                                            (["--metrics", "fidelity"], "metrics must be one of"),
+                                            (["--sort-by", "loss"], "sort-by must be one of")])
+def test_bad_metric_options_fail_in_one_line_before_any_cell_trains(extra, message, random_sd_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    assert main(sweep_args(out, random_sd_dir, "--set", f"data_dir={plain_concept(tmp_path / 'plain')}", *extra)) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("balora: error: ") and message in errors[0], errors
+    assert not out.exists() or not any(out.iterdir())

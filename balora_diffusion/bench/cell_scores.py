@@ -39,6 +39,37 @@ def summarise_checks(kinds: list[str], checks: list[dict[str, bool]]) -> dict:
 
 
 def score_cell(out: Path, values: dict, settings: dict) -> dict:
+    """The scores of the adapter in `out` (a run folder trained with TrainConfig `values`) that `settings`
+    asks for (bench.sweep.scoring_settings): with a concept, {"fidelity": {w: mean}, "adherence": {w:
+    summarise_checks(...)}}; with metrics, {metric: {w: score}} by checkpoint_scoring, as balora eval
+    scores the run."""
+    scores = _pixel_scores(out, values, settings) if settings["concept"] else {}
+    if settings.get("metrics"):
+        scores.update(_metric_scores(out, values, settings, sample=not settings["concept"]))
+    return scores
+
+
+def _metric_scores(out: Path, values: dict, settings: dict, sample: bool) -> dict:
+    """{metric: {w: score}} over the concept's evaluation prompts (its captions in new contexts); with
+    `sample`, the grid's image of the cell from the first prompt, top fusion, first seed."""
+    from balora_diffusion.checkpoint_scoring import AdapterScorer, load_models
+    from balora_diffusion.commands.generate import DrawConfig
+    from balora_diffusion.formats.read import read_adapter
+    from balora_diffusion.generate import save_image
+
+    wanted = settings["metrics"]
+    models = load_models(wanted["names"], wanted.get("clip", ""), wanted.get("dino", ""))
+    draw = DrawConfig(seeds=settings["seeds"], fusion=sorted(settings["fusions"]), steps=settings["sample_steps"],
+                      guidance=settings["guidance_scale"], cpu_threads=values.get("cpu_threads", 0))
+    scorer = AdapterScorer.for_run(out, list(values.get("token") or []), wanted["names"], models, draw,
+                                   values.get("base_model", ""), values.get("base_config", ""))
+    by_fusion = scorer.score(read_adapter(out))
+    if sample:
+        save_image(out / SAMPLE, scorer.drawn[-1][0][0])
+    return {metric: {w: scores[metric] for w, scores in by_fusion.items()} for metric in wanted["names"]}
+
+
+def _pixel_scores(out: Path, values: dict, settings: dict) -> dict:
     """{"fidelity": {w: mean}, "adherence": {w: summarise_checks(...)}} of the adapter in `out`;
     settings: concept (folder), fusions, seeds, unseen, sample_steps, guidance_scale."""
     from balora_diffusion.formats.fuse import Fused

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from balora_diffusion.checkpoint_scoring import MODEL_METRICS
+
 # A method is faster / better than another only by a margin: smaller differences are noise at
 # three seeds, and count against a claim of an improvement.
 FASTER = 0.9          # ratio of steps (concept) or of median final gaps (synthetic) below this
@@ -76,12 +78,27 @@ def concept_faster(concept: dict, method: str) -> Evidence:
     return Evidence(f"concept: steps to LoRA's final held-out loss, ratio to LoRA {_num(ratio, '.2f')}", ok)
 
 
-def concept_robust(concept: dict, method: str) -> list[Evidence]:
-    """Does the final held-out loss / adherence move less across the lr grid than LoRA's?"""
+@dataclass(frozen=True)
+class PromptScore:
+    """The score that says how well images follow their prompts: a method row's `by_lr[lr][key][w]`
+    (mean over seeds at fusion w), `row[key]` (at the best lr, w = 1) and `row[key + "_spread"]`."""
+    key: str
+    label: str
+    margin: float  # a "better" score is at least this much higher; smaller differences are noise
+
+
+ADHERENCE = PromptScore("adherence", "adherence (w=1)", ADHERENCE_MARGIN)
+# CLIP-T is a cosine whose differences between fine-tuning methods run in the hundredths (DreamBooth's
+# tables), a tenth of the share-of-attributes scale of adherence.
+CLIP_T = PromptScore("clip-t", "CLIP-T (w=1)", 0.01)
+
+
+def concept_robust(concept: dict, method: str, prompt: PromptScore = ADHERENCE) -> list[Evidence]:
+    """Does the final held-out loss / the prompt score move less across the lr grid than LoRA's?"""
     row, lora = _concept_row(concept, method), _concept_row(concept, "lora")
     out = []
-    for key, label in (("final_heldout_spread", "final held-out loss"), ("adherence_spread", "adherence (w=1)")):
-        if row is None or lora is None:
+    for key, label in (("final_heldout_spread", "final held-out loss"), (f"{prompt.key}_spread", prompt.label)):
+        if row is None or lora is None or ("by_lr" in row and len(row["by_lr"]) < 2):
             out.append(Evidence(f"concept: spread of the {label} across lrs", None))
             continue
         mine, theirs = _spread(row, key), _spread(lora, key)
@@ -95,25 +112,43 @@ def _spread(row: dict, key: str) -> float | None:
     """A spread where some lr diverged is unbounded: the method did not survive the grid."""
     if key == "final_heldout_spread" and row["diverged_lrs"]:
         return math.inf
-    return row[key]
+    return row.get(key)
 
 
-def concept_adherence(concept: dict, method: str) -> Evidence:
-    """Adherence at w=1 averaged over the lr grid, against LoRA's."""
+def _better(mine: float | None, theirs: float | None, prompt: PromptScore) -> bool | None:
+    return None if mine is None or theirs is None else mine >= theirs + prompt.margin
+
+
+def prompt_at_best_lr(concept: dict, method: str, prompt: PromptScore = ADHERENCE) -> Evidence:
+    """The prompt score at each method's own best learning rate against LoRA's at LoRA's."""
     row, lora = _concept_row(concept, method), _concept_row(concept, "lora")
     if row is None or lora is None:
-        return Evidence("concept: adherence (w=1) over the lr grid", None)
-    mine, theirs = _grid_mean(row, "adherence"), _grid_mean(lora, "adherence")
-    ok = None if mine is None or theirs is None else mine >= theirs + ADHERENCE_MARGIN
-    return Evidence(f"concept: adherence (w=1) averaged over the lr grid, {method} {_num(mine, '.3f')} vs lora "
-                    f"{_num(theirs, '.3f')}", ok)
+        return Evidence(f"concept: {prompt.label} at each method's best lr", None)
+    mine, theirs = row.get(prompt.key), lora.get(prompt.key)
+    return Evidence(f"concept: {prompt.label} at each method's best lr, {method} {_num(mine, '.3f')} (lr {row['best_lr']}) "
+                    f"vs lora {_num(theirs, '.3f')} (lr {lora['best_lr']})", _better(mine, theirs, prompt))
 
 
-def _grid_mean(row: dict, key: str) -> float | None:
-    """Mean over the lr grid; an lr whose cells all diverged drew nothing and counts as 0."""
-    values = [s[key].get("1") for s in row["by_lr"].values()]
-    values = [0.0 if v is None else v for v in values]
-    return sum(values) / len(values) if values else None
+def prompt_over_grid(concept: dict, method: str, prompt: PromptScore = ADHERENCE) -> Evidence:
+    """The prompt score averaged over the learning rates at which both methods drew images: an lr where
+    every seed of either diverged is left out, since diverging is what robustness measures, and a
+    mean that counted it would say little about the images drawn."""
+    row, lora = _concept_row(concept, method), _concept_row(concept, "lora")
+    if row is None or lora is None:
+        return Evidence(f"concept: {prompt.label} over the lr grid", None)
+    mine, theirs = _at_w1(row, prompt), _at_w1(lora, prompt)
+    shared = [lr for lr in mine if lr in theirs and mine[lr] is not None and theirs[lr] is not None]
+    left = [lr for lr in dict.fromkeys([*mine, *theirs]) if lr not in shared]
+    if not shared:
+        return Evidence(f"concept: {prompt.label} over the lr grid (no lr at which both drew images)", None)
+    a, b = (sum(values[lr] for lr in shared) / len(shared) for values in (mine, theirs))
+    out = f" (left out, one of them drew nothing: lr {', '.join(left)})" if left else ""
+    return Evidence(f"concept: {prompt.label} averaged over the {len(shared)} lrs both drew at, {method} {_num(a, '.3f')} "
+                    f"vs lora {_num(b, '.3f')}{out}", _better(a, b, prompt))
+
+
+def _at_w1(row: dict, prompt: PromptScore) -> dict[str, float | None]:
+    return {lr: (s.get(prompt.key) or {}).get("1") for lr, s in row["by_lr"].items()}
 
 
 def claims(synthetic: dict, concept: dict) -> list[Claim]:
@@ -141,7 +176,8 @@ def claims(synthetic: dict, concept: dict) -> list[Claim]:
         Claim("iLoRA / piLoRA", "iLoRA is robust to the learning rate", tuple(concept_robust(concept, "ilora"))),
         Claim("iLoRA / piLoRA", "piLoRA is robust to the learning rate", tuple(concept_robust(concept, "pilora"))),
         Claim("iLoRA / piLoRA", "images follow the prompt better than with LoRA (Fig. 1: LoRA ignores the context)",
-              (concept_adherence(concept, "ilora"), concept_adherence(concept, "pilora"))),
+              tuple(e for m in ("ilora", "pilora") for e in (prompt_at_best_lr(concept, m),
+                                                               prompt_over_grid(concept, m)))),
         Claim("iLoRA / piLoRA", "piLoRA converges faster than LoRA",
               (*synthetic_faster(synthetic, "pilora"), concept_faster(concept, "pilora"))),
         Claim("scaled LoRA (Zhang & Pilanci)", "preconditioning makes LoRA faster",
@@ -160,8 +196,14 @@ def _keep_is_within(synthetic: dict, experiment: str) -> bool | None:
     return gaps[0] <= 2 * min(gaps)
 
 
-def verdicts_markdown(found: list[Claim]) -> str:
-    lines = ["| paper | claim | verdict | evidence |", "|---|---|---|---|"]
+PROMPT_RULE = ("\"Follows the prompt better\" is judged twice, as two lines: {score} at least {margin} higher "
+               "than LoRA's at each method's own best learning rate, and averaged over the learning rates at which "
+               "both drew images (an lr at which every seed of either diverged is left out and named: diverging is "
+               "what robustness measures).")
+
+
+def verdicts_markdown(found: list[Claim], first: str = "paper") -> str:
+    lines = [f"| {first} | claim | verdict | evidence |", "|---|---|---|---|"]
     for c in found:
         evidence = "<br>".join(f"{'✔' if e.supports else '✘' if e.supports is False else '–'} {e.text}"
                                for e in c.evidence)
@@ -226,8 +268,7 @@ supports the claim (✔) or not (✘); all ✔ = **holds**, all ✘ = **does not
 concept task, or a smaller median final gap after the synthetic benchmark's fixed number of steps.
 "Robust to the learning rate" means a smaller spread (largest minus smallest median over seeds)
 across the learning-rate grid than LoRA's; a method that diverges at some learning rate has an
-unbounded spread. "Follows the prompt better" means an adherence at least {ADHERENCE_MARGIN:g} higher than
-LoRA's, averaged over the learning-rate grid (an lr whose cells all diverged draws nothing: 0).
+unbounded spread. {PROMPT_RULE.format(score="an adherence", margin=f"{ADHERENCE_MARGIN:g}")}
 
 {verdicts_markdown(found)}
 ## Concept task: every method on the shipped `<zorb>` concept and the shipped tiny model
@@ -290,3 +331,156 @@ def _partial(protocol: dict) -> str:
 
 def _count(protocol: dict, kind: str) -> int:
     return protocol.get("prompts", {}).get(kind, 0)
+
+
+# --- the page of a user's own sweep (`balora results --sweep DIR`) --------------------------------
+
+# `balora sweep`'s scores of a cell's final adapter by CLIP / DINO (bench.cell_scores), besides the
+# world's pixel scores; each a cell record's {w: score}.
+SWEEP_METRICS = MODEL_METRICS
+
+
+def sweep_table(records: list[dict]) -> dict[str, dict]:
+    """bench.concept.analyse's method table of a sweep's cell records, with each CLIP / DINO metric the
+    cells hold beside fidelity and adherence: per lr {w: mean over seeds}, at the best lr (w = 1) and its
+    spread across lrs."""
+    from balora_diffusion.bench import concept as bench_concept
+
+    table = bench_concept.analyse(records)
+    for method, row in table.items():
+        groups = bench_concept.by_lr([r for r in records if r["labels"]["method"] == method])
+        for metric in SWEEP_METRICS:
+            per_lr = {lr: _mean_by_fusion(r.get(metric) for r in g["records"]) for lr, g in groups.items()}
+            if not any(per_lr.values()):
+                continue
+            for lr, scores in per_lr.items():
+                row["by_lr"][lr][metric] = scores
+            row[metric] = per_lr[row["best_lr"]].get("1")
+            top = [v["1"] for v in per_lr.values() if v.get("1") is not None]
+            row[f"{metric}_spread"] = max(top) - min(top) if top else None
+    return table
+
+
+def _mean_by_fusion(scores) -> dict[str, float]:
+    """{w: mean} over the records' {w: score} (a diverged cell has none)."""
+    found: dict[str, list[float]] = {}
+    for by_w in scores:
+        for w, value in (by_w or {}).items():
+            if value is not None:
+                found.setdefault(w, []).append(value)
+    return {w: sum(v) / len(v) for w, v in found.items()}
+
+
+def sweep_prompt_score(records: list[dict]) -> PromptScore | None:
+    """Adherence where the cells were scored on the world concept, else CLIP-T, else None."""
+    for prompt in (ADHERENCE, CLIP_T):
+        if any(r.get(prompt.key) for r in records):
+            return prompt
+    return None
+
+
+def sweep_claims(table: dict[str, dict], prompt: PromptScore | None) -> list[Claim]:
+    """Per method of the sweep against its lora cells: robust to the learning rate, faster, follows the prompt."""
+    concept = {"methods": table}
+    found = []
+    for method in table:
+        if method == "lora":
+            continue
+        robust = concept_robust(concept, method, prompt or ADHERENCE)
+        follows = (prompt_at_best_lr(concept, method, prompt), prompt_over_grid(concept, method, prompt)) if prompt \
+            else (Evidence("no score of how images follow their prompts in the cells", None),)
+        found += [Claim(method, "robust to the learning rate (than LoRA)", tuple(robust if prompt else robust[:1])),
+                  Claim(method, "faster (than LoRA)", (concept_faster(concept, method),)),
+                  Claim(method, "follows the prompt (better than LoRA)", follows)]
+    return found
+
+
+def _sweep_method_markdown(table: dict[str, dict], prompt: PromptScore | None) -> str:
+    head = ["method", "best lr", "seeds", "final held-out", "steps to LoRA's final", "ratio to LoRA",
+            "final held-out spread over lrs"]
+    if prompt:
+        head += [f"{prompt.label} at the best lr", f"{prompt.label} spread over lrs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, r in table.items():
+        cells = [method, r["best_lr"], str(r["seeds"]), _num(r["final_heldout"], ".4f"), _num(r["steps_to_lora_final"], "g"),
+                 _num(r["ratio_to_lora"], ".2f"), _num(_spread(r, "final_heldout_spread"), ".4f")]
+        if prompt:
+            cells += [_num(r.get(prompt.key), ".3f"), _num(r.get(f"{prompt.key}_spread"), ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _sweep_lr_markdown(table: dict[str, dict], scores: list[str]) -> str:
+    """Per method and lr: median final held-out loss, diverged seeds and every score at every fusion."""
+    fusions = sorted({w for row in table.values() for s in row["by_lr"].values() for k in scores
+                      for w in (s.get(k) or {})}, key=float)
+    head = ["method", "lr (UNet / text)", "median final held-out", "diverged seeds",
+            *(f"{k} w={w}" for k in scores for w in fusions)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, row in table.items():
+        for lr, s in row["by_lr"].items():
+            values = [_num((s.get(k) or {}).get(w), ".3f") for k in scores for w in fusions]
+            lines.append(f"| {method} | {lr}: {s['lr_unet']:.3g} / {s['lr_text']:.3g} | "
+                         f"{_num(s['median_final_heldout'], '.4f')} | {s['diverged_seeds']} | " + " | ".join(values)
+                         + (" |" if values else "|"))
+    return "\n".join(lines) + "\n"
+
+
+def render_sweep_page(sweep: str, summary: dict, command: str, grid: str | None) -> str:
+    """The results page of a user's sweep folder `sweep` (its summary.json: `summary`); `grid`: the name
+    of the copied sweep grid beside the page, or None."""
+    records = [r for r in summary["cells"] if r is not None]
+    table = sweep_table(records)
+    prompt = sweep_prompt_score(records)
+    found = sweep_claims(table, prompt)
+    settings = summary["protocol"].get("sweep", {})
+    scoring = summary["protocol"].get("scoring") or {}
+    scores = [k for k in ("fidelity", "adherence", *SWEEP_METRICS) if any(r.get(k) for r in records)]
+    steps = sorted({r.get("steps") for r in records if r.get("steps")})
+    diverged = sum(r["status"] != "done" for r in records)
+    if prompt is ADHERENCE:
+        prompt_text = ("adherence (the share of what each prompt names, background, size and position, that "
+                       "the pixels show; the world concept's concept.toml gives the prompts)")
+    elif prompt is CLIP_T:
+        prompt_text = (f"CLIP-T (the cosine of each image with its prompt, the token read as its class word; CLIP "
+                       f"model {scoring.get('metrics', {}).get('clip', '?')})")
+    else:
+        prompt_text = "no score: the cells were scored neither on a world concept nor with a CLIP model"
+    rule = PROMPT_RULE.format(score=f"a {prompt.label}" if prompt else "a score", margin=f"{prompt.margin:g}"
+                              if prompt else "-")
+    figure = f"\nOne image per cell (first seed), rows = learning rate, columns = method:\n\n![the sweep's grid]({grid})\n" \
+        if grid else ""
+    return f"""# Results of the sweep `{sweep}`
+
+Everything on this page is written by one command from the sweep's own `summary.json`; nothing is
+typed by hand:
+
+```
+{command}
+```
+
+The sweep: methods {", ".join(settings.get("methods", sorted(table)))}, learning rates
+{", ".join(settings.get("lrs", []))}, seeds {", ".join(map(str, settings.get("seeds", [])))};
+{len(records)} cells of {", ".join(map(str, steps))} steps, {diverged} diverged. Scores of each cell's final
+adapter: {", ".join(scores) or "none"}; following the prompt is measured by {prompt_text}.
+
+## Verdicts
+
+Each method is compared with the sweep's plain LoRA cells. A verdict gathers its evidence: each line
+supports the claim (✔) or not (✘), or could not be measured (–); all ✔ = **holds**, all ✘ = **does not
+hold**, some of each = **mixed**.
+
+- "Robust to the learning rate" measured the spread (largest minus smallest median over seeds) of the
+  final held-out loss across the sweep's learning rates, and of the prompt score (w = 1), against
+  LoRA's; a method that diverges at some learning rate has an unbounded spread.
+- "Faster" measured the steps, at the held-out evaluations, to LoRA's final held-out loss at LoRA's
+  best learning rate (median over seeds), as a ratio to LoRA's own; faster means below {FASTER:g}.
+- {rule}
+
+{verdicts_markdown(found, first="method")}
+## Per method, at its best learning rate (smallest median final held-out loss)
+
+{_sweep_method_markdown(table, prompt)}
+## Per learning rate
+
+{_sweep_lr_markdown(table, scores)}{figure}"""

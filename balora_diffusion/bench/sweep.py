@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import math
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from balora_diffusion import paths
 from balora_diffusion.atomic import atomic_path, is_leftover, write_json_atomic
 from balora_diffusion.bench.cell import CELL_FILE, LOG, cell_result, run_cell
+from balora_diffusion.checkpoint_scoring import MODEL_METRICS as SWEEP_METRICS
 from balora_diffusion.config import field, parse_flag, read_toml
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_writable
@@ -29,6 +31,7 @@ POLL_SECONDS = 1.0
 # What a sweep writes at the top of its folder besides the cells' run folders.
 SWEEP_FILES = ("summary.json", "summary.md", "grid.png", ".submitit")
 DEFAULT_FUSIONS = [0.7, 1.0]
+SORT_KEYS = ("heldout-loss", "fidelity", "adherence", *SWEEP_METRICS)
 
 
 def _first_problem(parse, texts: list[str]) -> str | None:
@@ -97,7 +100,18 @@ class SweepConfig:
     workers: int = field(1, "cells at once: local worker processes, or jobs queued with --launcher submitit", ge=1)
     launcher: str = field("local", "local (this machine) or submitit (SLURM through submitit: pip install "
                                    "'balora-diffusion[slurm]')", choices=["local", "submitit"])
-    score: bool = field(True, "fidelity and prompt adherence of each cell (when data_dir holds a concept.toml)")
+    score: bool = field(True, "score each cell's final adapter: fidelity and prompt adherence when data_dir holds a "
+                              "concept.toml, and the metrics (see metrics)")
+    metrics: list[str] = field([], "balora eval's metrics of each cell's final adapter: clip-t, clip-i, dino; empty = "
+                                   "clip-t and clip-i on a concept without concept.toml where a CLIP model is at hand "
+                                   "(clip, else balora eval's default), none on the world concept",
+                               choices=list(SWEEP_METRICS))
+    clip: str = field("", "CLIP model of clip-t and clip-i: a folder or a hub id in the local cache; empty = "
+                          "balora eval's default")
+    dino: str = field("", "DINO / DINOv2 model of dino: a folder or a hub id in the local cache; empty = balora "
+                          "eval's default")
+    sort_by: str = field("", "order summary.md's rows by this score at the highest fusion coefficient, best first "
+                             "(heldout-loss: lowest first); empty = the cells' order", choices=["", *SORT_KEYS])
     fusions: list[float] = field(DEFAULT_FUSIONS, "fusion coefficients (LoRA strength) of the scored images",
                                  nonempty=True, ge=0)
     score_seeds: list[int] = field([1], "sampling seeds of the scored images", nonempty=True, **SEED)
@@ -175,16 +189,41 @@ def _is_cell(folder: Path) -> bool:
 
 
 def scoring_settings(sweep: SweepConfig, cells: list[Cell]) -> dict | None:
-    """How cells are scored, or None where there is nothing to score from pixels (no concept.toml)."""
-    data_dir = cells[0].values.get("data_dir", "")
-    if not sweep.score or not (Path(data_dir) / "concept.toml").is_file():
+    """How cells are scored (see cell_scores.score_cell), or None where there is nothing to score: no
+    concept.toml for the pixel scores and no metric asked for or CLIP model at hand. A metric model
+    that was named and is not here fails now, before any cell trains."""
+    if not sweep.score:
         return None
     values = cells[0].values
+    data_dir = values.get("data_dir", "")
+    world = (Path(data_dir) / "concept.toml").is_file()
+    metrics, models = list(sweep.metrics), {}
+    if metrics:
+        models = _metric_models(metrics, sweep)
+    elif not world:
+        try:
+            models = _metric_models(["clip-t", "clip-i"], sweep)
+            metrics = ["clip-t", "clip-i"]
+        except UserError as exc:
+            if sweep.clip:
+                raise
+            print(f"balora: warning: no CLIP model at hand to score the cells ({exc}); give --clip MODEL",
+                  file=sys.stderr)
+    if not world and not metrics:
+        return None
     defaults = TrainConfig()
-    return {"concept": data_dir, "fusions": sweep.fusions, "seeds": sweep.score_seeds,
+    return {"concept": data_dir if world else "", "fusions": sweep.fusions, "seeds": sweep.score_seeds,
             "unseen": sweep.unseen_contexts,
             "sample_steps": values.get("sample_steps", defaults.sample_steps),
-            "guidance_scale": values.get("guidance_scale", defaults.guidance_scale)}
+            "guidance_scale": values.get("guidance_scale", defaults.guidance_scale),
+            "metrics": {"names": metrics, **{name: loaded.source for name, loaded in models.items()}} if metrics
+            else None}
+
+
+def _metric_models(metrics: list[str], sweep: SweepConfig) -> dict:
+    from balora_diffusion.checkpoint_scoring import load_models
+
+    return load_models(metrics, sweep.clip, sweep.dino)
 
 
 class _Done:
@@ -322,9 +361,9 @@ def describe(record: dict) -> str:
     parts = [record["name"], record["status"]]
     if record.get("final_heldout_loss") is not None:
         parts.append(f"held-out {record['final_heldout_loss']:.4f}")
-    for key in ("fidelity", "adherence"):
-        for w, value in (record.get(key) or {}).items():
-            score = value["all"] if isinstance(value, dict) else value
+    for key in ("fidelity", "adherence", *SWEEP_METRICS):
+        for w in (record.get(key) or {}):
+            score = _score(record, key, w)
             parts.append(f"{key} w={w} {'-' if score is None else f'{score:.2f}'}")
     parts.append(f"{record['wall_seconds']:.0f} s")
     return ", ".join(parts)
@@ -335,20 +374,33 @@ def _score(record: dict, key: str, w: str) -> float | None:
     return value["all"] if isinstance(value, dict) else value
 
 
-def summary_markdown(records: list[dict], fusions: list[float]) -> str:
+def sort_records(records: list[dict], key: str, fusions: list[float]) -> list[dict]:
+    """`records` best first by `key` (a score at the highest fusion coefficient, or the final held-out
+    loss, lowest first); a cell without the value (diverged, unscored) last."""
+    if key == "heldout-loss":
+        value, sign = (lambda r: r.get("final_heldout_loss")), 1
+    else:
+        top = f"{max(fusions):g}"
+        value, sign = (lambda r: _score(r, key, top)), -1
+    return sorted(records, key=lambda r: (value(r) is None, sign * (value(r) or 0.0)))
+
+
+def summary_markdown(records: list[dict], fusions: list[float], sort_by: str = "") -> str:
     label_keys = list(dict.fromkeys(k for r in records for k in r["labels"] if k not in ("lr_unet", "lr_text")))
     ws = [f"{w:g}" for w in fusions]
-    head = [*label_keys, "status", "final held-out loss", *(f"fidelity w={w}" for w in ws),
-            *(f"adherence w={w}" for w in ws), "wall s"]
+    scores = [k for k in ("fidelity", "adherence", *SWEEP_METRICS) if any(r.get(k) for r in records)]
+    head = [*label_keys, "status", "final held-out loss", *(f"{k} w={w}" for k in scores for w in ws), "wall s"]
 
     def fmt(x) -> str:
         return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
 
+    if sort_by:
+        records = sort_records(records, sort_by, fusions)
     rows = [[*(fmt(r["labels"].get(k)) for k in label_keys), r["status"], fmt(r.get("final_heldout_loss")),
-             *(fmt(_score(r, "fidelity", w)) for w in ws), *(fmt(_score(r, "adherence", w)) for w in ws),
-             f"{r['wall_seconds']:.0f}"] for r in records]
+             *(fmt(_score(r, k, w)) for k in scores for w in ws), f"{r['wall_seconds']:.0f}"] for r in records]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    order = f"Rows by {sort_by} (best first).\n\n" if sort_by else ""
+    return order + "\n".join(lines) + "\n"
 
 
 def sweep_grid(path: Path, cells: list[Cell], records: list[dict], prompt: str = "one prompt") -> Path | None:
@@ -378,13 +430,15 @@ def sweep_grid(path: Path, cells: list[Cell], records: list[dict], prompt: str =
                       title=f"{prompt!r}, one image per cell (the first seed); grey: diverged or unscored")
 
 
-def write_summary(out: Path, protocol: dict, cells: list[Cell], records: list[dict], fusions: list[float]) -> None:
-    """OUT/summary.json (the protocol and every cell's record), summary.md and grid.png."""
+def write_summary(out: Path, protocol: dict, cells: list[Cell], records: list[dict], fusions: list[float],
+                  sort_by: str = "") -> None:
+    """OUT/summary.json (the protocol and every cell's record), summary.md (rows by `sort_by`) and grid.png."""
     write_json_atomic(out / "summary.json", {"protocol": protocol, "cells": records})
     with atomic_path(out / "summary.md") as tmp:
-        tmp.write_text(summary_markdown(records, fusions), encoding="utf-8")
+        tmp.write_text(summary_markdown(records, fusions, sort_by), encoding="utf-8")
     scoring = protocol.get("scoring")
-    sweep_grid(out / "grid.png", cells, records, _sample_prompt(scoring) if scoring else "one prompt")
+    sweep_grid(out / "grid.png", cells, records,
+               _sample_prompt(scoring) if scoring and scoring["concept"] else "the first evaluation prompt")
 
 
 def _sample_prompt(scoring: dict) -> str:
@@ -399,6 +453,7 @@ def run_sweep(sweep: SweepConfig) -> list[dict]:
     check_sweep_folder(Path(sweep.out), cells)
     scoring = scoring_settings(sweep, cells)
     records = run_cells(sweep, cells, scoring)
-    write_summary(Path(sweep.out), {"sweep": asdict(sweep), "scoring": scoring}, cells, records, sweep.fusions)
+    write_summary(Path(sweep.out), {"sweep": asdict(sweep), "scoring": scoring}, cells, records, sweep.fusions,
+                  sweep.sort_by)
     return records
 

@@ -1,4 +1,5 @@
-"""`balora results`: regenerate the results page from the benchmarks' outputs, running what is missing."""
+"""`balora results`: regenerate the results page from the benchmarks' outputs, running what is missing;
+with --sweep, the same kind of page for a sweep of one's own."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,11 @@ FIGURES = (("concept", "concept.png", "concept.png"), ("concept", "grid.png", "c
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help=f"folder of the page: writes OUT/{PAGE} and its figures in OUT/img/ (the repository's "
-                             "docs/)")
+                             "docs/); with --sweep, the page file itself (its grid is written beside it)")
+    parser.add_argument("--sweep", type=Path, default=None,
+                        help="a `balora sweep` folder: write its page instead (verdicts robust to the learning rate, "
+                             "faster, follows the prompt for each method against the sweep's lora cells, from its "
+                             "summary.json; trains nothing)")
     for bench, default in (("concept", CONCEPT_DIR), ("synthetic", SYNTHETIC_DIR)):
         parser.add_argument(f"--{bench}", type=Path, default=default,
                             help=f"folder of `balora bench {bench}` (run there first if it has no {bench}.json; "
@@ -35,7 +40,39 @@ def _ensure(folder: Path, name: str, run) -> dict:
     return json.loads((folder / name).read_text())
 
 
+def _sweep_page(args: argparse.Namespace) -> int:
+    from balora_diffusion.bench.results import render_sweep_page
+    from balora_diffusion.errors import UserError
+
+    summary_file = args.sweep / "summary.json"
+    if not summary_file.is_file():
+        raise UserError(f"--sweep {args.sweep}: no summary.json there (a `balora sweep` writes it when its cells are "
+                        "done; run the sweep, or rerun it to finish it)")
+    try:
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        methods = {c["labels"]["method"] for c in summary["cells"] if c}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--sweep {args.sweep}: summary.json is not a sweep's summary ({exc})") from None
+    if "lora" not in methods:
+        raise UserError(f"--sweep {args.sweep}: the verdicts compare each method with plain LoRA, and the sweep has "
+                        f"no lora cells (methods: {', '.join(sorted(methods))}); add lora to its --methods")
+    page, grid = args.out, args.out.with_name(f"{args.out.stem}-grid.png")
+    has_grid = (args.sweep / "grid.png").is_file()
+    claim([page, *([grid] if has_grid else [])], args.overwrite)
+    command = f"balora results --sweep {args.sweep} --out {args.out}"
+    if has_grid:
+        with atomic_path(grid) as tmp:
+            shutil.copyfile(args.sweep / "grid.png", tmp)
+    with atomic_path(page) as tmp:
+        tmp.write_text(render_sweep_page(str(args.sweep), summary, command, grid.name if has_grid else None),
+                       encoding="utf-8")
+    print(f"wrote {page}" + (f" and {grid}" if has_grid else ""))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.sweep is not None:
+        return _sweep_page(args)
     from balora_diffusion.bench import concept as concept_bench
     from balora_diffusion.bench import synthetic as synthetic_bench
     from balora_diffusion.bench.methods import METHOD_SPECS

@@ -27,7 +27,7 @@ from PIL import Image
 
 from balora_diffusion import world
 from balora_diffusion.config import read_toml
-from balora_diffusion.data import IMAGE_SUFFIXES
+from balora_diffusion.data import image_files
 from balora_diffusion.errors import UserError
 
 # RGB distance from the nearest explaining colour (or blend) that still counts fully / not at all;
@@ -82,7 +82,7 @@ def load_concept(path: str | Path) -> Concept:
     prompts = _require(table, "eval_prompts", list, source)
     if not prompts or not all(isinstance(p, str) and token in p for p in prompts):
         raise UserError(f"{source}: eval_prompts must be a non-empty list of prompts naming {token}")
-    images = tuple(sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+    images = tuple(image_files(folder))
     if not images:
         raise UserError(f"no images in {folder}")
     return Concept(name=folder.name, path=folder, token=token,

@@ -106,6 +106,12 @@ class Example:
         return str(self.caption_file) if self.caption_file else "the caption template"
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The training images of a concept folder, sorted: never a `NAME.mask.png` beside them."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not masks.is_mask_file(p) and p.is_file())
+
+
 def read_concept_folder(folder: str | Path, tokens: list[str], caption_template: str,
                         with_masks: bool = False) -> list[Example]:
     """Images + captions (+ masks, `with_masks`: see masks.py) of a concept folder, validated.
@@ -117,8 +123,7 @@ def read_concept_folder(folder: str | Path, tokens: list[str], caption_template:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"concept folder not found: {folder}")
-    paths = sorted(p for p in folder.iterdir()
-                   if p.suffix.lower() in IMAGE_SUFFIXES and not masks.is_mask_file(p) and p.is_file())
+    paths = image_files(folder)
     if not paths:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     examples = []

@@ -157,6 +157,25 @@ def test_load_concept_reads_a_valid_folder(tmp_path):
     assert [p.name for p in concept.images] == ["a.JPG", "b.png"]
 
 
+def test_mask_files_beside_the_images_are_no_reference_images(tmp_path):
+    # the images eval compares against (clip-i, dino) are the ones training reads, never a mask
+    folder = tmp_path / "zorb-masked"
+    folder.mkdir()
+    for path in [*DEMO.iterdir(), *paths.DEMO_MASKS.glob("*.mask.png")]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    concept = load_concept(folder)
+    trained = read_concept_folder(folder, [concept.token], concept.caption_template)
+    assert [p.name for p in concept.images] == [e.path.name for e in trained] == [p.name for p in load_concept(DEMO).images]
+    for mask in folder.glob("*.mask.png"):
+        mask.unlink()
+    (folder / "only.mask.png").write_bytes(next(paths.DEMO_MASKS.glob("*.mask.png")).read_bytes())
+    for image in [*folder.glob("*.png")]:
+        if not image.name.endswith(".mask.png"):
+            image.unlink()
+    with pytest.raises(UserError, match="no images"):  # a folder of masks alone holds no images
+        load_concept(folder)
+
+
 def test_the_second_concept_is_a_two_tone_ring_that_the_first_ones_score_does_not_take(demo, script):
     ring = load_concept(paths.RING_CONCEPT)
     assert ring.token == script.RING_TOKEN and ring.token != demo.token and len(ring.images) == 6

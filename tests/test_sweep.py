@@ -260,3 +260,16 @@ def test_bad_metric_options_fail_in_one_line_before_any_cell_trains(extra, messa
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("balora: error: ") and message in errors[0], errors
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_without_a_clip_model_at_hand_a_plain_concept_is_left_unscored_with_a_warning(tmp_path, monkeypatch, capsys):
+    from balora_diffusion import checkpoint_scoring
+    from balora_diffusion.bench.sweep import scoring_settings
+
+    monkeypatch.setattr(checkpoint_scoring, "eval_default", lambda name: str(tmp_path / f"no-{name}"))
+    sweep = SweepConfig(methods=["lora"], set=[f"data_dir={plain_concept(tmp_path / 'plain')}"], out=str(tmp_path / "s"))
+    assert scoring_settings(sweep, expand(sweep)) is None
+    assert "balora: warning: no CLIP model at hand" in capsys.readouterr().err
+    named = SweepConfig(**{**sweep.__dict__, "clip": str(tmp_path / "no-clip")})
+    with pytest.raises(UserError, match="--clip"):
+        scoring_settings(named, expand(named))

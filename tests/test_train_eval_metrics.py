@@ -147,3 +147,19 @@ def test_bad_inputs_are_one_line_errors_before_training(extra, message, random_s
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("balora: error: ") and message in errors[0], errors
     assert not out.exists()
+
+
+def test_the_options_are_toml_keys_checked_like_the_flags(tmp_path):
+    from balora_diffusion.config import read_toml
+    from balora_diffusion.errors import UserError
+    from balora_diffusion.train_config import TrainConfig
+
+    config = tmp_path / "scored.toml"
+    config.write_text('eval_metrics = ["clip-i", "dino"]\neval_clip = "clip"\neval_metrics_every = 50\n'
+                      'eval_seeds = [3]\nbest_by = "dino"\n')
+    cfg = TrainConfig(**read_toml(TrainConfig, config))
+    assert (cfg.eval_metrics, cfg.eval_clip, cfg.eval_metrics_every, cfg.eval_seeds, cfg.best_by) == (
+        ["clip-i", "dino"], "clip", 50, [3], "dino")
+    config.write_text('eval_metrics = "clip-i"\nbest_by = "clip-t"\n')
+    with pytest.raises(UserError, match="best_by clip-t is not among eval_metrics"):
+        TrainConfig(**read_toml(TrainConfig, config))

@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "given with --sweep (keys are the option names with underscores); flags override it. Each cell is a "
         "balora train run folder DIR/METHOD-lrLR-...-sSEED with cell.json (its scores) and cell.log; the sweep "
         "writes DIR/summary.json, summary.md and grid.png. Rerunning the command skips finished cells and "
-        "resumes interrupted ones.")
+        "resumes interrupted ones. Cells are scored from pixels on the world concept (concept.toml), else with "
+        "balora eval's metrics (--clip DIR, --metrics clip-t clip-i dino); --sort-by orders summary.md; "
+        "`balora results --sweep DIR --out PAGE` writes the sweep's verdict page.")
     add_config_arguments(parser, SweepConfig, file_flag="--sweep")
 
 

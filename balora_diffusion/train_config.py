@@ -159,7 +159,9 @@ class TrainConfig:
     eval_metrics: list[str] = field([], "score the adapter at checkpoints: clip-t (prompt-image agreement), clip-i "
                                         "and dino (likeness to the held-out images, else the training images), "
                                         "fidelity and adherence (the world concept's pixel scores; need concept.toml); "
-                                        "into metrics.jsonl, TensorBoard and scores.png; empty = off",
+                                        "into metrics.jsonl, TensorBoard and scores.png; the images are drawn by a "
+                                        "second copy of the base model, in memory from the first scored step; "
+                                        "empty = off",
                                     choices=METRICS)
     eval_clip: str = field("", "CLIP model of clip-t and clip-i: a folder or a hub id in the local cache; empty = "
                                "balora eval's default")

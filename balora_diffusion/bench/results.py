@@ -443,7 +443,7 @@ def render_sweep_page(sweep: str, summary: dict, command: str, grid: str | None)
                        "the pixels show; the world concept's concept.toml gives the prompts)")
     elif prompt is CLIP_T:
         prompt_text = (f"CLIP-T (the cosine of each image with its prompt, the token read as its class word; CLIP "
-                       f"model {scoring.get('metrics', {}).get('clip', '?')})")
+                       f"model {(scoring.get('metrics') or {}).get('clip', '?')})")
     else:
         prompt_text = "no score: the cells were scored neither on a world concept nor with a CLIP model"
     rule = PROMPT_RULE.format(score=f"a {prompt.label}" if prompt else "a score", margin=f"{prompt.margin:g}"

@@ -108,6 +108,15 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "train"
 
 
+def run_prompts(run) -> list[str]:
+    """A run's validation prompts (its config's grid_prompts), else the one the listing shows."""
+    from balora_diffusion.runs import _read_json  # the listing's own reading of a run's files
+
+    config = _read_json(run.path, "run.json").get("config") or _read_json(run.path, "config.json")
+    prompts = [str(p) for p in config.get("grid_prompts") or [] if str(p).strip()]
+    return prompts or ([run.prompt] if run.prompt else [])
+
+
 def option_help(name: str) -> str:
     """`balora train`'s own help for option `name`, which the Train tab shows under its field."""
     from dataclasses import fields
@@ -178,10 +187,10 @@ class App:
     # ---- Compare
     def compare(self, runs: list[str], rows: str, columns: str, prompt: str, negative_prompt: str, seeds: str,
                 steps: int | str, guidance: float | str, fusion: str, checkpoints: bool = False,
-                progress: Callable[[int, int], None] = lambda done, total: None) -> tuple:
+                split: str = grids.NO_SPLIT, progress: Callable[[int, int], None] = lambda done, total: None) -> tuple:
         """(grid image, path of its PNG): the chosen runs (and "base model") x fusion coefficients x
         prompts (one a line) x sampling steps x guidances x seeds; with `checkpoints`, every
-        checkpoint of a run too."""
+        checkpoint of a run too; with `split` (an axis), one grid per value of it."""
         names = list(runs or [])
         if not names:
             raise UserError("choose at least one run")
@@ -197,7 +206,16 @@ class App:
             self.check_window(label, text, infos)
         cells = grids.cells_for(infos, parse_numbers(fusion, float, "fusion coefficients"), drawn,
                                 base=grids.BASE in names, with_checkpoints=bool(checkpoints))
-        return grids.render(self.engine, cells, rows, columns, progress)
+        grids.split_groups(cells, rows, columns, split)  # a bad split is refused before anything is drawn
+        return grids.render(self.engine, cells, rows, columns, progress, split)
+
+    def prompts_of(self, runs: list[str]) -> str:
+        """The prompt box for the chosen runs: each run's validation prompts (a fused adapter's are
+        one per concept), one a line, each once, in the order of the runs."""
+        found = [p for name in runs or [] if name != grids.BASE for p in run_prompts(read_run(self.runs, name))]
+        if not found:
+            raise UserError("choose a run: the base model has no prompts of its own")
+        return "\n".join(dict.fromkeys(found))
 
     def check_window(self, label: str, text: str, runs: list) -> None:
         """Refuse a text in which a run's learned token falls past the text encoder's window: the
@@ -419,11 +437,14 @@ def build_ui(app: App):
             with gr.Row():
                 rows = gr.Dropdown(grids.LAYOUT_AXES + ["run"], value="learning rate", label="rows")
                 columns = gr.Dropdown(grids.LAYOUT_AXES + ["run"], value="method", label="columns")
+                split = gr.Dropdown([grids.NO_SPLIT, *grids.LAYOUT_AXES, "run"], value=grids.NO_SPLIT,
+                                    label="split by", info="one grid per value of this axis, one below the other")
                 fusion = gr.Textbox("0.7, 1", label="fusion coefficients (LoRA strength)")
                 seeds = gr.Textbox("1", label="seed(s), the same in every cell")
             with gr.Row():
                 # several lines: one prompt each, an axis of the grid
                 prompt = gr.Textbox(app.default_prompt(), label="prompt", lines=2, scale=3)
+                their_prompts = gr.Button("Their prompts", scale=0, min_width=120)
                 negative = gr.Textbox("", label="negative prompt", scale=2)
                 steps = gr.Textbox(f"{d['sample_steps']}", label="sampling steps (e.g. 20, 30)")
                 guidance = gr.Textbox(f"{d['guidance_scale']:g}", label="guidance (e.g. 5, 7.5)")
@@ -544,13 +565,16 @@ def build_ui(app: App):
         gr.api(_shown(app.list_runs, app.runs), api_name="list_runs")
 
         def compare(runs, rows, columns, prompt, negative, seeds, steps, guidance, fusion, checkpoints=False,
-                    progress=gr.Progress()):
+                    split=grids.NO_SPLIT, progress=gr.Progress()):
             return app.compare(runs, rows, columns, prompt, negative, seeds, steps, guidance, fusion, checkpoints,
-                               progress=lambda done, total: progress((done, total), desc="drawing", unit="images"))
+                               split, progress=lambda done, total: progress((done, total), desc="drawing",
+                                                                            unit="images"))
 
+        # "split by" after today's inputs: scripts' calls keep working
         draw.click(_shown(compare, app.runs),
-                   [chosen, rows, columns, prompt, negative, seeds, steps, guidance, fusion, checkpoints],
+                   [chosen, rows, columns, prompt, negative, seeds, steps, guidance, fusion, checkpoints, split],
                    [grid, grid_file], api_name="compare")
+        their_prompts.click(_shown(app.prompts_of, app.runs), chosen, prompt, api_name="prompts_of")
 
         def watched(job, progress):
             """The training's status, curves and (once finished) files, about once a second."""

@@ -246,25 +246,64 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
+NO_SPLIT = "none"  # the "split by" choice of one grid
+
+
+def split_groups(cells: Sequence[Cell], rows: str, columns: str, split: str) -> list[tuple[str, list[Cell]]]:
+    """(label, cells) of each grid that `split` (an axis, or NO_SPLIT) makes: one per value of it,
+    in its order, each laid out by `rows` and `columns` on its own."""
+    if not split or split == NO_SPLIT:
+        return [("", list(cells))]
+    _check_axes(rows, columns)
+    if split not in AXES:
+        raise UserError(f"unknown axis to split by {split!r}: use one of {', '.join(AXES)} or {NO_SPLIT}")
+    if split in (rows, columns):
+        raise UserError(f"the grid is split by {split!r}, which is already its {'rows' if split == rows else 'columns'}"
+                        ": choose another axis, or none")
+    folder = _shared_folder([c for c in cells if not is_base(c)])
+    return [(f"{split}: {_label(split, value, folder)}", [c for c in cells if _value(split, c) == value])
+            for value in _order([_value(split, c) for c in cells])]
+
+
+def stacked(pictures: Sequence[Image.Image], gap: int = 12) -> Image.Image:
+    """The pictures one below the other on white, left-aligned, `gap` pixels apart."""
+    if len(pictures) == 1:
+        return pictures[0]
+    canvas = Image.new("RGB", (max(p.width for p in pictures), sum(p.height for p in pictures)
+                               + gap * (len(pictures) - 1)), "white")
+    top = 0
+    for picture in pictures:
+        canvas.paste(picture, (0, top))
+        top += picture.height + gap
+    return canvas
+
+
 def render(engine: Engine, cells: Sequence[Cell], rows: str, columns: str,
-           progress: Callable[[int, int], None] = lambda done, total: None) -> tuple[Image.Image, str]:
-    """The labelled grid of `cells` and the path of its PNG in the cache (for download), named
-    by its axes and first prompt."""
-    grid = layout(cells, rows, columns)
-    images: dict[tuple[int, int], Image.Image] = {}
+           progress: Callable[[int, int], None] = lambda done, total: None,
+           split: str = NO_SPLIT) -> tuple[Image.Image, str]:
+    """The labelled grid of `cells` (with `split`, one grid per value of that axis, one below the
+    other) and the path of its PNG in the cache (for download), named by its axes and first prompt."""
+    grids = [(label, layout(group, rows, columns)) for label, group in split_groups(cells, rows, columns, split)]
+    images: dict[tuple[int, int, int], Image.Image] = {}
     # by adapter, so that each is swapped in once
-    order = sorted(grid.placed.items(), key=lambda item: (item[1].run.name, str(item[1].step)))
-    for done, (where, cell) in enumerate(order):
-        progress(done, len(grid.placed))
-        images[where] = engine.draw(None if is_base(cell) else cell.run.path, cell.weight, cell.sampling, cell.step)
-    progress(len(grid.placed), len(grid.placed))
+    order = sorted(((k, where, cell) for k, (_, grid) in enumerate(grids) for where, cell in grid.placed.items()),
+                   key=lambda item: (item[2].run.name, str(item[2].step)))
+    for done, (k, where, cell) in enumerate(order):
+        progress(done, len(order))
+        images[k, *where] = engine.draw(None if is_base(cell) else cell.run.path, cell.weight, cell.sampling, cell.step)
+    progress(len(order), len(order))
     size = next(iter(images.values())).size
     blank = Image.new("RGB", size, (200, 200, 200))
-    grid_rows = [[images.get((i, j), blank) for j in range(len(grid.columns))] for i in range(len(grid.rows))]
+    negative = cells[0].sampling.negative_prompt
+    pictures = []
+    for k, (label, grid) in enumerate(grids):
+        grid_rows = [[images.get((k, i, j), blank) for j in range(len(grid.columns))] for i in range(len(grid.rows))]
+        title = "; ".join(filter(None, [label, grid.title(negative)]))
+        pictures.append(image_grid(grid_rows, grid.rows, grid.columns, title=title, captions=grid.captions))
+    picture = stacked(pictures)
     first = cells[0].prompt or cells[0].sampling.prompt
-    picture = image_grid(grid_rows, grid.rows, grid.columns, title=grid.title(cells[0].sampling.negative_prompt),
-                         captions=grid.captions)
-    name = (f"{_slug(rows)}-by-{_slug(columns)}-{_slug(first)[:40]}-"
+    by = f"-split-{_slug(split)}" if len(grids) > 1 or grids[0][0] else ""
+    name = (f"{_slug(rows)}-by-{_slug(columns)}{by}-{_slug(first)[:40]}-"
             f"{hashlib.sha256(picture.tobytes()).hexdigest()[:12]}.png")
     path = engine.cache / "grids" / name
     if own_file(engine.cache, Path("grids", name)) is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from balora_diffusion.app import compare as grids
 from balora_diffusion import masks
-from balora_diffusion.app import curves, methods, training
+from balora_diffusion.app import curves, methods, scores, training
 from balora_diffusion.app.downloads import stage_downloads
 from balora_diffusion.app.engine import Engine, Sampling
 from balora_diffusion.app.training import MAX_FILE_MB, MAX_IMAGES, MIN_IMAGES, Job, Trainer
@@ -167,14 +167,33 @@ class App:
 
     # ---- runs
     def list_runs(self) -> list[dict]:
-        """Every run under the runs folder, as JSON-ready dicts (NaN as None)."""
-        return [{key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in asdict(run).items()
-                 if key != "path"} for run in list_runs(self.runs)]
+        """Every run under the runs folder, as JSON-ready dicts (NaN as None), with its scores
+        (`scores.scores`; {} where none)."""
+        runs = list_runs(self.runs)
+        found = scores.scores(self.runs, runs)
+        return [{**{key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in asdict(run).items()
+                    if key != "path"}, "scores": found.get(run.name, {})} for run in runs]
 
     def table(self) -> list[list]:
-        """The runs table; numbers to 6 significant digits (a learning rate of 3 x 0.006 is 0.018,
-        not 0.018000000000000002)."""
-        return [[float(f"{v:.6g}") if isinstance(v, float) else v for v in run.row()] for run in list_runs(self.runs)]
+        """The runs table (`table_headers`); numbers to 6 significant digits (a learning rate of
+        3 x 0.006 is 0.018, not 0.018000000000000002)."""
+        return self.runs_table()[1]
+
+    def runs_table(self) -> tuple[list[str], list[list]]:
+        """(headers, rows) of the runs table: the listing's columns, then a column per score any
+        run has (eval.json, or its training's own scoring), empty where a run has none."""
+        runs = list_runs(self.runs)
+        found = scores.scores(self.runs, runs)
+        extra = scores.columns(found)
+        rows = [[*run.row(), *(found.get(run.name, {}).get(m) for m in extra)] for run in runs]
+        return [*COLUMNS, *extra], [[float(f"{v:.6g}") if isinstance(v, float) else v for v in row] for row in rows]
+
+    def table_frame(self):
+        """The runs table as the page shows it (a DataFrame: its headers change with the scores)."""
+        import pandas as pd
+
+        headers, rows = self.runs_table()
+        return pd.DataFrame(rows, columns=headers)
 
     def finished(self) -> list[str]:
         return [run.name for run in list_runs(self.runs) if run.state == "finished"]
@@ -427,7 +446,7 @@ def build_ui(app: App):
         gr.Markdown(f"## balora-diffusion\nRuns in `{app.runs}`. Compare generations across learning rates, "
                     "methods and fusion coefficients; train a concept; read the training curves.")
         with gr.Tab("Compare"):
-            table = gr.Dataframe(value=app.table(), headers=COLUMNS, interactive=False, label="runs")
+            table = gr.Dataframe(value=app.table_frame(), interactive=False, label="runs")
             with gr.Row():
                 # custom values: a run trained after the page was built is still a valid name (read_run checks)
                 chosen = gr.Dropdown([*finished, grids.BASE], value=finished[:12], multiselect=True,
@@ -544,7 +563,7 @@ def build_ui(app: App):
 
         def refreshed(**selection):
             names = app.finished()
-            return (app.table(), gr.update(choices=[*names, grids.BASE], **selection), gr.update(choices=names),
+            return (app.table_frame(), gr.update(choices=[*names, grids.BASE], **selection), gr.update(choices=names),
                     gr.update(choices=[r["name"] for r in app.list_runs()]))
 
         def loaded():

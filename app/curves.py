@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from balora_diffusion.runlog import SCORE_PREFIX
 from balora_diffusion.runs import RunInfo, read_metrics
 
 # metric -> (panel title, log y axis)
@@ -36,14 +37,16 @@ def figure(runs: Sequence[RunInfo]):
     import matplotlib.pyplot as plt
 
     metrics = {run.name: read_metrics(run.path) for run in runs}
-    panels = [name for name in PANELS if any(metrics[run.name].get(name) for run in runs)]
+    logged = {name for run in runs for name, points in metrics[run.name].items() if points}
+    # the scores a training logged (train --eval-metrics), one panel each after the losses
+    panels = [name for name in [*PANELS, *sorted(n for n in logged if n.startswith(SCORE_PREFIX))] if name in logged]
     fig, axes = plt.subplots(max(1, math.ceil(len(panels) / 2)), 2 if len(panels) > 1 else 1,
                              figsize=(11, 2.8 * max(1, math.ceil(len(panels) / 2))), squeeze=False)
     methods = sorted({run.method for run in runs})
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     styles = ["-", "--", ":", "-."]
     for ax, name in zip(axes.flat, panels):
-        title, log_y = PANELS[name]
+        title, log_y = PANELS.get(name, (f"score {name.removeprefix(SCORE_PREFIX)} (w = 1, higher is better)", False))
         positive = True
         for i, run in enumerate(runs):
             points = metrics[run.name].get(name)

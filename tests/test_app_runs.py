@@ -8,7 +8,8 @@ import pytest
 
 from balora_diffusion.errors import UserError
 from balora_diffusion.runfolder import LOCK
-from balora_diffusion.runs import adapter_files, inside, list_runs, new_run_folder, read_metrics, read_run, resolve_run
+from balora_diffusion.runs import (COLUMNS, adapter_files, inside, list_runs, new_run_folder, read_metrics, read_run,
+                                   resolve_run)
 
 CONFIG = {"method": "ilora", "lr_unet": 0.002, "lr_text": 1e-4, "lr_embedding": 0.01, "rank": 8, "seed": 3,
           "steps": 40, "token": ["<zorb>"], "grid_prompts": [], "caption_template": "a {token} on grass"}
@@ -132,3 +133,29 @@ def test_files_of_a_run_that_link_out_of_it_are_never_read(tmp_path):
     assert "stolen" not in repr(listed) and "secret" not in repr(listed)
     assert (listed[0].method, listed[0].step, listed[0].state) == ("ilora", 0, "stopped")
     assert read_metrics(linked) == {}
+
+
+def test_scores_come_from_eval_json_else_from_the_trainings_own_scoring_and_are_plotted(tmp_path):
+    pytest.importorskip("gradio", reason="the app's extra is not installed: pip install -e '.[app]'")
+    from balora_diffusion.app.app import App
+
+    root = tmp_path / "runs"
+    logged = [(10, "loss", 0.5), (10, "eval/clip-t", 0.2), (20, "eval/clip-t", 0.3), (20, "eval/clip-i", 0.6)]
+    make_run(root / "a", metrics=logged)
+    make_run(root / "b")
+    make_run(root / "c")
+    evaluation = root / "evals" / "b"
+    evaluation.mkdir(parents=True)
+    results = [{"source": str(root / "b" / "adapter"), "step": None, "fusion": w, "clip-t": 0.1 * w, "clip-i": None}
+               for w in (0.7, 1.0)] + [{"source": str(root / "b" / "checkpoints" / "step-10"), "step": 10,
+                                         "fusion": 1.0, "clip-t": 0.9}]
+    (evaluation / "eval.json").write_text(json.dumps({"results": results}))
+    app = App(root, device="cpu")
+    headers, rows = app.runs_table()
+    assert headers == [*COLUMNS, "clip-t", "clip-i"]
+    assert {row[0]: row[len(COLUMNS):] for row in rows} == {"a": [0.3, 0.6], "b": [0.1, None], "c": [None, None]}
+    assert {r["name"]: r["scores"] for r in app.list_runs()} == {"a": {"clip-t": 0.3, "clip-i": 0.6},
+                                                                  "b": {"clip-t": 0.1}, "c": {}}
+    titles = [ax.get_title() for ax in app.curves(["a", "b"]).axes if ax.axison]
+    assert titles == ["training loss (moving average over 10 steps)", "held-out loss",
+                      "score clip-i (w = 1, higher is better)", "score clip-t (w = 1, higher is better)"]

@@ -277,3 +277,41 @@ def test_the_new_options_sweep_and_parse_from_flags():
         TrainConfig(buckets=["64x"])
     with pytest.raises(UserError, match="buckets"):
         TrainConfig(buckets=["auto", "64x48"])
+
+
+# ---- the photo options from each place a user sets them
+
+PHOTO_OPTIONS = {"buckets": ["auto"], "masked_loss": True, "unmasked_weight": 0.1, "prior_prompt": "a heart",
+                 "prior_weight": 0.5, "holdout": 2}
+QUICK = {"token": "<zorb>", "init_word": "heart", "steps": "1", "eval_every": "1", "checkpoint_every": "1",
+         "sample_steps": "1", "grid_seeds": "1", "fusion": "1", "heldout_size": "2", "batch_size": "2",
+         "cpu_threads": "1"}
+
+
+def _photo_run(out: Path) -> dict:
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["holdout_images"]) == 2 and math.isfinite(run["final"]["holdout_loss"])
+    return {key: run["config"][key] for key in PHOTO_OPTIONS}
+
+
+def test_the_photo_options_work_from_flags_a_config_file_and_a_sweep(random_sd_dir, tmp_path):
+    from balora_diffusion.cli import main
+
+    concept = _concept_with_masks(tmp_path / "concept")
+    common = {"data_dir": str(concept), "base_model": str(random_sd_dir), **QUICK}
+    flags = [f for key, value in common.items() for f in (f"--{key.replace('_', '-')}", value)]
+    assert main(["train", *flags, "--buckets", "auto", "--masked-loss", "true", "--unmasked-weight", "0.1",
+                 "--prior-prompt", "a heart", "--prior-weight", "0.5", "--holdout", "2",
+                 "--output-dir", str(tmp_path / "flags")]) == 0
+    assert _photo_run(tmp_path / "flags") == PHOTO_OPTIONS
+    config = tmp_path / "photos.toml"
+    config.write_text('buckets = ["auto"]\nmasked_loss = true\nunmasked_weight = 0.1\nprior_prompt = "a heart"\n'
+                      'prior_weight = 0.5\nholdout = 2\n')
+    assert main(["train", "--config", str(config), *flags, "--output-dir", str(tmp_path / "toml")]) == 0
+    assert _photo_run(tmp_path / "toml") == PHOTO_OPTIONS
+    sets = [f"{key}={value}" for key, value in common.items()] + [
+        "buckets=auto", "masked_loss=true", "unmasked_weight=0.1", "prior_prompt=a heart", "prior_weight=0.5",
+        "holdout=2"]
+    assert main(["sweep", "--set", *sets, "--methods", "balora", "--lrs", "1", "--out", str(tmp_path / "sweep")]) == 0
+    (cell,) = [p.parent for p in (tmp_path / "sweep").glob("*/run.json")]
+    assert _photo_run(cell) == PHOTO_OPTIONS

@@ -28,6 +28,15 @@ def test_quick_run_writes_every_arm_question_and_the_page(quick):
     assert text == (out / "photos.md").read_text().replace("(photos.png)", f"({page.with_suffix('.png').name})")
     assert data["command"] in text and page.with_suffix(".png").is_file()
     assert text.count("Verdict: **") == len(photos.QUESTIONS)
+    # the per-step cost: every cost arm timed once per round by its own training run, on the page
+    cost = data["cost"]
+    assert set(cost["arms"]) == set(photos.COST_ARMS) and cost["arms"]["whole"]["seconds_per_step_ratio"] == 1
+    for arm, runs in cost["runs"].items():
+        assert [r["round"] for r in runs] == list(range(cost["rounds"])) and all(r["steps_per_second"] > 0 for r in runs)
+        run = json.loads((out / "cost" / f"{arm}-r0" / "run.json").read_text())
+        assert run["steps"] == cost["steps"] and run["training_steps_per_second"] == runs[0]["steps_per_second"]
+    assert json.loads((out / "cost" / "prior-r0" / "run.json").read_text())["config"]["prior_prompt"]
+    assert "## 4. Per-step cost" in text and "adapter switched off" in text
     masked = out / "zorb-masked"
     masks = sorted(p.name for p in photos.paths.DEMO_MASKS.iterdir())
     assert sorted(p.name for p in masked.glob("*.mask.png")) == masks

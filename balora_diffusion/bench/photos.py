@@ -17,9 +17,15 @@ the same seeds, the arms differing in that option alone:
 
 Each verdict counts paired comparisons (same seed, same fusion coefficient): the option "holds"
 where it is better in every pair, "does not hold" in none, "mixed" otherwise.
+
+4. per-step cost: plain training, the masked loss and prior preservation (the arms of 1 and 2) each
+   trained again for a few steps by `balora train`'s own loop, in rounds that rotate the order so a
+   drift of the machine hits all three alike; the trainer's training_steps_per_second (steps alone,
+   without loading, evals or checkpoints) of every run, and the load average around it.
+
 Outputs in --out: cells/ (one `balora train` run folder per arm and seed; a rerun keeps finished
-cells), zorb-masked/ (the masked arm's data), photos.json, photos.md, photos.png; --page FILE
-writes the page (its figure beside it) there too.
+cells), cost/ (the timing runs, redone by every run of the command), zorb-masked/ (the masked arm's
+data), photos.json, photos.md, photos.png; --page FILE writes the page (its figure beside it) there too.
 """
 from __future__ import annotations
 
@@ -69,10 +75,16 @@ class Plan:
     score_seeds: tuple[int, ...]    # sampling seeds of every scored image
     drift_prompts: int              # world captions without the token (the class prompt comes on top)
     workers: int
+    cost_steps: int                 # steps of each timing run
+    cost_rounds: int                # rounds of one timing run per cost arm
 
 
-FULL = Plan(seeds=(0, 1, 2), steps=300, sample_steps=10, score_seeds=(1, 2), drift_prompts=8, workers=2)
-QUICK = Plan(seeds=(0,), steps=2, sample_steps=2, score_seeds=(1,), drift_prompts=2, workers=1)
+FULL = Plan(seeds=(0, 1, 2), steps=300, sample_steps=10, score_seeds=(1, 2), drift_prompts=8, workers=2,
+            cost_steps=40, cost_rounds=3)
+QUICK = Plan(seeds=(0,), steps=2, sample_steps=2, score_seeds=(1,), drift_prompts=2, workers=1, cost_steps=2,
+             cost_rounds=1)
+# plain training and the two options whose loss costs more per step; buckets change no step's work
+COST_ARMS = ("whole", "masked", "prior")
 
 
 def masked_folder(out: Path) -> Path:
@@ -101,6 +113,37 @@ def sweep_configs(plan: Plan, out: Path, base_model: str | None) -> dict[str, ob
                                    set=[*common, *data, *sets], out=str(out / "cells" / arm), workers=plan.workers,
                                    score=False)
     return configs
+
+
+def time_steps(configs: dict, plan: Plan, out: Path) -> dict:
+    """Each cost arm's first cell trained again for plan.cost_steps steps into cost/, plan.cost_rounds
+    times in a rotating order: per arm the trainer's own training_steps_per_second of every run, with
+    the load average before and after it (a busy machine slows a step; the rotation spreads that)."""
+    import json
+    from dataclasses import replace
+
+    from balora_diffusion.bench.sweep import expand
+    from balora_diffusion.train import train
+    from balora_diffusion.train_config import TrainConfig
+
+    base = {arm: expand(configs[arm])[0].values for arm in COST_ARMS}
+    runs: dict[str, list[dict]] = {arm: [] for arm in COST_ARMS}
+    for r in range(plan.cost_rounds):
+        for arm in COST_ARMS[r % len(COST_ARMS):] + COST_ARMS[:r % len(COST_ARMS)]:
+            cfg = replace(TrainConfig(**base[arm]), steps=plan.cost_steps, eval_every=plan.cost_steps,
+                          checkpoint_every=plan.cost_steps, output_dir=str(out / "cost" / f"{arm}-r{r}"),
+                          overwrite=True)
+            before = os.getloadavg()[0]
+            folder = train(cfg)
+            run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+            runs[arm].append({"round": r, "steps_per_second": run["training_steps_per_second"],
+                              "threads": run["cpu_threads"], "load_average": [round(before, 2),
+                                                                              round(os.getloadavg()[0], 2)]})
+    plain = _mean(x["steps_per_second"] for x in runs["whole"])
+    return {"steps": plan.cost_steps, "rounds": plan.cost_rounds, "runs": runs,
+            "arms": {arm: {"steps_per_second": _mean(x["steps_per_second"] for x in rows),
+                           "seconds_per_step_ratio": plain / _mean(x["steps_per_second"] for x in rows)}
+                     for arm, rows in runs.items()}}
 
 
 def drift_prompts(n: int) -> list[str]:
@@ -254,6 +297,7 @@ def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> di
         raise UserError(f"the trainings of {', '.join(failed)} did not finish; see their cell.log")
     training_seconds = time.perf_counter() - started
     seconds = {c.values["output_dir"]: r["training_seconds"] for c, r in zip(cells, records)}
+    cost = time_steps(configs, plan, out)
     pipe = load_pipeline(base_model, device="cpu")
     use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -273,7 +317,7 @@ def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> di
             for arm, option in EDGE_BUCKETS.items()}
     result = {"plan": asdict(plan), "command": command, "base_model": base_model or "the shipped tiny model",
               "resolution": resolution, "rows": rows, "summary": summary(rows),
-              "verdicts": {q: verdict(rows, q) for q in QUESTIONS}, "subject_kept": kept,
+              "verdicts": {q: verdict(rows, q) for q in QUESTIONS}, "subject_kept": kept, "cost": cost,
               "drift_prompts": scorer.drift, "training_seconds": round(training_seconds, 1),
               "cells": len(cells), "trained_cells": trained,
               "cell_seconds": round(sum(r["wall_seconds"] for r in records), 1),
@@ -392,8 +436,32 @@ def page(result: dict, figure: str) -> str:
     lines += ["", *_table(result, ["crop", "buckets"], bucket_cols), "",
               f"Verdict: **{v['buckets']['answer']}**. Where the buckets did not help: "
               f"{_not_better(result, 'buckets', 'crop', bucket_cols, {'train_s'})}.", "",
-              f"![each arm's images at fusion 1]({figure})", ""]
+              f"![each arm's images at fusion 1]({figure})", "", *_cost_lines(result["cost"])]
     return "\n".join(lines)
+
+
+def _cost_lines(cost: dict) -> list[str]:
+    rounds = cost["rounds"]
+    lines = ["## 4. Per-step cost of the masked loss and of prior preservation", "",
+             f"The first seed's whole, masked and prior arms above trained again side by side, {cost['steps']} steps "
+             f"each, {rounds} round(s) in a rotating order, one training at a time, on the same machine (outputs in "
+             "cost/). Steps/s is `balora train`'s own training_steps_per_second (the steps alone: no loading, "
+             "evals, grids or checkpoints); time per step is relative to plain training.", "",
+             "| arm | steps/s, mean | time per step vs whole | steps/s per round | load average before -> after |",
+             "|---|---|---|---|---|"]
+    for arm, stats in cost["arms"].items():
+        runs = sorted(cost["runs"][arm], key=lambda x: x["round"])
+        lines.append(f"| {arm} | {stats['steps_per_second']:.2f} | {stats['seconds_per_step_ratio']:.2f}x | "
+                     + ", ".join(f"{x['steps_per_second']:.2f}" for x in runs) + " | "
+                     + ", ".join(f"{x['load_average'][0]} -> {x['load_average'][1]}" for x in runs) + " |")
+    lines += ["", "Why: the masked loss multiplies the squared error by the mask at latent resolution and divides by "
+              "its weighted area, work of the size of one latent per image, so a step costs what a plain one does. "
+              "Prior preservation runs, every step, a second UNet and text-encoder forward on the class prompt "
+              "with every adapter switched off (the base model's prediction, no gradients), then the adapted "
+              "model's forward and backward on the class prompt as well: about a second step's work inside "
+              "each step. A load average above the number of cores means other processes shared them during "
+              "that run; compare the arms within a round.", ""]
+    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

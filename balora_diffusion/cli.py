@@ -55,6 +55,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
                         "our trainer against diffusers' DreamBooth-LoRA script, same settings: steps/s and memory"),
     ("bench", "contention"): ("balora_diffusion.bench.contention",
                               "the main job alone and beside busy processes, per CPU thread setting"),
+    ("bench", "agreement"): ("balora_diffusion.bench.agreement",
+                             "CLIP-T and CLIP-I against the world's adherence and fidelity over a sweep's cells"),
     ("bench", "photos"): ("balora_diffusion.bench.photos",
                           "masked loss, prior preservation and aspect-ratio buckets, each against training without"),
 }

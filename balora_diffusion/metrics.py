@@ -71,7 +71,9 @@ def load_clip(spec: str, device: str | torch.device = "cpu") -> Loaded:
     def model(source, config, **kw):
         if config.model_type != "clip":
             raise ValueError(f"its config is a {config.model_type!r} model, not a CLIP model")
-        return CLIPModel.from_pretrained(source, **kw)
+        # float32 whatever the file stores (the world CLIP ships in fp16): the scores are cosines of a few
+        # images, where half precision saves nothing and costs digits
+        return CLIPModel.from_pretrained(source, dtype=torch.float32, **kw)
 
     loaded = _load(spec, "CLIP", "--clip", AutoConfig.from_pretrained, model, CLIPProcessor.from_pretrained)
     loaded.model.to(device)

@@ -30,6 +30,7 @@ CONCEPTS = ASSETS / "concepts"
 DEMO_CONCEPT = CONCEPTS / "zorb"                 # the demo concept: images, captions, concept.toml
 DEMO_MASKS = CONCEPTS / "zorb-masks"            # loss masks of the demo images (NN.mask.png), kept apart
 RING_CONCEPT = CONCEPTS / "quax"                 # a second concept, to fuse with the first
+WORLD_CLIP = ASSETS / "world-clip"               # a tiny CLIP of the toy world (training/build_world_clip.py)
 CONFIGS = _folder("balora_diffusion.training_configs")
 
 

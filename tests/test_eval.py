@@ -15,7 +15,7 @@ from balora_diffusion import paths
 from balora_diffusion.train import train
 from balora_diffusion.train_config import TrainConfig
 
-METRICS = ["clip-t", "clip-i", "dino", "fidelity"]
+METRICS = ["clip-t", "clip-i", "dino", "fidelity", "adherence"]
 
 
 def _config(model_dir, out, **kw) -> TrainConfig:
@@ -138,11 +138,15 @@ def test_best_by_exports_the_best_checkpoint_and_keeps_an_earlier_one(run, tiny_
 @pytest.mark.parametrize("args, message", [
     (["--metrics", "clip-i", "--best-by", "dino"], "--best-by dino is not among --metrics clip-i"),
     (["--metrics", "fidelity", "--concept", "{empty}"], "no images"),
+    (["--metrics", "clip-t", "dino"], "--metrics dino needs --dino MODEL"),
+    (["--metrics", "adherence", "--concept", "{bare}"], "--metrics adherence needs a concept.toml in"),
 ])
 def test_bad_eval_options_are_one_line(run, tmp_path, args, message):
-    empty = tmp_path / "empty"
+    empty, bare = tmp_path / "empty", tmp_path / "bare"
     empty.mkdir()
-    result = _eval(run, *[a.format(empty=empty) for a in args], "--out", tmp_path / "eval")
+    bare.mkdir()
+    (bare / "00.png").write_bytes((paths.DEMO_CONCEPT / "00.png").read_bytes())  # an image, no concept.toml
+    result = _eval(run, *[a.format(empty=empty, bare=bare) for a in args], "--out", tmp_path / "eval")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("balora: error: ") and message in result.stderr
     assert not (tmp_path / "eval").exists()

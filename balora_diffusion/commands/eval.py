@@ -1,29 +1,38 @@
-"""`balora eval`: CLIP-T, CLIP-I, DINO (and the world's pixel fidelity) of every adapter a run, a sweep
-or a list of adapter files holds, drawn with the same prompts and seeds; a table, eval.json, a labelled
-grid, and with --best-by the best checkpoint of a run exported in every format into RUN/best/."""
+"""`balora eval`: CLIP-T, CLIP-I, DINO (and the world's pixel fidelity and prompt adherence) of every
+adapter a run, a sweep or a list of adapter files holds, drawn with the same prompts and seeds; a table,
+eval.json, a labelled grid, and with --best-by the best checkpoint of a run exported in every format into
+RUN/best/. Without --clip the scores come from the shipped world CLIP, which knows only the toy world."""
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
+from balora_diffusion import paths
 from balora_diffusion.commands.generate import DrawConfig
 from balora_diffusion.config import add_config_arguments, config_from_args, field
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_record_folder, claim
 from balora_diffusion.runfolder import BEST
 
-METRICS = ["clip-t", "clip-i", "dino", "fidelity"]
+METRICS = ["clip-t", "clip-i", "dino", "fidelity", "adherence"]
+WORLD_METRICS = ["fidelity", "adherence"]  # read from pixels; they need the concept's concept.toml
 
 
 @dataclass
 class EvalConfig(DrawConfig):
-    metrics: list[str] = field(["clip-t", "clip-i", "dino"], "clip-t (prompt-image agreement), clip-i and dino "
-                                                             "(likeness to the reference images), fidelity (the toy "
-                                                             "world's pixel score; needs concept.toml)",
-                               nonempty=True, choices=METRICS)
-    clip: str = field("openai/clip-vit-large-patch14", "CLIP model: a folder or a hub id in the local cache")
-    dino: str = field("facebook/dinov2-small", "DINO / DINOv2 model: a folder or a hub id in the local cache")
+    metrics: list[str] = field([], "clip-t (prompt-image agreement), clip-i and dino (likeness to the reference "
+                                   "images), fidelity and adherence (the toy world's pixel scores of the concept's "
+                                   "colours and of the background, size and position its prompt asks for; need "
+                                   "concept.toml); empty = clip-t and clip-i, dino when --dino is given, fidelity "
+                                   "and adherence when the concept has a concept.toml", choices=METRICS)
+    clip: str = field("", "CLIP model: a folder or a hub id in the local cache; empty = the shipped world CLIP "
+                          "(assets/world-clip), which knows only the toy world: give a real one, e.g. "
+                          "openai/clip-vit-large-patch14, for a real concept")
+    dino: str = field("", "DINO / DINOv2 model (a folder or a hub id in the local cache, e.g. "
+                          "facebook/dinov2-small); needed by --metrics dino, which it adds to the default metrics")
     concept: str = field("", "concept folder (images, captions, optional concept.toml); empty = each run's "
                              "data_dir", path=True)
     prompts_file: str = field("", "text file with one prompt per line; empty = concept.toml's eval_prompts, else "
@@ -40,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", nargs="+", help="run folder (final adapter and every checkpoint), sweep or runs "
                                                   "folder (every run), or adapter files / folders / checkpoints")
     parser.epilog = ("Example: balora eval runs/dog --clip openai/clip-vit-large-patch14 --dino facebook/dinov2-small "
-                     "--fusion 0.7 1 --out runs/dog-eval --best-by clip-i")
+                     "--fusion 0.7 1 --out runs/dog-eval --best-by clip-i. Without --clip, a run of the toy world "
+                     "(balora demo) is scored offline by the shipped world CLIP.")
     add_config_arguments(parser, EvalConfig)
 
 
@@ -50,40 +60,72 @@ def _fmt(value) -> str:
 
 def table(results: list[dict], metrics: list[str]) -> str:
     width = max(len("adapter"), *(len(r["label"]) for r in results))
-    lines = [f"{'adapter'.ljust(width)}  {'w':>4}  " + "  ".join(f"{m:>8}" for m in metrics)]
+    lines = [f"{'adapter'.ljust(width)}  {'w':>4}  " + "  ".join(f"{m:>9}" for m in metrics)]
     for r in results:
-        lines.append(f"{r['label'].ljust(width)}  {r['fusion']:>4g}  " + "  ".join(f"{_fmt(r[m]):>8}" for m in metrics))
+        lines.append(f"{r['label'].ljust(width)}  {r['fusion']:>4g}  " + "  ".join(f"{_fmt(r[m]):>9}" for m in metrics))
     return "\n".join(lines)
 
 
-def _score(images, prompts, subject, metrics, models) -> dict:
+def world_adherence(images, prompts, concept) -> float | None:
+    """The share of the background, size and position each prompt names that its image shows (sizes and
+    positions calibrated on the concept's captioned images); None when no prompt names any."""
+    from balora_diffusion import scoring
+    from balora_diffusion.bench.cell_scores import concept_prompts
+
+    _, calibration = concept_prompts(concept, 0)
+    return scoring.adherence_score([scoring.adherence(image, scoring.parse_context(prompt), calibration)
+                                    for image, prompt in zip(images, prompts)])
+
+
+def _score(images, prompts, subject, metrics, models) -> tuple[dict, dict]:
+    """(scores, seconds each metric took) of `images`, image i drawn from prompts[i]."""
     from balora_diffusion import metrics as m
     from balora_diffusion.concept import fidelity_batch
 
-    scores = {}
-    if "clip-t" in metrics:
-        scores["clip-t"] = m.clip_t(models["clip"], images, [subject.clip_text(p) for p in prompts])
-    if "clip-i" in metrics:
-        scores["clip-i"] = m.clip_i(models["clip"], images, subject.images)
-    if "dino" in metrics:
-        scores["dino"] = m.dino(models["dino"], images, subject.images)
-    if "fidelity" in metrics:
-        scores["fidelity"] = fidelity_batch(images, subject.concept)
-    return scores
+    compute = {
+        "clip-t": lambda: m.clip_t(models["clip"], images, [subject.clip_text(p) for p in prompts]),
+        "clip-i": lambda: m.clip_i(models["clip"], images, subject.images),
+        "dino": lambda: m.dino(models["dino"], images, subject.images),
+        "fidelity": lambda: fidelity_batch(images, subject.concept),
+        "adherence": lambda: world_adherence(images, prompts, subject.concept),
+    }
+    scores, seconds = {}, {}
+    for name in metrics:
+        tick = time.perf_counter()
+        scores[name] = compute[name]()
+        seconds[name] = time.perf_counter() - tick
+    return scores, seconds
 
 
 def _check_subject(subject, metrics: list[str]) -> None:
-    if "fidelity" in metrics and subject.concept is None:
-        raise UserError(f"--metrics fidelity needs a concept.toml in {subject.folder} (its colours)")
+    for name in WORLD_METRICS:
+        if name in metrics and subject.concept is None:
+            raise UserError(f"--metrics {name} needs a concept.toml in {subject.folder} (its colours and prompts' "
+                            "contexts in the toy world's words)")
     if "clip-t" in metrics and not subject.class_word:
         raise UserError(f"no class word for {subject.folder}: give --class-word WORD (what the concept is, e.g. dog)")
 
 
-def _best_run(cfg: EvalConfig, entries) -> Path | None:
+def chosen_metrics(cfg: EvalConfig, subjects) -> list[str]:
+    """--metrics, or where empty what can be scored here: CLIP-T and CLIP-I, DINO with a --dino model, the
+    world's pixel scores when every concept has a concept.toml."""
+    chosen = list(cfg.metrics) or ["clip-t", "clip-i", *(["dino"] if cfg.dino else []),
+                                   *(WORLD_METRICS if all(s.concept for s in subjects) else [])]
+    if "dino" in chosen and not cfg.dino:
+        raise UserError("--metrics dino needs --dino MODEL: a DINO or DINOv2 folder or a hub id in the local cache "
+                        "(e.g. facebook/dinov2-small)")
+    return chosen
+
+
+def clip_spec(cfg: EvalConfig) -> str:
+    return cfg.clip or str(paths.WORLD_CLIP)
+
+
+def _best_run(cfg: EvalConfig, metrics: list[str], entries) -> Path | None:
     if not cfg.best_by:
         return None
-    if cfg.best_by not in cfg.metrics:
-        raise UserError(f"--best-by {cfg.best_by} is not among --metrics {' '.join(cfg.metrics)}")
+    if cfg.best_by not in metrics:
+        raise UserError(f"--best-by {cfg.best_by} is not among --metrics {' '.join(metrics)}")
     runs = {e.run for e in entries}
     if len(runs) != 1 or None in runs:
         raise UserError("--best-by chooses among the checkpoints of one run: give one run folder")
@@ -103,12 +145,25 @@ def _base_model(entries) -> tuple[str, str]:
     return models.pop() if models else ("", "")
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(EvalConfig, args)
-    out = Path(cfg.out)
-    check_record_folder(out, "eval.json", cfg.overwrite)
+@dataclass
+class Evaluation:
+    """What `evaluate` drew and scored: one result per (adapter, fusion coefficient), in order."""
+    metrics: list[str]
+    entries: list
+    adapters: list
+    subjects: dict
+    models: dict
+    results: list[dict] = dataclass_field(default_factory=list)
+    rows: list[list] = dataclass_field(default_factory=list)       # each result's images, prompt by prompt
+    row_labels: list[str] = dataclass_field(default_factory=list)
+    drawn_files: list[tuple[str, object]] = dataclass_field(default_factory=list)
+    load_seconds: dict = dataclass_field(default_factory=dict)  # loading each metric model
 
-    from balora_diffusion.atomic import atomic_path, write_json_atomic
+
+def evaluate(cfg: EvalConfig, targets: list, prepared=None) -> Evaluation:
+    """Draw every adapter of `targets` on its concept's prompts and score the images. `prepared(evaluation)`
+    runs once the adapters and concepts are read and the metrics chosen, before any model loads (a caller's
+    checks of its own, found out in seconds)."""
     from balora_diffusion.collector import libraries_loading
 
     with libraries_loading():
@@ -116,12 +171,9 @@ def run(args: argparse.Namespace) -> int:
         from balora_diffusion.commands.generate import check_prompt_windows, load_drawing, read_prompts_file
         from balora_diffusion.formats.fuse import Fused
         from balora_diffusion.formats.read import read_adapter
-        from balora_diffusion.formats.run_files import write_run_adapters
-        from balora_diffusion.generate import fusion_grid, image_grid, save_image
-        from balora_diffusion.train import library_versions
+        from balora_diffusion.generate import fusion_grid
 
-    entries = concept_eval.list_entries(args.target)
-    best_run = _best_run(cfg, entries)
+    entries = concept_eval.list_entries(targets)
     adapters = [read_adapter(e.source) for e in entries]  # every file read before any model loads
     prompts = read_prompts_file(Path(cfg.prompts_file)) if cfg.prompts_file else None
     if prompts == []:
@@ -132,42 +184,84 @@ def run(args: argparse.Namespace) -> int:
         if key not in subjects:
             subjects[key] = concept_eval.load_subject(entry, adapter.tokens, concept_dir=cfg.concept, prompts=prompts,
                                                       class_word=cfg.class_word)
-            _check_subject(subjects[key], cfg.metrics)
         of_entry.append(subjects[key])
+    chosen = chosen_metrics(cfg, subjects.values())
+    for subject in subjects.values():
+        _check_subject(subject, chosen)
+    done = Evaluation(chosen, entries, adapters, subjects, {})
+    if prepared:
+        prepared(done)
     base_model, base_config = _base_model(entries)
 
-    models = {}  # before the base model: a missing metric model is found out in seconds
-    if {"clip-t", "clip-i"} & set(cfg.metrics):
-        models["clip"] = metrics.load_clip(cfg.clip)
-    if "dino" in cfg.metrics:
-        models["dino"] = metrics.load_dino(cfg.dino)
+    loaders = {"clip": (lambda: metrics.load_clip(clip_spec(cfg))) if {"clip-t", "clip-i"} & set(chosen) else None,
+               "dino": (lambda: metrics.load_dino(cfg.dino)) if "dino" in chosen else None}
+    for name, load in loaders.items():  # before the base model: a missing metric model is found out in seconds
+        if load:
+            tick = time.perf_counter()
+            done.models[name] = load()
+            done.load_seconds[name] = time.perf_counter() - tick
     pipe, call = load_drawing(cfg, base_model, base_config)
-    for loaded in models.values():
+    for loaded in done.models.values():
         loaded.model.to(pipe.device)
 
-    results, rows, row_labels, drawn_files = [], [], [], []
     for entry, adapter, subject in zip(entries, adapters, of_entry):
+        tick = time.perf_counter()
         with Fused(pipe, [(adapter, 1.0)]) as fused:
             check_prompt_windows(pipe.tokenizer, subject.prompts, fused.tokens)
             drawn = fusion_grid(pipe, fused, subject.prompts, cfg.seeds, cfg.fusion, **call)
+        draw_seconds = (time.perf_counter() - tick) / len(cfg.fusion)
         for fusion, images in zip(cfg.fusion, drawn):
             flat = [image for row in images for image in row]
             flat_prompts = [p for p in subject.prompts for _ in cfg.seeds]
-            scores = _score(flat, flat_prompts, subject, cfg.metrics, models)
-            files = [f"images/a{len(rows):03d}-w{fusion:g}-p{i:02d}-s{seed}.png"
+            scores, seconds = _score(flat, flat_prompts, subject, chosen, done.models)
+            files = [f"images/a{len(done.rows):03d}-w{fusion:g}-p{i:02d}-s{seed}.png"
                      for i in range(len(subject.prompts)) for seed in cfg.seeds]
-            drawn_files.extend(zip(files, flat))
-            results.append({"label": entry.label, "source": str(entry.source), "step": entry.step, "fusion": fusion,
-                            "concept": str(subject.folder), **{m: scores.get(m) for m in cfg.metrics},
-                            "images": files})
-            rows.append(flat)
-            row_labels.append(f"{entry.label} w={fusion:g}")
+            done.drawn_files.extend(zip(files, flat))
+            done.results.append({"label": entry.label, "source": str(entry.source), "step": entry.step,
+                                 "fusion": fusion, "concept": str(subject.folder), **scores, "images": files,
+                                 "seconds": {"draw": draw_seconds, **seconds}})
+            done.rows.append(flat)
+            done.row_labels.append(f"{entry.label} w={fusion:g}")
+    return done
+
+
+def clip_note(source: str) -> str:
+    """Which CLIP scored, said on the output: the world CLIP's scores mean something only in the toy world."""
+    if Path(source) == paths.WORLD_CLIP:
+        return (f"CLIP: the shipped world CLIP ({source}), which knows only the toy world; for a real concept give "
+                "--clip openai/clip-vit-large-patch14")
+    return f"CLIP: {source}"
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(EvalConfig, args)
+    out = Path(cfg.out)
+    check_record_folder(out, "eval.json", cfg.overwrite)
+
+    from balora_diffusion.atomic import atomic_path, write_json_atomic
+    from balora_diffusion.collector import libraries_loading
+
+    with libraries_loading():
+        from balora_diffusion.formats.run_files import write_run_adapters
+        from balora_diffusion.generate import image_grid, save_image
+        from balora_diffusion.train import library_versions
+
+    best_run = None
+
+    def claim_best(evaluation: Evaluation) -> None:
+        nonlocal best_run
+        best_run = _best_run(cfg, evaluation.metrics, evaluation.entries)
+
+    done = evaluate(cfg, args.target, prepared=claim_best)
+    results, rows, row_labels, subjects = done.results, done.rows, done.row_labels, done.subjects
 
     best = None
     if best_run:
         top = max(cfg.fusion)
-        candidates = [(r, a) for r, a in zip(results, [a for a in adapters for _ in cfg.fusion]) if r["fusion"] == top]
-        best_result, best_adapter = max(candidates, key=lambda ra: ra[0][cfg.best_by])
+        candidates = [(r, a) for r, a in zip(results, [a for a in done.adapters for _ in cfg.fusion])
+                      if r["fusion"] == top]
+        best_result, best_adapter = max(candidates, key=lambda ra: (ra[0][cfg.best_by] is not None,
+                                                                    ra[0][cfg.best_by] or 0.0))
         with atomic_path(best_run / BEST) as tmp:
             tmp.mkdir(parents=True)
             write_run_adapters(tmp, best_adapter)
@@ -184,23 +278,25 @@ def run(args: argparse.Namespace) -> int:
     columns += [""] * (max(len(r) for r in rows) - len(columns))
     with atomic_path(out) as tmp:
         (tmp / "images").mkdir(parents=True)
-        for name, image in drawn_files:
+        for name, image in done.drawn_files:
             save_image(tmp / name, image)
         save_image(tmp / "grid.png", image_grid(rows, row_labels, columns if len(subjects) == 1 else None,
-                                                title=f"{', '.join(cfg.metrics)}; {cfg.scheduler} {cfg.steps} steps, "
+                                                title=f"{', '.join(done.metrics)}; {cfg.scheduler} {cfg.steps} steps, "
                                                       f"guidance {cfg.guidance:g}"))
         write_json_atomic(tmp / "eval.json", {
-            "settings": asdict(cfg), "targets": [str(t) for t in args.target],
+            "settings": {**asdict(cfg), "metrics": done.metrics}, "targets": [str(t) for t in args.target],
             "subjects": [{"concept": str(s.folder), "references": [str(p) for p in s.references],
                           "reference_note": s.reference_note, "prompts": s.prompts,
                           "clip_texts": [s.clip_text(p) for p in s.prompts], "class_word": s.class_word}
                          for s in subjects.values()],
-            "models": {name: loaded.source for name, loaded in models.items()},
+            "models": {name: loaded.source for name, loaded in done.models.items()},
             "results": results, "best": best, "versions": library_versions()})
 
-    print(table(results, cfg.metrics))
+    print(table(results, done.metrics))
     for subject in subjects.values():
         print(f"references of {subject.folder}: {subject.reference_note}")
+    if "clip" in done.models:
+        print(clip_note(done.models["clip"].source))
     if best:
         print(f"best by {best['by']} at w={best['fusion']:g}: {best['label']}, exported to {best['folder']}")
     print(f"eval.json and grid.png in {out}")

@@ -519,7 +519,8 @@ def build_ui(app: App):
                     holdout = gr.Number(d["holdout"], precision=0, minimum=0, label="held-out images",
                                         info=option_help("holdout"))
                 with gr.Row():
-                    masked_loss = gr.Checkbox(d["masked_loss"], label="masked loss", info=option_help("masked_loss"))
+                    masked_loss = gr.Checkbox(d["masked_loss"], label="masked loss", info=option_help("masked_loss"),
+                                              elem_id="masked-loss")
                     unmasked_weight = gr.Number(d["unmasked_weight"], minimum=0, maximum=1,
                                                 label="background weight (with masked loss)",
                                                 info=option_help("unmasked_weight"))
@@ -530,12 +531,13 @@ def build_ui(app: App):
                                              info=option_help("prior_weight"))
                 gr.Markdown("What each costs and what it bought on the shipped concepts: `docs/results/photos.md` "
                             "in the project's source.")
-            with gr.Row(equal_height=True):
+            with gr.Row():
                 config_in = gr.File(label="load a train TOML into the fields", file_types=[".toml"],
-                                    type="filepath", elem_id="config-in", height=120)
-                save_config = gr.Button("Save the fields as a train TOML", scale=1)
+                                    type="filepath", elem_id="config-in", height=100, scale=2)
+                with gr.Column(scale=1, min_width=160):
+                    save_config = gr.Button("Save the fields as a train TOML")
                 config_out = gr.File(label="train TOML (balora train --config FILE --data-dir PHOTOS)",
-                                     elem_id="config-out", height=120)
+                                     elem_id="config-out", height=100, scale=2)
             config_note = gr.Markdown(elem_id="config-note")
             with gr.Row():
                 overwrite = gr.Checkbox(False, label="Overwrite: replace a run of this name trained here")

@@ -12,6 +12,8 @@ from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import add_overwrite_flag, claim
 
 DEFAULT_MAX_RANK = 128
+DEFAULT_STEPS = 10
+DEFAULT_RIDGE = 1e-4
 
 
 def _positive(text: str) -> int:
@@ -56,12 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts-file", type=Path, default=None,
                         help="gradient: prompts, one a line; each concept is drawn with the lines naming its token "
                              "(default: its run's concept.toml eval_prompts, else its captions)")
-    parser.add_argument("--steps", type=_positive, default=10, help="gradient: sampling steps per prompt while "
-                                                                   "layer inputs are recorded (default 10)")
+    parser.add_argument("--steps", type=_positive, default=DEFAULT_STEPS,
+                        help=f"gradient: sampling steps per prompt while layer inputs are recorded (default "
+                             f"{DEFAULT_STEPS})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="gradient: sampling seeds (default 1)")
-    parser.add_argument("--ridge", type=_ridge, default=1e-4,
+    parser.add_argument("--ridge", type=_ridge, default=DEFAULT_RIDGE,
                         help="gradient: each layer's Gram G gets ridge * trace(G) / width on its diagonal "
-                             "(default 1e-4)")
+                             f"(default {DEFAULT_RIDGE:g})")
     parser.add_argument("--base-model", default="", help="diffusers folder or single-file .safetensors the "
                                                          "adapters were trained on; default: the shipped tiny model")
     parser.add_argument("--base-config", default="", help="for a single-file base model: its config folder")
@@ -76,6 +79,70 @@ def _prompt_lines(path: Path | None) -> list[str] | None:
         return [line.strip() for line in path.expanduser().read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read the prompts file {path}: {exc}") from None
+
+
+def read_concepts(specs: list[tuple[str, float]], method: str, *, max_rank: int, rank: int | None,
+                  lines: list[str] | None):
+    """The fusion.Concept of every (path, weight), checked to fuse into one, with the prompts gradient
+    fusion draws it with: before the base model's slow load, so that a refusal comes at once."""
+    from balora_diffusion.formats.read import read_adapter
+    from balora_diffusion.fusion import Concept, check_concepts, concept_prompts
+
+    concepts = [Concept(f"{path}:{weight:g}", read_adapter(path), weight, []) for path, weight in specs]
+    check_concepts(concepts, max_rank, rank)
+    if method == "gradient":
+        for (path, _), concept in zip(specs, concepts):
+            concept.prompts = concept_prompts(Path(path).expanduser(), concept.adapter, lines)
+    return concepts
+
+
+def write_fused(pipe, concepts: list, specs: list[tuple[str, float]], out: Path, method: str, *, rank: int | None,
+                ridge: float, steps: int, seeds: list[int], started: float):
+    """Fuse `concepts` on `pipe` into the run folder `out` (written whole or not at all); the fused
+    Adapter, the per-layer report and the seconds since `started`."""
+    from balora_diffusion.atomic import atomic_path, write_json_atomic
+    from balora_diffusion.formats.run_files import write_run_adapters
+    from balora_diffusion.fusion import fuse_concepts
+    from balora_diffusion.generate import DEFAULT_GUIDANCE
+    from balora_diffusion.train import library_versions
+    from balora_diffusion.versions import installed_version
+
+    first = concepts[0].adapter.info
+    info = {"name": out.name, "method": f"fuse-{method}", "token": [t for c in concepts for t in c.adapter.tokens],
+            "fused": [c.label for c in concepts], "toolkit_version": installed_version("balora-diffusion") or "unknown",
+            **{key: first[key] for key in ("base_model", "base_model_hash") if key in first}}
+    adapter, report = fuse_concepts(pipe, concepts, method, rank=rank, info=info, ridge=ridge,
+                                    steps=steps, seeds=seeds, guidance=DEFAULT_GUIDANCE)
+    seconds = time.perf_counter() - started
+    singular, losses = _singular_and_losses(report)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        write_run_adapters(tmp, adapter)
+        write_json_atomic(tmp / "fuse.json", {
+            "method": method, "rank": rank, "ridge": ridge if method == "gradient" else None,
+            "adapters": [{"path": str(Path(p).expanduser().resolve()), "weight": w, "tokens": c.adapter.tokens,
+                          "prompts": c.prompts} for (p, w), c in zip(specs, concepts)],
+            "sampling": {"steps": steps, "seeds": seeds} if method == "gradient" else None,
+            "singular_layers": singular, "max_truncation_loss": max(losses), "seconds": seconds,
+            "layers": report, "versions": library_versions()})
+        # what the app lists a run by: its tokens, and one prompt per concept to draw it with
+        write_json_atomic(tmp / "run.json", {"method": info["method"], "config": {
+            "token": adapter.tokens, "rank": adapter.info["rank"], "method": info["method"],
+            "grid_prompts": [c.prompts[0] for c in concepts if c.prompts]}})
+    return adapter, report, seconds
+
+
+def _singular_and_losses(report: list[dict]) -> tuple[list[str], list[float]]:
+    return ([entry["layer"] for entry in report if entry.get("singular")],
+            [entry["truncation_loss"] for entry in report])
+
+
+def describe_fused(concepts: list, adapter, report: list[dict], method: str, out: Path, seconds: float) -> str:
+    """The line `balora fuse` prints: what was fused into where, its rank and how well the cut kept it."""
+    singular, losses = _singular_and_losses(report)
+    regularised = f"; {len(singular)} layer(s) with a singular Gram, regularised" if singular else ""
+    return (f"fused {len(concepts)} adapters ({method}) into {out}: tokens {' '.join(adapter.tokens)}, rank "
+            f"{adapter.info['rank']}, largest truncation loss {max(losses):.3g}{regularised} ({seconds:.1f} s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,48 +160,14 @@ def run(args: argparse.Namespace) -> int:
     claim([out], args.overwrite)
     lines = _prompt_lines(args.prompts_file) if args.method == "gradient" else None
 
-    from balora_diffusion.atomic import atomic_path, write_json_atomic
-    from balora_diffusion.formats.read import read_adapter
-    from balora_diffusion.formats.run_files import write_run_adapters
-    from balora_diffusion.fusion import Concept, check_concepts, concept_prompts, fuse_concepts
-    from balora_diffusion.generate import DEFAULT_GUIDANCE
     from balora_diffusion.models import load_pipeline
     from balora_diffusion.threads import use_cpu_threads
-    from balora_diffusion.train import library_versions
-    from balora_diffusion.versions import installed_version
 
-    concepts = [Concept(f"{path}:{weight:g}", read_adapter(path), weight, []) for path, weight in specs]
-    check_concepts(concepts, args.max_rank, args.rank)
-    if args.method == "gradient":
-        for (path, _), concept in zip(specs, concepts):
-            concept.prompts = concept_prompts(Path(path).expanduser(), concept.adapter, lines)
+    concepts = read_concepts(specs, args.method, max_rank=args.max_rank, rank=args.rank, lines=lines)
     started = time.perf_counter()
     pipe = load_pipeline(args.base_model or None, device=args.device, single_file_config=args.base_config or None)
     use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
-    first = concepts[0].adapter.info
-    info = {"name": out.name, "method": f"fuse-{args.method}", "token": [t for c in concepts for t in c.adapter.tokens],
-            "fused": [c.label for c in concepts], "toolkit_version": installed_version("balora-diffusion") or "unknown",
-            **{key: first[key] for key in ("base_model", "base_model_hash") if key in first}}
-    adapter, report = fuse_concepts(pipe, concepts, args.method, rank=args.rank, info=info, ridge=args.ridge,
-                                    steps=args.steps, seeds=args.seeds, guidance=DEFAULT_GUIDANCE)
-    seconds = time.perf_counter() - started
-    singular = [entry["layer"] for entry in report if entry.get("singular")]
-    losses = [entry["truncation_loss"] for entry in report]
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        write_run_adapters(tmp, adapter)
-        write_json_atomic(tmp / "fuse.json", {
-            "method": args.method, "rank": args.rank, "ridge": args.ridge if args.method == "gradient" else None,
-            "adapters": [{"path": str(Path(p).expanduser().resolve()), "weight": w, "tokens": c.adapter.tokens,
-                          "prompts": c.prompts} for (p, w), c in zip(specs, concepts)],
-            "sampling": {"steps": args.steps, "seeds": args.seeds} if args.method == "gradient" else None,
-            "singular_layers": singular, "max_truncation_loss": max(losses), "seconds": seconds,
-            "layers": report, "versions": library_versions()})
-        # what the app lists a run by: its tokens, and one prompt per concept to draw it with
-        write_json_atomic(tmp / "run.json", {"method": info["method"], "config": {
-            "token": adapter.tokens, "rank": adapter.info["rank"], "method": info["method"],
-            "grid_prompts": [c.prompts[0] for c in concepts if c.prompts]}})
-    regularised = f"; {len(singular)} layer(s) with a singular Gram, regularised" if singular else ""
-    print(f"fused {len(concepts)} adapters ({args.method}) into {out}: tokens {' '.join(adapter.tokens)}, rank "
-          f"{adapter.info['rank']}, largest truncation loss {max(losses):.3g}{regularised} ({seconds:.1f} s)")
+    adapter, report, seconds = write_fused(pipe, concepts, specs, out, args.method, rank=args.rank, ridge=args.ridge,
+                                           steps=args.steps, seeds=args.seeds, started=started)
+    print(describe_fused(concepts, adapter, report, args.method, out, seconds))
     return 0

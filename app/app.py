@@ -532,12 +532,12 @@ def build_ui(app: App):
                 gr.Markdown("What each costs and what it bought on the shipped concepts: `docs/results/photos.md` "
                             "in the project's source.")
             with gr.Row():
-                config_in = gr.File(label="load a train TOML into the fields", file_types=[".toml"],
-                                    type="filepath", elem_id="config-in", height=100, scale=2)
-                with gr.Column(scale=1, min_width=160):
-                    save_config = gr.Button("Save the fields as a train TOML")
-                config_out = gr.File(label="train TOML (balora train --config FILE --data-dir PHOTOS)",
-                                     elem_id="config-out", height=100, scale=2)
+                config_in = gr.UploadButton("Load a train TOML into the fields", file_types=[".toml"],
+                                            type="filepath", elem_id="config-in")
+                save_config = gr.Button("Save the fields as a train TOML")
+            # shown once there is a file to download
+            config_out = gr.File(label="train TOML (balora train --config FILE --data-dir PHOTOS)",
+                                 elem_id="config-out", visible=False)
             config_note = gr.Markdown(elem_id="config-note")
             with gr.Row():
                 overwrite = gr.Checkbox(False, label="Overwrite: replace a run of this name trained here")
@@ -641,7 +641,8 @@ def build_ui(app: App):
                     api_visibility="private", show_progress="hidden")
         fields = [run_name, token, init_word, method, lr_unet, lr_text, train_steps, rank, buckets, masked_loss,
                   unmasked_weight, holdout, prior_prompt, prior_weight, sample_every]
-        save_config.click(_shown(app.save_config, app.runs), fields, config_out, api_name="save_config")
+        save_config.click(_shown(app.save_config, app.runs), fields, config_out, api_name="save_config").then(
+            lambda: gr.update(visible=True), None, config_out, api_visibility="private")
 
         def loaded_config(path):
             values, note = app.load_config(path)

@@ -105,6 +105,19 @@ def machine(args) -> str:
             f"torch {torch.__version__}, torch threads: {threads} (`--cpu-threads {args.cpu_threads}`)")
 
 
+def sweep_made(runs: Path) -> str:
+    """How a `balora sweep` made the runs, from its summary.json; "" where the runs are no sweep."""
+    import json
+
+    try:
+        sweep = json.loads((runs / "summary.json").read_text(encoding="utf-8"))["protocol"]["sweep"]
+        return (f" The runs are a `balora sweep --config {sweep['config']} --set {' '.join(sweep['set'])} --methods "
+                f"{' '.join(sweep['methods'])} --lrs {' '.join(map(str, sweep['lrs']))} --seeds "
+                f"{' '.join(map(str, sweep['seeds']))}` (its summary.json).")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 def page(command: str, where: str, load: tuple[float, float], grid: dict, train: dict, args) -> str:
     cold = grid["load"] + grid["uncached"]
     return f"""# How long the app makes you wait
@@ -123,7 +136,7 @@ core: above the core count, other processes shared the cores and the times are u
 Every finished run of `{args.runs}` (rows = learning rate, columns = method), prompt
 `{grid['prompt']}`, fusion coefficient(s) {args.fusion}, seed(s) {args.seeds}, {args.steps} sampling steps,
 guidance {args.guidance:g}, drawn into a fresh temporary cache: the first grid draws every image
-(each adapter swapped in once); "after a restart" is a new app over the same cache.
+(each adapter swapped in once); "after a restart" is a new app over the same cache.{sweep_made(args.runs)}
 
 | | seconds |
 |---|---|

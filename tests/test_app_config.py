@@ -55,3 +55,26 @@ def test_a_bad_toml_is_one_message(app, tmp_path, text, message):
     (tmp_path / "mine.toml").write_text(text + "\n")
     with pytest.raises(UserError, match=message):
         app.load_config(str(tmp_path / "mine.toml"))
+
+
+def test_the_page_saves_and_loads_a_train_toml_and_shows_a_bad_one_as_one_message(app, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from balora_diffusion.app.app import serve
+    from balora_diffusion.app.screenshot import free_port
+
+    port = free_port()
+    ui = serve(app, "127.0.0.1", port, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        saved = client.predict(*FIELDS, api_name="/save_config")
+        assert open(saved).read() == open(app.save_config(*FIELDS)).read()
+        *fields, note = client.predict(handle_file(saved), api_name="/load_config")
+        assert fields == ["", *FIELDS[1:]] and note == "loaded dog.toml"
+        (tmp_path / "bad.toml").write_text("method = \n")
+        with pytest.raises(AppError, match="bad.toml is not valid TOML") as refused:
+            client.predict(handle_file(str(tmp_path / "bad.toml")), api_name="/load_config")
+        assert str(tmp_path) not in str(refused.value)
+    finally:
+        ui.close()

@@ -53,9 +53,11 @@ from balora_diffusion.cli import drop_known_notices  # noqa: E402
 from balora_diffusion.checkpoint import checkpoint_step, list_checkpoints, load_tree, write_checkpoint  # noqa: E402
 from balora_diffusion.config import add_config_arguments, config_from_args, field  # noqa: E402
 from balora_diffusion.errors import UserError  # noqa: E402
+from balora_diffusion.threads import HELP as THREADS_HELP  # noqa: E402
+from balora_diffusion.threads import use_cpu_threads  # noqa: E402
 
 EXIT_STOPPED = 3  # stopped at --time-limit with a checkpoint; rerun with --resume
-RUN_ONLY = {"time_limit", "out", "checkpoint_every"}  # may change between an interrupted build and its resumption
+RUN_ONLY = {"time_limit", "out", "checkpoint_every", "cpu_threads"}  # may change between an interrupted build and its resumption
 # Overrides of --quick: a model in seconds whose files are laid out exactly as the real one's.
 QUICK = dict(world_pool=256, concept_pool=8, steps=6, batch_size=32, warmup_steps=2, checkpoint_every=3,
              heldout_world=24, heldout_concept=4, vision_layers=1, text_layers=1)
@@ -101,6 +103,7 @@ class BuildConfig:
     heldout_concept: int = field(50, "fresh renders of each concept shape scored at the end")
     # --- run
     checkpoint_every: int = field(100, "write a resumable checkpoint every N steps")
+    cpu_threads: int = field(0, THREADS_HELP, ge=0)
     time_limit: float = field(0.0, "minutes after which to checkpoint and stop (exit code 3); 0 = no limit")
 
 
@@ -277,6 +280,7 @@ class Build:
         self.started = time.monotonic()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg)
+        use_cpu_threads(cfg.cpu_threads, [self.model])
         self.processor = build_processor()
         self.opt = torch.optim.AdamW([{"params": list(self.model.parameters()), "lr": cfg.lr, "peak_lr": cfg.lr}],
                                      betas=(0.9, 0.98), weight_decay=0.1)

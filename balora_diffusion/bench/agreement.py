@@ -213,6 +213,13 @@ def page(result: dict, figure: str | None = None) -> str:
               "| training (the sweep's) | drawing | CLIP-T | CLIP-I | fidelity | adherence |", "|---|---|---|---|---|---|",
               f"| {_fmt(t['training'], '.1f')} | {_fmt(t['draw'], '.2f')} | {_fmt(t['clip-t'], '.3f')} | "
               f"{_fmt(t['clip-i'], '.3f')} | {_fmt(t['fidelity'], '.3f')} | {_fmt(t['adherence'], '.3f')} |", ""]
+    clip_seconds = (t["clip-t"] or 0.0) + (t["clip-i"] or 0.0)
+    if t["training"]:
+        lines += [f"CLIP-T and CLIP-I add {clip_seconds:.2f} s to a cell whose images are drawn anyway (as the "
+                  f"sweep's pixel scores draw theirs), {100 * clip_seconds / t['training']:.2f} % of its "
+                  f"{t['training']:.0f} s; drawing the evaluation images for them as well adds "
+                  f"{clip_seconds + (t['draw'] or 0.0):.1f} s "
+                  f"({100 * (clip_seconds + (t['draw'] or 0.0)) / t['training']:.1f} %).", ""]
     shares = cost["cell"]
     total = shares["drawing"] + shares["training"]
     per = cost["per_forward"]
@@ -232,7 +239,7 @@ def page(result: dict, figure: str | None = None) -> str:
               f"metrics add about {100 * shares['metrics'] / total:.2f} % to a cell, "
               f"{100 * shares['metrics'] / shares['drawing']:.1f} % of drawing its images; at an assumed "
               "sustained 100 TFLOP/s (bf16, an A100/H100-class card) that is "
-              f"{shares['metrics'] / 100e12:.2f} s per cell against {total / 100e12:.0f} s for the cell."]
+              f"{shares['metrics'] / 100e12:.2f} s per cell against {total / 100e12:.1f} s for the cell."]
     return "\n".join(lines) + "\n"
 
 

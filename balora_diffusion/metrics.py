@@ -65,8 +65,13 @@ def _load(spec: str, what: str, flag: str, load_config, load_model, load_process
 
 
 def load_clip(spec: str, device: str | torch.device = "cpu") -> Loaded:
-    """A CLIP model (CLIPModel + CLIPProcessor) from a folder or a cached hub id."""
+    """A CLIP model (CLIPModel + CLIPProcessor) from a folder or a cached hub id; "" = the shipped world
+    CLIP (paths.WORLD_CLIP), which knows only the toy world."""
     from transformers import AutoConfig, CLIPModel, CLIPProcessor
+
+    from balora_diffusion import paths
+
+    spec = spec or str(paths.WORLD_CLIP)
 
     def model(source, config, **kw):
         if config.model_type != "clip":
@@ -83,6 +88,10 @@ def load_clip(spec: str, device: str | torch.device = "cpu") -> Loaded:
 def load_dino(spec: str, device: str | torch.device = "cpu") -> Loaded:
     """A vision transformer with a CLS token (DINO's ViT, DINOv2) through AutoModel + AutoImageProcessor."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    if not spec:  # nothing ships for DINO: the toy world has no instances of a class to tell apart
+        raise UserError("--dino: no DINO model given; name one, e.g. --dino facebook/dinov2-small (a folder or a hub "
+                        "id in the local cache)")
 
     def model(source, config, **kw):
         if config.model_type == "clip" or getattr(config, "vision_config", None) is not None:

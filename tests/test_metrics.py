@@ -86,6 +86,15 @@ def test_a_model_of_the_wrong_kind_is_refused(tiny_clip_dir, tiny_dino_dir):
         metrics.load_dino(str(tiny_clip_dir))
 
 
+def test_no_clip_named_is_the_shipped_world_clip_and_no_dino_named_is_refused():
+    from balora_diffusion import paths
+
+    clip = metrics.load_clip("")
+    assert clip.source == str(paths.WORLD_CLIP) and clip.model.dtype == torch.float32
+    with pytest.raises(UserError, match="--dino: no DINO model given"):
+        metrics.load_dino("")
+
+
 def test_a_folder_without_weights_is_refused(tiny_clip_dir, tmp_path):
     folder = tmp_path / "config-only"
     folder.mkdir()

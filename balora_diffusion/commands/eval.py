@@ -117,10 +117,6 @@ def chosen_metrics(cfg: EvalConfig, subjects) -> list[str]:
     return chosen
 
 
-def clip_spec(cfg: EvalConfig) -> str:
-    return cfg.clip or str(paths.WORLD_CLIP)
-
-
 def _best_run(cfg: EvalConfig, metrics: list[str], entries) -> Path | None:
     if not cfg.best_by:
         return None
@@ -193,7 +189,7 @@ def evaluate(cfg: EvalConfig, targets: list, prepared=None) -> Evaluation:
         prepared(done)
     base_model, base_config = _base_model(entries)
 
-    loaders = {"clip": (lambda: metrics.load_clip(clip_spec(cfg))) if {"clip-t", "clip-i"} & set(chosen) else None,
+    loaders = {"clip": (lambda: metrics.load_clip(cfg.clip)) if {"clip-t", "clip-i"} & set(chosen) else None,
                "dino": (lambda: metrics.load_dino(cfg.dino)) if "dino" in chosen else None}
     for name, load in loaders.items():  # before the base model: a missing metric model is found out in seconds
         if load:

@@ -545,10 +545,11 @@ def build_ui(app: App):
                 stop = gr.Button("Stop (keeps the step reached)")
                 resume = gr.Button("Continue the stopped run")
             status = gr.Markdown(label="status", elem_id="train-status")
-            with gr.Row():
-                samples = gr.Image(type="pil", label="samples", format="png", elem_id="live-samples",
-                                   interactive=False, scale=2)
-                live = gr.Plot(label="curves", scale=3)
+            # the label in a line of its own: a label badge would cover the start of the grid's title
+            samples_note = gr.Markdown(elem_id="samples-note")
+            samples = gr.Image(type="pil", label="samples", show_label=False, format="png", elem_id="live-samples",
+                               interactive=False)
+            live = gr.Plot(label="curves")
             # the samples appear as the training writes them, without changing the train endpoint's outputs
             ticker = gr.Timer(SAMPLE_POLL_SECONDS)
             with gr.Row():
@@ -653,10 +654,10 @@ def build_ui(app: App):
         def sampled(shown):
             """The newest samples, sent only when they are new (the timer ticks on every open page)."""
             image, label, key = app.samples(shown)
-            return (gr.update(), shown) if image is None else (gr.update(value=image, label=label), key)
+            return (gr.update(), gr.update(), shown) if image is None else (image, for_page(label, app.runs), key)
 
         shown_samples = gr.State("")
-        ticker.tick(sampled, shown_samples, [samples, shown_samples], api_visibility="private",
+        ticker.tick(sampled, shown_samples, [samples, samples_note, shown_samples], api_visibility="private",
                     show_progress="hidden", concurrency_limit=None)
         prepare.click(_shown(app.downloads, app.runs), download_run, files, api_name="downloads")
         plot.click(_shown(app.curves, app.runs), curve_runs, figure, api_name="curves")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import time
 from pathlib import Path
@@ -138,19 +139,23 @@ def measure(sweep: Path, draw: dict, clip: str) -> dict:
     from balora_diffusion.concept_eval import run_config
 
     cfg = EvalConfig(metrics=list(METRICS), clip=clip, **draw)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     done = evaluate(cfg, [sweep])
     cells = []
     for entry, result in zip([e for e in done.entries for _ in cfg.fusion], done.results):
         record, config = _cell_record(entry.run), run_config(entry.run) if entry.run else {}
         cells.append({"cell": entry.label, **{m: result[m] for m in METRICS}, "seconds": result["seconds"],
-                      "images": len(result["images"]), "training_seconds": record.get("wall_seconds"),
+                      "images": len(result["images"]),
+                      # a resumed cell's record holds only the steps after its resumption
+                      "training_seconds": record.get("training_seconds") if record.get("resumed_from") is None
+                      else None,
                       "training_steps": config.get("steps"), "batch_size": config.get("batch_size")})
     subjects = list(done.subjects.values())
     return {"sweep": str(sweep), "cells": cells, "analysis": analyse(cells),
             "clip": done.models["clip"].source, "clip_load_seconds": done.load_seconds.get("clip"),
             "draw": {**draw, "scheduler": cfg.scheduler}, "prompts": subjects[0].prompts,
-            "concepts": sorted({str(s.folder) for s in subjects}), "wall_seconds": time.perf_counter() - started}
+            "concepts": sorted({str(s.folder) for s in subjects}), "wall_seconds": time.perf_counter() - started,
+            "load_average": [load_before, os.getloadavg()[0]]}
 
 
 def _fmt(value, spec: str = ".2f") -> str:
@@ -207,10 +212,12 @@ def page(result: dict, figure: str | None = None) -> str:
     if figure:
         lines += ["", f"![CLIP-T against adherence, CLIP-I against fidelity, one point per cell]({figure})"]
     lines += ["", "## Time the metrics add to a cell", "",
-              f"Measured here ({result['hardware']}), mean seconds per cell of "
-              f"{result['cells'][0]['images'] if result['cells'] else 0} images with the tiny models; the world "
+              f"Measured here ({result['hardware']}; load average {result['load_average'][0]:.1f} before and "
+              f"{result['load_average'][1]:.1f} after on {os.cpu_count()} cores: other work shared them, so these seconds "
+              "are upper bounds), mean seconds per cell of "
+              f"{result['cells'][0]['images'] if result['cells'] else 0} images with the tiny models; the "
               f"CLIP loads once per sweep ({_fmt(result['clip_load_seconds'])} s):", "",
-              "| training (the sweep's) | drawing | CLIP-T | CLIP-I | fidelity | adherence |", "|---|---|---|---|---|---|",
+              "| training (the sweep's, cells trained in one go) | drawing | CLIP-T | CLIP-I | fidelity | adherence |", "|---|---|---|---|---|---|",
               f"| {_fmt(t['training'], '.1f')} | {_fmt(t['draw'], '.2f')} | {_fmt(t['clip-t'], '.3f')} | "
               f"{_fmt(t['clip-i'], '.3f')} | {_fmt(t['fidelity'], '.3f')} | {_fmt(t['adherence'], '.3f')} |", ""]
     clip_seconds = (t["clip-t"] or 0.0) + (t["clip-i"] or 0.0)

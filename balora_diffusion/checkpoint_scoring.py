@@ -63,11 +63,11 @@ def check_concept(metrics: list[str], concept_dir: str | Path, flag: str) -> Non
                         "colours and prompts); score a concept of your own with clip-t, clip-i and dino")
 
 
-def score_images(images, prompts: list[str], subject, metrics: list[str], models: dict, calibration=None) -> dict:
+def score_images(images, prompts: list[str], subject, metrics: list[str], models: dict) -> dict:
     """{metric: score} of `images` drawn from `prompts` (images[i] from prompts[i]) against `subject`
-    (a concept_eval.Subject); `calibration` (scoring.calibrate of the concept's images) for adherence."""
+    (a concept_eval.Subject)."""
     from balora_diffusion import metrics as m
-    from balora_diffusion import scoring
+    from balora_diffusion.commands.eval import world_adherence
     from balora_diffusion.concept import fidelity_batch
 
     scores = {}
@@ -80,8 +80,7 @@ def score_images(images, prompts: list[str], subject, metrics: list[str], models
     if "fidelity" in metrics:
         scores["fidelity"] = fidelity_batch(images, subject.concept)
     if "adherence" in metrics:
-        checks = [scoring.adherence(image, scoring.parse_context(p), calibration) for image, p in zip(images, prompts)]
-        scores["adherence"] = scoring.adherence_score(checks)
+        scores["adherence"] = world_adherence(images, prompts, subject.concept)
     return scores
 
 
@@ -95,7 +94,6 @@ class AdapterScorer:
     draw: Any
     base_model: str = ""
     base_config: str = ""
-    calibration: Any = None
     drawn: list = field(default_factory=list, repr=False)  # the last adapter's images[fusion][prompt][seed]
     _pipe: Any = field(default=None, repr=False)
     _call: dict = field(default_factory=dict, repr=False)
@@ -105,19 +103,13 @@ class AdapterScorer:
                 base_model: str = "", base_config: str = "") -> "AdapterScorer":
         """The scorer of run folder `run` (its config.json written): its concept, its held-out images as
         references where it has them, its concept's evaluation prompts, as `balora eval RUN` takes them."""
-        from balora_diffusion import concept_eval, scoring
-        from balora_diffusion.data import read_concept_folder
+        from balora_diffusion import concept_eval
 
         subject = concept_eval.load_subject(concept_eval.Entry(run.name, run, run), tokens)
         if "clip-t" in metrics and not subject.class_word:
             raise UserError(f"no class word for {subject.folder}: clip-t needs one (concept.toml's class_word "
                             "or the run's init_word)")
-        calibration = None
-        if "adherence" in metrics:
-            concept = subject.concept
-            calibration = scoring.calibrate((e.image, e.caption) for e in read_concept_folder(
-                concept.path, [concept.token], concept.caption_template))
-        return cls(metrics, models, subject, draw, base_model, base_config, calibration)
+        return cls(metrics, models, subject, draw, base_model, base_config)
 
     def _drawing(self):
         if self._pipe is None:
@@ -141,7 +133,7 @@ class AdapterScorer:
             self.drawn = fusion_grid(pipe, fused, prompts, seeds, self.draw.fusion, progress=False, **call)
         flat_prompts = [p for p in prompts for _ in seeds]
         return {f"{w:g}": score_images([im for row in images for im in row], flat_prompts, self.subject, self.metrics,
-                                       self.models, self.calibration)
+                                       self.models)
                 for w, images in zip(self.draw.fusion, self.drawn)}
 
 

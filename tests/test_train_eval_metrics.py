@@ -76,12 +76,11 @@ def test_the_scores_are_balora_evals_and_best_holds_the_best_step_in_every_forma
     # balora eval, with the training's sampling settings, on the same run: the newest checkpoints
     out = tmp_path / "eval"
     assert cli_main(["eval", str(scored), "--clip", str(tiny_clip_dir), "--dino", str(tiny_dino_dir), "--seeds", "1",
-                     "--steps", "2", "--fusion", "1", "--metrics", "clip-t", "clip-i", "dino", "fidelity",
-                     "--out", str(out)]) == 0
+                     "--steps", "2", "--fusion", "1", "--metrics", *METRICS, "--out", str(out)]) == 0
     results = json.loads((out / "eval.json").read_text())["results"]
     assert [r["step"] for r in results] == [3, 4]
     for r in results:
-        for metric in ("clip-t", "clip-i", "dino", "fidelity"):
+        for metric in METRICS:
             assert scores[metric][r["step"]] == pytest.approx(r[metric], abs=1e-6), (metric, r["step"])
 
     best = json.loads((scored / "best" / "best.json").read_text())

@@ -450,12 +450,16 @@ def build_ui(app: App):
             with gr.Row():
                 # custom values: a run trained after the page was built is still a valid name (read_run checks)
                 chosen = gr.Dropdown([*finished, grids.BASE], value=finished[:12], multiselect=True,
-                                     label="runs to compare", scale=4, allow_custom_value=True)
+                                     label="runs to compare", scale=4, allow_custom_value=True,
+                                     info="finished runs; \"base model\" draws without any adapter, the token "
+                                          "replaced by the run's init word")
                 checkpoints = gr.Checkbox(False, label="their checkpoints too", scale=1)
                 refresh = gr.Button("Refresh runs", scale=1)
             with gr.Row():
-                rows = gr.Dropdown(grids.LAYOUT_AXES + ["run"], value="learning rate", label="rows")
-                columns = gr.Dropdown(grids.LAYOUT_AXES + ["run"], value="method", label="columns")
+                rows = gr.Dropdown(grids.LAYOUT_AXES + ["run"], value="learning rate", label="rows",
+                                   info="one row per value of this axis")
+                columns = gr.Dropdown(grids.LAYOUT_AXES + ["run"], value="method", label="columns",
+                                      info="one column per value; split further by what varies inside it")
                 split = gr.Dropdown([grids.NO_SPLIT, *grids.LAYOUT_AXES, "run"], value=grids.NO_SPLIT,
                                     label="split by", info="one grid per value of this axis, one below the other")
                 fusion = gr.Textbox("0.7, 1", label="fusion coefficients (LoRA strength)")
@@ -467,6 +471,11 @@ def build_ui(app: App):
                 negative = gr.Textbox("", label="negative prompt", scale=2)
                 steps = gr.Textbox(f"{d['sample_steps']}", label="sampling steps (e.g. 20, 30)")
                 guidance = gr.Textbox(f"{d['guidance_scale']:g}", label="guidance (e.g. 5, 7.5)")
+            gr.Markdown("Every run draws the same prompts (one a line; **Their prompts** puts in the chosen runs' "
+                        "own, a fused adapter's one per concept), seeds, sampling steps and guidances (lists such "
+                        "as `20, 30`), so only the training differs. The fusion coefficient is the LoRA's strength "
+                        "(0: the base model with the learned token; 1: as trained). Images are cached: a redraw "
+                        "is instant.")
             draw = gr.Button("Draw grid", variant="primary", elem_id="draw-grid")
             # no label badge: it would cover the start of the grid's own title
             grid = gr.Image(type="pil", label="grid", show_label=False, format="png", elem_id="grid",
@@ -560,7 +569,9 @@ def build_ui(app: App):
 
         with gr.Tab("Curves"):
             curve_runs = gr.Dropdown(finished, value=finished[:12], multiselect=True, label="runs",
-                                     allow_custom_value=True)
+                                     allow_custom_value=True,
+                                     info="losses, balance diagnostics and the scores their trainings logged; "
+                                          "one colour per method")
             plot = gr.Button("Plot")
             figure = gr.Plot(label="curves", elem_id="curves")
 

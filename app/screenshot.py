@@ -96,6 +96,10 @@ def main() -> None:
             page.get_by_role("button", name="Draw grid").click()
             expect(page.locator("#grid img")).to_be_visible(timeout=600_000)
             page.wait_for_function("document.querySelector('#grid img').complete")
+            if args.prompt:
+                # the page's load can land after the first fill and put the runs' prompt back; the
+                # box is to show what the grid drew
+                page.get_by_label("prompt", exact=True).fill(args.prompt)
             save_small(page.screenshot(full_page=True, type="png"), args.out)
             if args.train_out:
                 height = train_tab(page, expect)

@@ -175,7 +175,7 @@ class App:
                     if key != "path"}, "scores": found.get(run.name, {})} for run in runs]
 
     def table(self) -> list[list]:
-        """The runs table (`table_headers`); numbers to 6 significant digits (a learning rate of
+        """The rows of the runs table (`runs_table`); numbers to 6 significant digits (a learning rate of
         3 x 0.006 is 0.018, not 0.018000000000000002)."""
         return self.runs_table()[1]
 

@@ -9,8 +9,8 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path

@@ -83,8 +83,12 @@ def stage_uploads(files: list[str | Path], dest: Path) -> int:
             if stem in found.captions:
                 shutil.copyfile(found.captions[stem], tmp / f"{stem}.txt")
             if stem in found.masks:
-                shutil.copyfile(found.masks[stem], masks.mask_file(image))
-                masks.read_mask(image, sizes[stem])  # its image's size, and some subject marked
+                staged = masks.mask_file(image)
+                shutil.copyfile(found.masks[stem], staged)
+                try:
+                    masks.read_mask(image, sizes[stem])  # its image's size, and some subject marked
+                except UserError as exc:  # named as uploaded, not by the folder it was staged in
+                    raise UserError(str(exc).replace(str(staged), staged.name)) from None
     return len(found.images)
 
 
@@ -218,8 +222,11 @@ class Trainer:
                                  "overwrite": not fresh})
             staged = temp_sibling(folder / DATA_FOLDER)
             try:
-                stage_uploads(uploads, staged)
-                check_photo_options(staged, cfg)
+                try:
+                    stage_uploads(uploads, staged)
+                    check_photo_options(staged, cfg)
+                except UserError as exc:  # files named as uploaded, not by the folder they were staged in
+                    raise UserError(str(exc).replace(f"{staged}{os.sep}", "")) from None
                 with atomic_path(folder / DATA_FOLDER) as tmp:
                     os.replace(staged, tmp)
                 with atomic_path(folder / CONFIG_FILE) as tmp:

@@ -114,6 +114,9 @@ class RunFolder:
         self.cfg, self.out, self.accelerator = cfg, Path(cfg.output_dir), accelerator
         self.resume_from: Path | None = None
         self._stack = ExitStack()
+        self._created = not self.out.exists()
+        self._lock_created = not (self.out / LOCK).exists()
+        self._locked = False
 
     def __enter__(self) -> RunFolder:
         from accelerate.utils import broadcast_object_list
@@ -129,6 +132,7 @@ class RunFolder:
         error, resume = broadcast_object_list([error, resume and str(resume)])
         if error:
             self._stack.close()
+            self._remove_if_untouched()
             raise UserError(error)
         self.resume_from = Path(resume) if resume else None
         return self
@@ -163,6 +167,7 @@ class RunFolder:
         self._handle = self._stack.enter_context((self.out / LOCK).open("a+"))
         try:
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._locked = True
         except BlockingIOError:
             self._handle.seek(0)
             holder = self._handle.read().strip() or "unknown"
@@ -183,8 +188,24 @@ class RunFolder:
 
     def __exit__(self, kind, exc, tb) -> None:
         self._stack.close()
+        if exc is not None:
+            self._remove_if_untouched()
         if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, TrainingInterrupted):
             raise TrainingInterrupted(self._how_to_go_on()) from None
+
+    def _remove_if_untouched(self) -> None:
+        """A training that ends in an error takes back the lock file it added, and a folder it
+        created that is then empty (a refused start: a bad resolution, a model that fails to load),
+        so that the name stays free and an existing folder is left as it was found."""
+        if not self._locked:  # the lock is another training's, or the folder never got one
+            return
+        try:
+            if self._lock_created:
+                (self.out / LOCK).unlink(missing_ok=True)
+            if self._created and not any(self.out.iterdir()):
+                self.out.rmdir()
+        except OSError:  # somebody else wrote into it meanwhile: it is theirs now
+            pass
 
     def _how_to_go_on(self) -> str:
         found = ckpt.list_checkpoints(self.out / "checkpoints")

@@ -623,8 +623,13 @@ def test_the_whole_loop_in_a_real_browser_without_a_shell(server, app, tmp_path)
             page.goto(server)
             expect(page.get_by_label("prompt", exact=True)).not_to_have_value("")  # the page's load is done
             page.get_by_role("tab", name="Train").click()
-            page.locator("#uploads input[type=file]").set_input_files([str(p) for p in _uploads(tmp_path)])
+            masks = [paths.DEMO_CONCEPT.parent / "zorb-masks" / f"{p.stem}.mask.png" for p in _uploads(tmp_path, 3, False)]
+            page.locator("#uploads input[type=file]").set_input_files([str(p) for p in [*_uploads(tmp_path), *masks]])
             expect(page.locator("#uploads").get_by_role("cell", name="02.txt")).to_be_visible(timeout=30_000)
+            expect(page.locator("#upload-check")).to_contain_text("3 image(s), 3 caption(s), 3 mask(s)",
+                                                                  timeout=30_000)
+            page.get_by_role("button", name="Your own photos: buckets, masks, hold-out, prior preservation").click()
+            page.locator("#masked-loss input").check()
             page.locator("#run-name textarea").fill("loop")
             page.locator("#token textarea").fill("<zorb>")
             page.locator("#init-word textarea").fill("heart")
@@ -638,6 +643,10 @@ def test_the_whole_loop_in_a_real_browser_without_a_shell(server, app, tmp_path)
             expect(status).to_contain_text("loop stopped at step", timeout=120_000)
             page.get_by_role("button", name="Continue the stopped run").click()
             expect(status).to_contain_text("loop finished: 120 steps", timeout=600_000)
+            # the samples of step 100 (every 100 steps, the starting value), then the final grid
+            expect(page.locator("#samples-note")).to_contain_text("loop: samples of the finished run",
+                                                                  timeout=30_000)
+            expect(page.locator("#live-samples img")).to_be_visible()
             with page.expect_download() as download:
                 page.locator("#adapter-files").get_by_role("row", name="loop-diffusers.zip").get_by_role("link").click()
             with zipfile.ZipFile(download.value.path()) as archive:
@@ -660,6 +669,8 @@ def test_the_whole_loop_in_a_real_browser_without_a_shell(server, app, tmp_path)
         finally:
             browser.close()
     assert "loop" in app.finished()
+    assert json.loads((app.runs / "loop" / "run.json").read_text())["config"]["masked_loss"] is True
+    assert (app.runs / "loop" / "grid-step000100.png").is_file()
     expected, _ = app.compare([*app.finished(), "base model"], "prompt", "checkpoint", prompts, "", "1", "2", "5",
                               "1", True)
     assert tuple(size) == expected.size  # "loop" alone has a checkpoint of step 100: its own column

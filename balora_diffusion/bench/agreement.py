@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 PAIRS = (("clip-t", "adherence"), ("clip-i", "fidelity"))
+# The other way round: a CLIP-T that follows fidelity as closely as adherence reads the concept, not its context.
+CROSS = (("clip-t", "fidelity"), ("clip-i", "adherence"))
 METRICS = ["clip-t", "clip-i", "fidelity", "adherence"]
 CEILING = 0.95  # a world score at or above this is at its ceiling: the cells there are not told apart
 # How each cell is drawn: the demo config's sampling (guidance 5, 20 steps), two seeds, full strength.
@@ -63,7 +65,7 @@ def analyse(cells: list[dict]) -> dict:
     """Per pair (CLIP metric, world score): rho over every cell, over the lower and upper half of the
     cells by the world score, the cells at the world score's ceiling, and each score's range."""
     out = {}
-    for clip_metric, world_metric in PAIRS:
+    for clip_metric, world_metric in PAIRS + CROSS:
         scored = [c for c in cells if c[clip_metric] is not None and c[world_metric] is not None]
         by_world = sorted(scored, key=lambda c: c[world_metric])
         half = len(by_world) // 2
@@ -77,7 +79,8 @@ def analyse(cells: list[dict]) -> dict:
             return {"min": min(values), "max": max(values)} if values else None
 
         out[f"{clip_metric} vs {world_metric}"] = {
-            "clip": clip_metric, "world": world_metric, "cells": len(scored), "rho": rho(scored),
+            "clip": clip_metric, "world": world_metric, "cross": (clip_metric, world_metric) in CROSS,
+            "cells": len(scored), "rho": rho(scored),
             "rho_lower_half": rho(lower), "rho_upper_half": rho(upper), "half": half,
             "at_ceiling": sum(c[world_metric] >= CEILING for c in scored),
             "range": {clip_metric: spread(clip_metric), world_metric: spread(world_metric)}}
@@ -119,7 +122,8 @@ def sd15_cost(images: int, sampling_steps: int, guidance: bool, training_steps: 
     drawing = images * (sampling_steps * calls * per["unet_call"] + per["vae_decode"] + calls * per["text_encoder"])
     # CLIP-T: every image and its prompt's text; CLIP-I: the same image embeddings against the references'
     metrics = images * (per["clip_image"] + per["text_encoder"])
-    training = training_steps * batch_size * 3 * (per["unet_call"] + per["text_encoder"] + per["vae_encode"])
+    # the LoRA'd UNet and text encoder forward and backward; the VAE only encodes, without gradients
+    training = training_steps * batch_size * (3 * (per["unet_call"] + per["text_encoder"]) + per["vae_encode"])
     return {"per_forward": per, "images": images, "sampling_steps": sampling_steps, "training_steps": training_steps,
             "batch_size": batch_size, "cell": {"drawing": drawing, "metrics": metrics, "training": training}}
 
@@ -184,28 +188,35 @@ def verdict(row: dict) -> str:
 
 
 def page(result: dict, figure: str | None = None) -> str:
+    from balora_diffusion import paths
+
     t, cost = timing(result), result["sd15"]
+    clip_name = ("the shipped world CLIP (`assets/world-clip`)" if Path(result["clip"]) == paths.WORLD_CLIP
+                 else f"`{result['clip']}`")
     lines = [f"# Do CLIP-T and CLIP-I agree with the world's scores?", "",
              f"Written by `{result['command']}` on the sweep made by", "", f"    {result['sweep_command']}", "",
              f"Each of the {len(result['cells'])} cells (run folders in `{result['sweep']}`) is drawn by `balora eval`'s "
              f"own code on its concept's {len(result['prompts'])} evaluation prompts, seeds "
              f"{' '.join(map(str, result['draw']['seeds']))}, {result['draw']['scheduler']} "
              f"{result['draw']['steps']} steps, guidance {result['draw']['guidance']:g}, full strength; the same "
-             f"images get CLIP-T and CLIP-I from `{result['clip']}` and the world's prompt adherence and concept "
+             f"images get CLIP-T and CLIP-I from {clip_name} and the world's prompt adherence and concept "
              "fidelity from their pixels (`balora_diffusion.scoring`, `balora_diffusion.concept`).", "",
              "## Rank correlation over the cells", "",
              "| pair | cells | Spearman rho | rho, lower half by world score | rho, upper half | "
              f"cells at the world score's ceiling (>= {CEILING:g}) | verdict |", "|---|---|---|---|---|---|---|"]
     for name, row in result["analysis"].items():
-        lines.append(f"| {name} | {row['cells']} | {_fmt(row['rho'], '+.2f')} | {_fmt(row['rho_lower_half'], '+.2f')} "
+        lines.append(f"| {name}{' (cross-check)' if row['cross'] else ''} | {row['cells']} | {_fmt(row['rho'], '+.2f')} | {_fmt(row['rho_lower_half'], '+.2f')} "
                      f"({row['half']}) | {_fmt(row['rho_upper_half'], '+.2f')} ({row['half']}) | {row['at_ceiling']} | "
                      f"{verdict(row)} |")
     lines += ["", "Ranges over the cells: " + "; ".join(
         f"{metric} {_fmt(r['min'], '.3f')} to {_fmt(r['max'], '.3f')}"
-        for row in result["analysis"].values() for metric, r in row["range"].items() if r) + ".", "",
+        for row in result["analysis"].values() if not row["cross"] for metric, r in row["range"].items() if r) + ".", "",
         "A correlation that holds over the lower half and fades over the upper half is where a metric "
         "saturates: it tells a failed cell from a working one but not two working ones apart. Cells at "
-        "the world score's ceiling cannot be ranked by it at all.", "", "## Per cell", "",
+        "the world score's ceiling cannot be ranked by it at all; a half whose world scores are all equal has "
+        "no rho (-). The cross-checks pair each CLIP metric with the other world score: a CLIP-T that follows "
+        "fidelity as closely as adherence measures whether the concept is drawn more than whether its "
+        "context is.", "", "## Per cell", "",
         "| cell | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for c in result["cells"]:
         lines.append(f"| {c['cell']} | " + " | ".join(_fmt(c[m], ".3f") for m in METRICS) + " |")
@@ -235,8 +246,8 @@ def page(result: dict, figure: str | None = None) -> str:
               f"{per['unet_call'] / 1e9:.0f} GFLOP, VAE decode {per['vae_decode'] / 1e9:.0f} GFLOP, text encoder "
               f"{per['text_encoder'] / 1e9:.1f} GFLOP, ViT-L/14 image tower at 224 px {per['clip_image'] / 1e9:.0f} "
               f"GFLOP. A cell of {cost['training_steps']} training steps of batch {cost['batch_size']} (backward "
-              f"taken as twice the forward) and {cost['images']} images of {cost['sampling_steps']} sampling steps "
-              f"with guidance:", "",
+              f"taken as twice the forward; the VAE encodes each image once, without gradients) and "
+              f"{cost['images']} images of {cost['sampling_steps']} sampling steps with guidance:", "",
               "| part | TFLOP | share of the cell |", "|---|---|---|",
               f"| training | {shares['training'] / 1e12:.0f} | {100 * shares['training'] / total:.1f} % |",
               f"| drawing the eval images | {shares['drawing'] / 1e12:.1f} | {100 * shares['drawing'] / total:.1f} % |",
@@ -340,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
     if args.page is not None:
         write_page(args.page, figure, lambda name: page(result, name))
     for name, row in result["analysis"].items():
-        print(f"{name}: {verdict(row)}; lower half {_fmt(row['rho_lower_half'], '+.2f')}, upper half "
+        print(f"{name}{' (cross-check)' if row['cross'] else ''}: {verdict(row)}; lower half {_fmt(row['rho_lower_half'], '+.2f')}, upper half "
               f"{_fmt(row['rho_upper_half'], '+.2f')}, {row['at_ceiling']} of {row['cells']} cells at the ceiling")
     t = timing(result)
     print(f"per cell: training {_fmt(t['training'], '.1f')} s, drawing {_fmt(t['draw'])} s, CLIP-T {_fmt(t['clip-t'], '.3f')} s, "

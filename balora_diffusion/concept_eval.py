@@ -18,7 +18,8 @@ from balora_diffusion.concept import Concept, load_concept
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.diffusers_lora import LORA_FILE, PEFT_FILE
 from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER
-from balora_diffusion.runs import RUN_MARKERS, list_runs
+from balora_diffusion.runs import is_run as _is_run
+from balora_diffusion.runs import list_runs
 
 # New contexts for a concept whose folder has no evaluation prompts: DreamBooth's kind of prompt,
 # the concept somewhere its training images never showed it.
@@ -51,10 +52,6 @@ class Subject:
         for token in self.tokens:
             prompt = prompt.replace(token, self.class_word)
         return prompt
-
-
-def _is_run(folder: Path) -> bool:
-    return any((folder / marker).is_file() for marker in RUN_MARKERS)
 
 
 def run_config(folder: Path) -> dict:

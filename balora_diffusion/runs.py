@@ -71,8 +71,12 @@ def own_file(folder: Path, name: str | Path) -> Path | None:
     return real if real.is_file() else None
 
 
-def _is_run(folder: Path) -> bool:
-    return any(own_file(folder, marker) for marker in RUN_MARKERS)
+def is_run(folder: Path) -> bool:
+    """Whether `folder` holds a run. A checkpoint folder holds a config.json too (its training state's
+    config tree): one with a checkpoint's manifest is a checkpoint, never a run."""
+    from balora_diffusion.checkpoint import MANIFEST
+
+    return not own_file(folder, MANIFEST) and any(own_file(folder, marker) for marker in RUN_MARKERS)
 
 
 def _run_path(root: Path, name: str) -> Path:
@@ -88,7 +92,7 @@ def _run_path(root: Path, name: str) -> Path:
 def resolve_run(root: Path, name: str) -> Path:
     """The run folder that `name` (as `list_runs` gives it) names inside `root`, resolved."""
     folder = inside(root, _run_path(root, name))
-    if not folder.is_dir() or not _is_run(folder):
+    if not folder.is_dir() or not is_run(folder):
         raise UserError(f"no run {name!r} in {root}")
     return folder
 
@@ -125,7 +129,7 @@ def list_runs(root: Path) -> list[RunInfo]:
             except UserError:
                 continue
             name = (*parts, child.name)
-            if _is_run(child):
+            if is_run(child):
                 found.append(read_run(root, "/".join(name)))
             elif len(name) < MAX_DEPTH:
                 pending.append((child, name))

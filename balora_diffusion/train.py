@@ -413,6 +413,16 @@ def check_resolution(resolution: int, pipe) -> None:
                         f"(e.g. {nearest})")
 
 
+def check_sample_steps(cfg: TrainConfig, pipe) -> None:
+    """A sampler takes at most one step per timestep the model was trained on; more fail only when the
+    first grid or score is drawn, after training."""
+    most = pipe.scheduler.config.num_train_timesteps
+    for name in ("sample_steps", "eval_sample_steps"):
+        if getattr(cfg, name) > most:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: this base model's sampler has "
+                            f"{most} timesteps, so at most {most} sampling steps")
+
+
 def load_models(cfg: TrainConfig, accelerator, examples):
     """The base pipeline with the placeholder tokens and LoRA in, its frozen parts frozen, the
     dataset at the training resolution, the token embedding and the LoRA pairs."""
@@ -426,6 +436,7 @@ def load_models(cfg: TrainConfig, accelerator, examples):
     use_cpu_threads(cfg.cpu_threads, [unet, text_encoder, vae])
     resolution = cfg.resolution or unet.config.sample_size * pipe.vae_scale_factor
     check_resolution(resolution, pipe)
+    check_sample_steps(cfg, pipe)
     check_image_sizes(examples, resolution, quiet=not accelerator.is_main_process)
     sizes = bucketing.choose_buckets(cfg.buckets, resolution, resolution_step(pipe))
     data = ConceptData(examples, resolution=resolution, repeats=cfg.repeats, seed=cfg.seed,

@@ -77,3 +77,14 @@ def test_a_checkpoint_is_no_run_of_the_runs_listing(scored_run):
     assert [r.name for r in list_runs(scored_run.parent)] == ["run"]
     with pytest.raises(UserError, match="no run"):
         resolve_run(scored_run.parent, "run/checkpoints/step-0000001")
+
+
+# --- train: numbers that would only fail once training has run
+
+@pytest.mark.parametrize("option", ["--eval-sample-steps", "--sample-steps"])
+def test_more_sampling_steps_than_the_model_has_timesteps_fail_before_training(option, random_sd_dir, tiny_clip_dir,
+                                                                               tmp_path):
+    out = tmp_path / "run"
+    result = balora(*train_args(random_sd_dir, tiny_clip_dir, out, 1, option, "99999999999999999999"))
+    assert_one_line_error(result, f"{option} 99999999999999999999")
+    assert not out.exists()

@@ -103,6 +103,15 @@ def check_resumable(saved: dict, cfg: TrainConfig, folder: Path) -> None:
                             "--output-dir, or start over with --overwrite true)")
 
 
+def check_best_folder(out: Path, cfg: TrainConfig) -> None:
+    """With --best-by the run swaps RUN/best in whole as a better checkpoint is scored: refuse, before
+    training, a file or a link there, which the swap would fail on mid-run or write through."""
+    best = out / BEST
+    if cfg.best_by and (best.is_symlink() or (best.exists() and not best.is_dir())):
+        raise UserError(f"{best} is a {'link' if best.is_symlink() else 'file'}, not the folder of the best "
+                        f"checkpoint that --best-by writes: move it out of {out} and start again")
+
+
 class RunFolder:
     """`with RunFolder(cfg, accelerator) as run:` around a training. On entry the main process locks
     the folder, removes the leftovers of killed writes, refuses a folder that holds a run unless
@@ -158,6 +167,7 @@ class RunFolder:
             for path in held:
                 os.replace(path, trash / path.name)
             shutil.rmtree(trash)
+        check_best_folder(out, cfg)
         resume = resume_checkpoint(out, cfg) if cfg.resume else None
         self._sign()
         return resume

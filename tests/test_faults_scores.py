@@ -88,3 +88,25 @@ def test_more_sampling_steps_than_the_model_has_timesteps_fail_before_training(o
     result = balora(*train_args(random_sd_dir, tiny_clip_dir, out, 1, option, "99999999999999999999"))
     assert_one_line_error(result, f"{option} 99999999999999999999")
     assert not out.exists()
+
+
+# --- train --resume with RUN/best not the folder the run writes
+
+@pytest.mark.parametrize("kind", ["file", "link out"])
+def test_resume_refuses_a_best_that_is_a_file_or_a_link(kind, scored_run, random_sd_dir, tiny_clip_dir, tmp_path):
+    run = _copy_run(scored_run, tmp_path / "run")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    import shutil
+
+    shutil.rmtree(run / "best")
+    if kind == "file":
+        (run / "best").write_text("not a folder")
+    else:
+        (run / "best").symlink_to(outside, target_is_directory=True)
+    before = _tree(run)
+    result = balora(*train_args(random_sd_dir, tiny_clip_dir, run, 3, "--resume", "latest"))
+    assert_one_line_error(result, f"{run / 'best'}")
+    assert _tree(run) == before
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]

@@ -110,3 +110,95 @@ def test_resume_refuses_a_best_that_is_a_file_or_a_link(kind, scored_run, random
     assert_one_line_error(result, f"{run / 'best'}")
     assert _tree(run) == before
     assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+
+
+# --- balora results --sweep with a hostile summary.json
+
+def _summary() -> dict:
+    cell = {"name": "{m}-lrx1-s0", "labels": {"method": "{m}", "lr": "x1", "lr_unet": 1e-3, "lr_text": 1e-4, "seed": 0},
+            "status": "done", "error": None, "fidelity": {"1": 0.5}, "clip-t": {"1": 0.25},
+            "final_heldout_loss": 0.05, "heldout_loss": [[0, 0.4], [2, 0.05]], "steps": 2, "training_seconds": 1.0}
+    cells = [json.loads(json.dumps(cell).replace("{m}", m)) for m in ("lora", "balora")]
+    return {"protocol": {"sweep": {"methods": ["lora", "balora"], "lrs": ["x1"], "seeds": [0]}, "scoring": {}},
+            "cells": cells}
+
+
+def _hostile(name: str):
+    s = _summary()
+    if name == "not json":
+        return '{"cells": ['
+    if name == "a list":
+        return [1, 2]
+    if name == "deeply nested":
+        return "[" * 100000 + "]" * 100000
+    if name == "NaN":
+        return json.dumps(s).replace("0.05,", "NaN,")
+    if name == "no protocol":
+        del s["protocol"]
+    elif name == "protocol a list":
+        s["protocol"] = [1]
+    elif name == "methods a number":
+        s["protocol"]["sweep"]["methods"] = 5
+    elif name == "cell without status":
+        del s["cells"][1]["status"]
+    elif name == "lr a word":
+        s["cells"][1]["labels"]["lr_unet"] = "fast"
+    elif name == "scores a list":
+        s["cells"][1]["fidelity"] = [1, 2]
+    elif name == "curve a word":
+        s["cells"][1]["heldout_loss"] = "oops"
+    elif name == "huge score":
+        s["cells"][0]["clip-t"] = {"1": -1e308}
+    elif name == "huge steps":
+        s["cells"][0]["steps"] = 10 ** 400
+    return json.dumps(s)
+
+
+HOSTILE = ["not json", "a list", "deeply nested", "NaN", "no protocol", "protocol a list", "methods a number",
+           "cell without status", "lr a word", "scores a list", "curve a word", "huge score",
+           "huge steps"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_results_refuses_a_hostile_summary_in_one_line(name, tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    text = _hostile(name)
+    (sweep / "summary.json").write_text(text if isinstance(text, str) else json.dumps(text))
+    page = tmp_path / "page.md"
+    result = balora("results", "--sweep", sweep, "--out", page)
+    assert_one_line_error(result, f"{sweep}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+
+
+def test_results_writes_the_page_of_a_sound_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "summary.json").write_text(json.dumps(_summary()))
+    result = balora("results", "--sweep", sweep, "--out", tmp_path / "page.md")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| balora |" in (tmp_path / "page.md").read_text()
+
+
+def test_results_writes_a_huge_loss_readably(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    summary = _summary()
+    summary["cells"][1]["final_heldout_loss"] = 1e308
+    (sweep / "summary.json").write_text(json.dumps(summary))
+    result = balora("results", "--sweep", sweep, "--out", tmp_path / "page.md")
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (tmp_path / "page.md").read_text()
+    assert "1e+308" in page and "0" * 30 not in page
+
+
+def test_results_refuses_a_page_path_that_is_a_folder(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "summary.json").write_text(json.dumps(_summary()))
+    (sweep / "grid.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    result = balora("results", "--sweep", sweep, "--out", folder, "--overwrite", "true")
+    assert_one_line_error(result, f"--out {folder}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pages", "sweep"] and not any(folder.iterdir())

@@ -48,6 +48,8 @@ def _shared(runs: list[dict]) -> str:
 def _num(x, spec: str = ".3g") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "never"
+    if spec.endswith("f") and abs(x) >= 1e6:  # a fixed-point huge number would fill the table's row
+        return format(x, ".3g")
     return format(x, spec)
 
 
@@ -338,6 +340,85 @@ def _count(protocol: dict, kind: str) -> int:
 # `balora sweep`'s scores of a cell's final adapter by CLIP / DINO (bench.cell_scores), besides the
 # world's pixel scores; each a cell record's {w: score}.
 SWEEP_METRICS = MODEL_METRICS
+# a cell's scores: CLIP's and DINO's cosines lie in [-1, 1], fidelity and adherence (shares) in [0, 1]
+SCORE_RANGES = {**{metric: (-1.0, 1.0) for metric in SWEEP_METRICS}, "fidelity": (0.0, 1.0), "adherence": (0.0, 1.0)}
+MOST_STEPS = 2 ** 63
+
+
+def read_sweep_summary(text: str) -> dict:
+    """A sweep's summary.json, checked field by field as far as its page reads it; anything else (not strict
+    JSON, another shape, a number out of its range) is a ValueError saying where."""
+    import json
+
+    def no_constant(name: str):
+        raise ValueError(f"{name} is no JSON number")
+
+    try:
+        summary = json.loads(text, parse_constant=no_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    _check_summary(summary)
+    return summary
+
+
+def _is_number(x, low: float = -math.inf, high: float = math.inf) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and low <= x <= high
+
+
+def _expect(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{where} should be {what}")
+
+
+def _check_summary(summary) -> None:
+    _expect(isinstance(summary, dict), "the file", "an object with protocol and cells")
+    protocol, cells = summary.get("protocol"), summary.get("cells")
+    _expect(isinstance(protocol, dict), "protocol", "an object")
+    _expect(isinstance(cells, list), "cells", "a list")
+    settings = protocol.get("sweep", {})
+    _expect(isinstance(settings, dict), "protocol.sweep", "an object")
+    for key in ("methods", "lrs", "seeds"):
+        _expect(isinstance(settings.get(key, []), list) and all(isinstance(v, (str, int)) and not isinstance(v, bool)
+                                                                for v in settings.get(key, [])),
+                f"protocol.sweep.{key}", "a list of names")
+    scoring = protocol.get("scoring") or {}
+    _expect(isinstance(scoring, dict) and isinstance(scoring.get("metrics") or {}, dict), "protocol.scoring",
+            "an object")
+    for i, cell in enumerate(cells):
+        if cell is not None:
+            _check_cell(cell, f"cells[{i}]")
+
+
+def _check_cell(cell, where: str) -> None:
+    from balora_diffusion.bench.concept import LAMBDA_KEY
+
+    _expect(isinstance(cell, dict), where, "an object")
+    labels = cell.get("labels")
+    _expect(isinstance(labels, dict), f"{where}.labels", "an object")
+    for key in ("method", "lr"):
+        _expect(isinstance(labels.get(key), str), f"{where}.labels.{key}", "a name")
+    for key in ("lr_unet", "lr_text"):
+        _expect(_is_number(labels.get(key), 0), f"{where}.labels.{key}", "a finite number >= 0")
+    _expect(labels.get(LAMBDA_KEY) is None or _is_number(labels[LAMBDA_KEY]), f"{where}.labels.{LAMBDA_KEY}",
+            "a finite number")
+    _expect(isinstance(cell.get("status"), str), f"{where}.status", "a word (done, diverged, ...)")
+    final = cell.get("final_heldout_loss")
+    _expect(final is None or _is_number(final), f"{where}.final_heldout_loss", "a finite number")
+    steps = cell.get("steps")
+    _expect(steps is None or (isinstance(steps, int) and not isinstance(steps, bool) and 0 <= steps <= MOST_STEPS),
+            f"{where}.steps", f"a whole number from 0 to {MOST_STEPS}")
+    curve = cell.get("heldout_loss", [])
+    _expect(isinstance(curve, list) and all(
+        isinstance(p, list) and len(p) == 2 and _is_number(p[0], 0, MOST_STEPS) and (p[1] is None or _is_number(p[1]))
+        for p in curve), f"{where}.heldout_loss", "a list of [step, loss] pairs")
+    for metric, (low, high) in SCORE_RANGES.items():
+        scores = cell.get(metric)
+        _expect(scores is None or isinstance(scores, dict), f"{where}.{metric}", "an object {fusion: score}")
+        for w, value in (scores or {}).items():
+            if metric == "adherence" and isinstance(value, dict):
+                value = value.get("all")
+            _expect(value is None or _is_number(value, low, high), f"{where}.{metric}.{w}",
+                    f"a score from {low:g} to {high:g}")
 
 
 def sweep_table(records: list[dict]) -> dict[str, dict]:

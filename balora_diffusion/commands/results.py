@@ -41,18 +41,21 @@ def _ensure(folder: Path, name: str, run) -> dict:
 
 
 def _sweep_page(args: argparse.Namespace) -> int:
-    from balora_diffusion.bench.results import render_sweep_page
+    from balora_diffusion.bench.results import read_sweep_summary, render_sweep_page
     from balora_diffusion.errors import UserError
 
     summary_file = args.sweep / "summary.json"
     if not summary_file.is_file():
         raise UserError(f"--sweep {args.sweep}: no summary.json there (a `balora sweep` writes it when its cells are "
                         "done; run the sweep, or rerun it to finish it)")
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder: with --sweep, --out is the page file, e.g. "
+                        f"{args.out / 'results.md'}")
     try:
-        summary = json.loads(summary_file.read_text(encoding="utf-8"))
-        methods = {c["labels"]["method"] for c in summary["cells"] if c}
-    except (ValueError, KeyError, TypeError) as exc:
+        summary = read_sweep_summary(summary_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise UserError(f"--sweep {args.sweep}: summary.json is not a sweep's summary ({exc})") from None
+    methods = {c["labels"]["method"] for c in summary["cells"] if c}
     if "lora" not in methods:
         raise UserError(f"--sweep {args.sweep}: the verdicts compare each method with plain LoRA, and the sweep has "
                         f"no lora cells (methods: {', '.join(sorted(methods))}); add lora to its --methods")

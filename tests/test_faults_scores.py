@@ -202,3 +202,23 @@ def test_results_refuses_a_page_path_that_is_a_folder(tmp_path):
     result = balora("results", "--sweep", sweep, "--out", folder, "--overwrite", "true")
     assert_one_line_error(result, f"--out {folder}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pages", "sweep"] and not any(folder.iterdir())
+
+
+# --- balora sweep --sort-by a score the sweep does not compute
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--metrics", "clip-t", "--sort-by", "dino"], "--sort-by dino"),
+    (["--sort-by", "fidelity"], "--sort-by fidelity"),
+    (["--score", "false", "--sort-by", "clip-t"], "--sort-by clip-t"),
+])
+def test_sweep_refuses_to_sort_by_a_score_it_does_not_compute(extra, fragment, random_sd_dir, tiny_clip_dir, tmp_path):
+    plain = tmp_path / "plain"  # the demo concept's images without its concept.toml
+    plain.mkdir()
+    for image in paths.DEMO_CONCEPT.glob("*.png"):
+        (plain / image.name).write_bytes(image.read_bytes())
+    out = tmp_path / "sweep"
+    result = balora("sweep", "--methods", "lora", "--clip", tiny_clip_dir, "--out", out, "--set", f"data_dir={plain}",
+                    f"base_model={random_sd_dir}", "token=<zorb>", "init_word=heart", "steps=1", "sample_steps=1",
+                    *extra)
+    assert_one_line_error(result, fragment)
+    assert not out.exists()

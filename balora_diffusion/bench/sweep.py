@@ -220,6 +220,19 @@ def scoring_settings(sweep: SweepConfig, cells: list[Cell]) -> dict | None:
             else None}
 
 
+def check_sort_by(sort_by: str, scoring: dict | None) -> None:
+    """Refuse, before any cell trains, to sort summary.md by a score that no cell will have."""
+    scored = ["heldout-loss"]
+    if scoring and scoring["concept"]:
+        scored += ["fidelity", "adherence"]
+    if scoring and scoring["metrics"]:
+        scored += scoring["metrics"]["names"]
+    if sort_by and sort_by not in scored:
+        raise UserError(f"--sort-by {sort_by}: the cells are not scored by it (they get {', '.join(scored)}); "
+                        + ("fidelity and adherence need a concept.toml in data_dir" if sort_by in ("fidelity", "adherence")
+                           else "add it to --metrics, with --score true"))
+
+
 def _metric_models(metrics: list[str], sweep: SweepConfig) -> dict:
     from balora_diffusion.checkpoint_scoring import load_models
 
@@ -452,6 +465,7 @@ def run_sweep(sweep: SweepConfig) -> list[dict]:
     cells = expand(sweep)
     check_sweep_folder(Path(sweep.out), cells)
     scoring = scoring_settings(sweep, cells)
+    check_sort_by(sweep.sort_by, scoring)
     records = run_cells(sweep, cells, scoring)
     write_summary(Path(sweep.out), {"sweep": asdict(sweep), "scoring": scoring}, cells, records, sweep.fusions,
                   sweep.sort_by)

@@ -222,3 +222,20 @@ def test_sweep_refuses_to_sort_by_a_score_it_does_not_compute(extra, fragment, r
                     *extra)
     assert_one_line_error(result, fragment)
     assert not out.exists()
+
+
+def test_best_by_a_score_that_no_step_got_ends_in_a_line_not_a_traceback(random_sd_dir, tiny_clip_dir, tmp_path):
+    concept = tmp_path / "concept"  # the demo concept whose one evaluation prompt names nothing adherence checks
+    concept.mkdir()
+    for image in paths.DEMO_CONCEPT.glob("*.png"):
+        (concept / image.name).write_bytes(image.read_bytes())
+    toml = (paths.DEMO_CONCEPT / "concept.toml").read_text()
+    start, end = toml.index("eval_prompts"), toml.index("]", toml.index("eval_prompts")) + 1
+    (concept / "concept.toml").write_text(toml[:start] + 'eval_prompts = ["a <zorb>"]' + toml[end:])
+    out = tmp_path / "run"
+    args = train_args(random_sd_dir, tiny_clip_dir, out, 1, "--eval-metrics", "adherence", "--best-by", "adherence")
+    args[args.index("--data-dir") + 1] = concept
+    result = balora(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "best by adherence: no scored step" in result.stdout
+    assert not (out / "best").exists()

@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
         from balora_diffusion.runfolder import BEST
 
         best = read_best(out)
-        print(f"best by {cfg.best_by}: step {best['step']} ({best['value']:.4f}), in every format in {out / BEST}; "
-              f"scores at each checkpoint: {out / 'scores.png'}")
+        where = (f"step {best['step']} ({best['value']:.4f}), in every format in {out / BEST}" if best else
+                 f"no scored step got a {cfg.best_by} score, so there is no {out / BEST}")
+        print(f"best by {cfg.best_by}: {where}; scores at each checkpoint: {out / 'scores.png'}")
+    elif cfg.eval_metrics:
+        print(f"scores at each checkpoint: {out / 'scores.png'} (and eval/* in {out / 'metrics.jsonl'})")
     return 0

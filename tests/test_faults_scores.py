@@ -239,3 +239,21 @@ def test_best_by_a_score_that_no_step_got_ends_in_a_line_not_a_traceback(random_
     assert result.returncode == 0, result.stderr[-2000:]
     assert "best by adherence: no scored step" in result.stdout
     assert not (out / "best").exists()
+
+
+def test_the_sweep_grid_names_the_prompt_its_cells_drew_on_a_plain_concept(random_sd_dir, tiny_clip_dir, tmp_path):
+    from balora_diffusion.bench.sweep import SweepConfig, expand, sample_prompt
+
+    plain = tmp_path / "plain"  # the demo concept's images and captions without its concept.toml
+    plain.mkdir()
+    for image in [*paths.DEMO_CONCEPT.glob("*.png"), *paths.DEMO_CONCEPT.glob("*.txt")]:
+        (plain / image.name).write_bytes(image.read_bytes())
+    out = tmp_path / "sweep"
+    settings = ["--methods", "lora", "--clip", str(tiny_clip_dir), "--out", str(out), "--set", f"data_dir={plain}",
+                f"base_model={random_sd_dir}", "token=<zorb>", "init_word=heart", "steps=1", "sample_steps=1"]
+    result = balora("sweep", *settings)
+    assert result.returncode == 0, result.stderr[-2000:]
+    scoring = json.loads((out / "summary.json").read_text())["protocol"]["scoring"]
+    cells = expand(SweepConfig(methods=["lora"], out=str(out), set=settings[settings.index("--set") + 1:]))
+    first_caption = (plain / "00.txt").read_text().strip()
+    assert sample_prompt(scoring, cells) == repr(f"{first_caption} in the snow")

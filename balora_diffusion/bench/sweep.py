@@ -440,7 +440,7 @@ def sweep_grid(path: Path, cells: list[Cell], records: list[dict], prompt: str =
     images = [[Image.open(samples[table[(r, k)].name]).convert("RGB")
                if (r, k) in table and samples[table[(r, k)].name].is_file() else blank for k in cols] for r in rows]
     return write_grid(path, images, row_labels=[f"lr {r}" for r in rows], col_labels=cols,
-                      title=f"{prompt!r}, one image per cell (the first seed); grey: diverged or unscored")
+                      title=f"{prompt}, one image per cell (the first seed); grey: diverged or unscored")
 
 
 def write_summary(out: Path, protocol: dict, cells: list[Cell], records: list[dict], fusions: list[float],
@@ -450,15 +450,23 @@ def write_summary(out: Path, protocol: dict, cells: list[Cell], records: list[di
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(summary_markdown(records, fusions, sort_by), encoding="utf-8")
     scoring = protocol.get("scoring")
-    sweep_grid(out / "grid.png", cells, records,
-               _sample_prompt(scoring) if scoring and scoring["concept"] else "the first evaluation prompt")
+    sweep_grid(out / "grid.png", cells, records, sample_prompt(scoring, cells))
 
 
-def _sample_prompt(scoring: dict) -> str:
+def sample_prompt(scoring: dict | None, cells: list[Cell]) -> str:
+    """The prompt of the grid's images (cell_scores.SAMPLE), quoted: the world concept's first scored prompt,
+    else the first of the prompts eval's metrics scored the first cell with."""
     from balora_diffusion.bench.cell_scores import concept_prompts
     from balora_diffusion.concept import load_concept
+    from balora_diffusion.concept_eval import Entry, load_subject
 
-    return concept_prompts(load_concept(scoring["concept"]), scoring["unseen"])[0][0][0]
+    if scoring and scoring["concept"]:
+        return repr(concept_prompts(load_concept(scoring["concept"]), scoring["unseen"])[0][0][0])
+    folder = Path(cells[0].values["output_dir"])
+    try:
+        return repr(load_subject(Entry(folder.name, folder, folder), list(cells[0].values.get("token") or [])).prompts[0])
+    except (UserError, OSError):  # the first cell never started: its folder holds no config
+        return "the first evaluation prompt"
 
 
 def run_sweep(sweep: SweepConfig) -> list[dict]:

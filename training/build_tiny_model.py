@@ -360,6 +360,19 @@ def comparable(cfg: BuildConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
 
 
+def newest_state(state: Path, config: dict) -> tuple[Path, dict]:
+    """A recipe's newest checkpoint and its meta tree, refused unless it was made with `config`."""
+    found = list_checkpoints(state)
+    if not found:
+        raise UserError(f"--resume: no checkpoint in {state}")
+    folder = found[-1]
+    meta = load_tree(folder, "meta")
+    if meta["config"] != config:
+        changed = sorted(k for k in config if meta["config"].get(k) != config[k])
+        raise UserError(f"--resume: the checkpoint in {folder} was made with other options ({', '.join(changed)})")
+    return folder, meta
+
+
 def export_pipeline(out: Path, vae, unet, text_encoder, tokenizer_dir: Path, info: dict) -> None:
     """Write the fp16 diffusers folder next to `out`, then swap it in: a reader never sees half a model."""
     from diffusers import StableDiffusionPipeline
@@ -442,14 +455,7 @@ class Build:
         write_checkpoint(self.state, self.meta["step"], self._trees())
 
     def restore(self) -> None:
-        found = list_checkpoints(self.state)
-        if not found:
-            raise UserError(f"--resume: no checkpoint in {self.state}")
-        folder = found[-1]
-        meta = load_tree(folder, "meta")
-        if meta["config"] != comparable(self.cfg):
-            changed = sorted(k for k in comparable(self.cfg) if meta["config"].get(k) != getattr(self.cfg, k))
-            raise UserError(f"--resume: the checkpoint in {folder} was made with other options ({', '.join(changed)})")
+        folder, meta = newest_state(self.state, comparable(self.cfg))
         for name in ("vae", "unet", "text_encoder", "ema_unet", "ema_text_encoder"):
             getattr(self, name).load_state_dict(load_tree(folder, name, self.device))
         self.vae_opt.load_state_dict(load_tree(folder, "vae_opt", self.device))

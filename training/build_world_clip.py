@@ -45,7 +45,7 @@ for folder in (REPO, TRAINING):  # run as a script or loaded by path from the te
         sys.path.insert(0, str(folder))
 
 import make_demo_concept as concepts  # noqa: E402
-from build_tiny_model import count_params, lr_factor, set_lr  # noqa: E402
+from build_tiny_model import count_params, lr_factor, newest_state, set_lr  # noqa: E402
 
 from balora_diffusion import paths, world  # noqa: E402
 from balora_diffusion.atomic import atomic_path  # noqa: E402
@@ -294,14 +294,7 @@ class Build:
                                                          "opt": self.opt.state_dict()})
 
     def restore(self) -> None:
-        found = list_checkpoints(self.state)
-        if not found:
-            raise UserError(f"--resume: no checkpoint in {self.state}")
-        folder = found[-1]
-        meta = load_tree(folder, "meta")
-        if meta["config"] != comparable(self.cfg):
-            changed = sorted(k for k in comparable(self.cfg) if meta["config"].get(k) != getattr(self.cfg, k))
-            raise UserError(f"--resume: the checkpoint in {folder} was made with other options ({', '.join(changed)})")
+        folder, meta = newest_state(self.state, comparable(self.cfg))
         self.model.load_state_dict(load_tree(folder, "model"))
         self.opt.load_state_dict(load_tree(folder, "opt"))
         self.generator.set_state(meta.pop("rng"))

@@ -622,7 +622,9 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
             raise TrainingDiverged(  # the checkpoints from `step` on hold the weights that gave this loss
                 f"loss became {loss.item()} at step {step}; stopped. Last good checkpoint: "
                 f"{drop_checkpoints_after(out, step, accelerator) or 'none'}. "
-                "Lower the learning rate, or use mixed_precision bf16 or no.")
+                + (f"Lower --prior-weight {cfg.prior_weight:g}, the learning rate"
+                   if cfg.prior_prompt and cfg.prior_weight > 1 else "Lower the learning rate")
+                + ", or use mixed_precision bf16 or no.")
         update(cfg, accelerator, optimizer, loss)
         lr_schedule.step()
         memory.step_ends()

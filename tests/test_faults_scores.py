@@ -257,3 +257,12 @@ def test_the_sweep_grid_names_the_prompt_its_cells_drew_on_a_plain_concept(rando
     cells = expand(SweepConfig(methods=["lora"], out=str(out), set=settings[settings.index("--set") + 1:]))
     first_caption = (plain / "00.txt").read_text().strip()
     assert sample_prompt(scoring, cells) == repr(f"{first_caption} in the snow")
+
+
+def test_a_loss_that_a_huge_prior_weight_makes_infinite_names_the_weight(random_sd_dir, tiny_clip_dir, tmp_path):
+    out = tmp_path / "run"
+    result = balora(*train_args(random_sd_dir, tiny_clip_dir, out, 1, "--prior-prompt", "a heart", "--prior-weight",
+                                "1e308"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("balora: error: ")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(errors) == 1 and "--prior-weight 1e+308" in errors[0], errors  # after the training's bar

@@ -63,24 +63,39 @@ def check_concept(metrics: list[str], concept_dir: str | Path, flag: str) -> Non
                         "colours and prompts); score a concept of your own with clip-t, clip-i and dino")
 
 
-def score_images(images, prompts: list[str], subject, metrics: list[str], models: dict) -> dict:
+def world_adherence(images, prompts, concept) -> float | None:
+    """The share of the background, size and position each prompt names that its image shows (sizes and
+    positions calibrated on the concept's captioned images); None when no prompt names any."""
+    from balora_diffusion import scoring
+    from balora_diffusion.bench.cell_scores import concept_prompts
+
+    _, calibration = concept_prompts(concept, 0)
+    return scoring.adherence_score([scoring.adherence(image, scoring.parse_context(prompt), calibration)
+                                    for image, prompt in zip(images, prompts)])
+
+
+def score_images(images, prompts: list[str], subject, metrics: list[str], models: dict,
+                 seconds: dict | None = None) -> dict:
     """{metric: score} of `images` drawn from `prompts` (images[i] from prompts[i]) against `subject`
-    (a concept_eval.Subject)."""
+    (a concept_eval.Subject); `seconds`, when given, gets each metric's time."""
+    import time
+
     from balora_diffusion import metrics as m
-    from balora_diffusion.commands.eval import world_adherence
     from balora_diffusion.concept import fidelity_batch
 
+    compute = {
+        "clip-t": lambda: m.clip_t(models["clip"], images, [subject.clip_text(p) for p in prompts]),
+        "clip-i": lambda: m.clip_i(models["clip"], images, subject.images),
+        "dino": lambda: m.dino(models["dino"], images, subject.images),
+        "fidelity": lambda: fidelity_batch(images, subject.concept),
+        "adherence": lambda: world_adherence(images, prompts, subject.concept),
+    }
     scores = {}
-    if "clip-t" in metrics:
-        scores["clip-t"] = m.clip_t(models["clip"], images, [subject.clip_text(p) for p in prompts])
-    if "clip-i" in metrics:
-        scores["clip-i"] = m.clip_i(models["clip"], images, subject.images)
-    if "dino" in metrics:
-        scores["dino"] = m.dino(models["dino"], images, subject.images)
-    if "fidelity" in metrics:
-        scores["fidelity"] = fidelity_batch(images, subject.concept)
-    if "adherence" in metrics:
-        scores["adherence"] = world_adherence(images, prompts, subject.concept)
+    for name in metrics:
+        tick = time.perf_counter()
+        scores[name] = compute[name]()
+        if seconds is not None:
+            seconds[name] = time.perf_counter() - tick
     return scores
 
 

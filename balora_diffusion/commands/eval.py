@@ -66,37 +66,6 @@ def table(results: list[dict], metrics: list[str]) -> str:
     return "\n".join(lines)
 
 
-def world_adherence(images, prompts, concept) -> float | None:
-    """The share of the background, size and position each prompt names that its image shows (sizes and
-    positions calibrated on the concept's captioned images); None when no prompt names any."""
-    from balora_diffusion import scoring
-    from balora_diffusion.bench.cell_scores import concept_prompts
-
-    _, calibration = concept_prompts(concept, 0)
-    return scoring.adherence_score([scoring.adherence(image, scoring.parse_context(prompt), calibration)
-                                    for image, prompt in zip(images, prompts)])
-
-
-def _score(images, prompts, subject, metrics, models) -> tuple[dict, dict]:
-    """(scores, seconds each metric took) of `images`, image i drawn from prompts[i]."""
-    from balora_diffusion import metrics as m
-    from balora_diffusion.concept import fidelity_batch
-
-    compute = {
-        "clip-t": lambda: m.clip_t(models["clip"], images, [subject.clip_text(p) for p in prompts]),
-        "clip-i": lambda: m.clip_i(models["clip"], images, subject.images),
-        "dino": lambda: m.dino(models["dino"], images, subject.images),
-        "fidelity": lambda: fidelity_batch(images, subject.concept),
-        "adherence": lambda: world_adherence(images, prompts, subject.concept),
-    }
-    scores, seconds = {}, {}
-    for name in metrics:
-        tick = time.perf_counter()
-        scores[name] = compute[name]()
-        seconds[name] = time.perf_counter() - tick
-    return scores, seconds
-
-
 def _check_subject(subject, metrics: list[str]) -> None:
     for name in WORLD_METRICS:
         if name in metrics and subject.concept is None:
@@ -164,6 +133,7 @@ def evaluate(cfg: EvalConfig, targets: list, prepared=None) -> Evaluation:
 
     with libraries_loading():
         from balora_diffusion import concept_eval, metrics
+        from balora_diffusion.checkpoint_scoring import score_images
         from balora_diffusion.commands.generate import check_prompt_windows, load_drawing, read_prompts_file
         from balora_diffusion.formats.fuse import Fused
         from balora_diffusion.formats.read import read_adapter
@@ -209,7 +179,8 @@ def evaluate(cfg: EvalConfig, targets: list, prepared=None) -> Evaluation:
         for fusion, images in zip(cfg.fusion, drawn):
             flat = [image for row in images for image in row]
             flat_prompts = [p for p in subject.prompts for _ in cfg.seeds]
-            scores, seconds = _score(flat, flat_prompts, subject, chosen, done.models)
+            seconds = {}
+            scores = score_images(flat, flat_prompts, subject, chosen, done.models, seconds)
             files = [f"images/a{len(done.rows):03d}-w{fusion:g}-p{i:02d}-s{seed}.png"
                      for i in range(len(subject.prompts)) for seed in cfg.seeds]
             done.drawn_files.extend(zip(files, flat))
@@ -238,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     from balora_diffusion.collector import libraries_loading
 
     with libraries_loading():
-        from balora_diffusion.formats.run_files import write_run_adapters
+        from balora_diffusion.checkpoint_scoring import write_best
         from balora_diffusion.generate import image_grid, save_image
         from balora_diffusion.train import library_versions
 
@@ -258,10 +229,7 @@ def run(args: argparse.Namespace) -> int:
                       if r["fusion"] == top]
         best_result, best_adapter = max(candidates, key=lambda ra: (ra[0][cfg.best_by] is not None,
                                                                     ra[0][cfg.best_by] or 0.0))
-        with atomic_path(best_run / BEST) as tmp:
-            tmp.mkdir(parents=True)
-            write_run_adapters(tmp, best_adapter)
-            write_json_atomic(tmp / "best.json", {"by": cfg.best_by, "fusion": top, **best_result})
+        write_best(best_run, best_adapter, {"by": cfg.best_by, "fusion": top, **best_result})
         best = {"by": cfg.best_by, "fusion": top, "label": best_result["label"], "step": best_result["step"],
                 "folder": str(best_run / BEST)}
 

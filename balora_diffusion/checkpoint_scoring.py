@@ -163,11 +163,14 @@ def write_best(run: Path, adapter, record: dict) -> Path:
     from balora_diffusion.formats.run_files import write_run_adapters
     from balora_diffusion.runfolder import BEST
 
-    with atomic_path(run / BEST) as tmp:
+    best = run / BEST
+    if best.is_symlink() or best.is_file():  # replaced itself, never written through nor its target deleted
+        best.unlink()
+    with atomic_path(best) as tmp:
         tmp.mkdir(parents=True)
         write_run_adapters(tmp, adapter)
         write_json_atomic(tmp / BEST_RECORD, record)
-    return run / BEST
+    return best
 
 
 def read_best(run: Path) -> dict | None:

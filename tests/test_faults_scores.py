@@ -266,3 +266,19 @@ def test_a_loss_that_a_huge_prior_weight_makes_infinite_names_the_weight(random_
     errors = [line for line in result.stderr.splitlines() if line.startswith("balora: error: ")]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(errors) == 1 and "--prior-weight 1e+308" in errors[0], errors  # after the training's bar
+
+
+def test_eval_best_by_overwrite_replaces_a_best_link_never_what_it_points_to(scored_run, tiny_clip_dir, tmp_path):
+    import shutil
+
+    run = _copy_run(scored_run, tmp_path / "run")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    shutil.rmtree(run / "best")
+    (run / "best").symlink_to(outside, target_is_directory=True)
+    result = balora("eval", run, "--clip", tiny_clip_dir, "--metrics", "clip-t", "--seeds", "1", "--steps", "1",
+                    "--best-by", "clip-t", "--out", tmp_path / "eval", "--overwrite", "true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (run / "best").is_symlink() and json.loads((run / "best" / "best.json").read_text())["by"] == "clip-t"
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]

@@ -30,6 +30,12 @@ METRICS = [*MODEL_METRICS, *PIXEL_METRICS]
 BEST_RECORD = "best.json"
 
 
+def twice_problem(metrics: list[str]) -> str | None:
+    """A config check: a metric named twice would be drawn for and scored twice."""
+    twice = sorted({m for m in metrics if metrics.count(m) > 1})
+    return f"{', '.join(twice)} named twice" if twice else None
+
+
 def eval_default(name: str) -> str:
     """`balora eval`'s default for its option `name` (its --clip / --dino), the models a run is scored
     with when none is named."""

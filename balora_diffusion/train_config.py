@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from balora_diffusion.checkpoint_scoring import METRICS
+from balora_diffusion.checkpoint_scoring import METRICS, twice_problem
 from balora_diffusion.config import check_config, field
 from balora_diffusion import threads
 from balora_diffusion.errors import UserError
@@ -162,7 +162,7 @@ class TrainConfig:
                                         "into metrics.jsonl, TensorBoard and scores.png; the images are drawn by a "
                                         "second copy of the base model, in memory from the first scored step; "
                                         "empty = off",
-                                    choices=METRICS)
+                                    choices=METRICS, check=twice_problem)
     eval_clip: str = field("", "CLIP model of clip-t and clip-i: a folder or a hub id in the local cache; empty = "
                                "balora eval's default")
     eval_dino: str = field("", "DINO / DINOv2 model of dino: a folder or a hub id in the local cache; empty = "

@@ -282,3 +282,15 @@ def test_eval_best_by_overwrite_replaces_a_best_link_never_what_it_points_to(sco
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (run / "best").is_symlink() and json.loads((run / "best" / "best.json").read_text())["by"] == "clip-t"
     assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_metric_named_twice_is_refused_in_one_line(command, random_sd_dir, tiny_clip_dir, tmp_path):
+    out = tmp_path / "out"
+    if command == "train":
+        args = train_args(random_sd_dir, tiny_clip_dir, out, 1, "--eval-metrics", "clip-t", "clip-i", "clip-t")
+    else:
+        args = ["sweep", "--methods", "lora", "--metrics", "clip-i", "clip-i", "--out", out, "--set",
+                f"data_dir={paths.DEMO_CONCEPT}", f"base_model={random_sd_dir}", "steps=1"]
+    assert_one_line_error(balora(*args), "clip-")
+    assert not out.exists()

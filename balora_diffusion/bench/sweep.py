@@ -20,6 +20,7 @@ from balora_diffusion import paths
 from balora_diffusion.atomic import atomic_path, is_leftover, write_json_atomic
 from balora_diffusion.bench.cell import CELL_FILE, LOG, cell_result, run_cell
 from balora_diffusion.checkpoint_scoring import MODEL_METRICS as SWEEP_METRICS
+from balora_diffusion.checkpoint_scoring import twice_problem
 from balora_diffusion.config import field, parse_flag, read_toml
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_writable
@@ -105,7 +106,7 @@ class SweepConfig:
     metrics: list[str] = field([], "balora eval's metrics of each cell's final adapter: clip-t, clip-i, dino; empty = "
                                    "clip-t and clip-i on a concept without concept.toml where a CLIP model is at hand "
                                    "(clip, else balora eval's default), none on the world concept",
-                               choices=list(SWEEP_METRICS))
+                               choices=list(SWEEP_METRICS), check=twice_problem)
     clip: str = field("", "CLIP model of clip-t and clip-i: a folder or a hub id in the local cache; empty = "
                           "balora eval's default")
     dino: str = field("", "DINO / DINOv2 model of dino: a folder or a hub id in the local cache; empty = balora "

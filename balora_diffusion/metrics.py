@@ -42,8 +42,14 @@ def _first_line(exc: Exception) -> str:
 
 def _load(spec: str, what: str, flag: str, load_config, load_model, load_processor) -> Loaded:
     """`spec` as a folder when one is there, else as a hub id looked up in the local cache only."""
+    from balora_diffusion.models import quiet_diffusers
+
     folder = Path(spec).expanduser()
     local = folder.exists()
+    # a hub id is NAME or ORG/NAME: anything else (an absolute or relative path, a dangling link) was meant
+    # as a folder, and the cache cannot hold it
+    if not local and (folder.is_symlink() or spec.startswith(("/", ".", "~")) or spec.count("/") > 1):
+        raise UserError(f"{flag} {spec}: no such folder")
     source = str(folder) if local else spec
     if local and not (folder / "config.json").is_file():
         raise UserError(f"{flag} {folder}: not a transformers model folder (no config.json)")
@@ -57,8 +63,9 @@ def _load(spec: str, what: str, flag: str, load_config, load_model, load_process
                         f"run `huggingface-cli download {spec} --local-dir DIR`, copy DIR here and give "
                         f"{flag} DIR") from None
     try:
-        model = load_model(source, config, local_files_only=True)
-        processor = load_processor(source, local_files_only=True)
+        with quiet_diffusers():  # no loading bar on stderr, above the one line that may follow it
+            model = load_model(source, config, local_files_only=True)
+            processor = load_processor(source, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"{flag} {source}: not a usable {what} model ({_first_line(exc)})") from None
     return Loaded(model.eval().requires_grad_(False), processor, source)

@@ -23,8 +23,7 @@ def balora(*args, cwd=None) -> subprocess.CompletedProcess:
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> str:
-    # transformers draws a progress bar as it loads the CLIP model (before the check that fails)
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "Loading weights" not in line]
+    lines = result.stderr.splitlines()
     assert result.returncode == 2, f"exit {result.returncode}; stderr: {result.stderr[-2000:]}"
     assert "Traceback" not in result.stdout + result.stderr
     assert len(lines) == 1 and lines[0].startswith("balora: error: "), lines

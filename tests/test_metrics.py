@@ -108,12 +108,15 @@ def test_a_folder_without_weights_is_refused(tiny_clip_dir, tmp_path):
      "balora: error: --clip openai/clip-vit-large-patch14: no such folder and not in the Hugging Face cache; "
      "on a connected machine run `huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR`"),
     ("dino", "--dino", "{tmp}", "balora: error: --dino {tmp}: not a transformers model folder (no config.json)"),
+    ("clip-t", "--clip", "{tmp}/no/such/clip", "balora: error: --clip {tmp}/no/such/clip: no such folder\n"),
+    ("clip-t", "--clip", "{tmp}/loop", "balora: error: --clip {tmp}/loop: no such folder\n"),
 ])
 def test_a_missing_model_is_one_line_through_the_cli(tmp_path, metric, flag, spec, message):
     from safetensors.torch import save_file
 
     from balora_diffusion import paths
 
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     embedding = tmp_path / "zorb.safetensors"  # the smallest adapter there is: a token embedding alone
     save_file({"<zorb>": torch.zeros(1, 32)}, str(embedding))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))  # an empty cache

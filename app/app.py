@@ -110,9 +110,9 @@ def safe_name(name: str) -> str:
 
 def run_prompts(run) -> list[str]:
     """A run's validation prompts (its config's grid_prompts), else the one the listing shows."""
-    from balora_diffusion.runs import _read_json  # the listing's own reading of a run's files
+    from balora_diffusion.runs import read_json  # the listing's own reading of a run's files
 
-    config = _read_json(run.path, "run.json").get("config") or _read_json(run.path, "config.json")
+    config = read_json(run.path, "run.json").get("config") or read_json(run.path, "config.json")
     prompts = [str(p) for p in config.get("grid_prompts") or [] if str(p).strip()]
     return prompts or ([run.prompt] if run.prompt else [])
 

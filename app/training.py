@@ -124,7 +124,7 @@ def unmasked_images(folder: Path) -> list[str]:
         if masks.mask_file(example.path).is_file():
             continue
         with Image.open(example.path) as raw:
-            if not masks._has_alpha(raw):  # noqa: SLF001 (the rule read_mask applies)
+            if not masks.has_alpha(raw):  # the rule read_mask applies
                 missing.append(example.path.name)
     return missing
 

@@ -37,7 +37,7 @@ def _upright(path: Path) -> Image.Image:
         raise UserError(f"cannot read mask {path}: {exc}") from None
 
 
-def _has_alpha(image: Image.Image) -> bool:
+def has_alpha(image: Image.Image) -> bool:
     return "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info)
 
 
@@ -52,7 +52,7 @@ def read_mask(image_path: Path, size: tuple[int, int]) -> Image.Image:
         source = str(path)
     else:
         image = _upright(image_path)
-        if not _has_alpha(image):
+        if not has_alpha(image):
             raise UserError(f"no mask for {image_path}: put {path.name} beside it (white = subject) or give the "
                             "image an alpha channel, or train with --masked-loss false")
         mask, source = image.convert("RGBA").getchannel("A"), f"the alpha channel of {image_path}"

@@ -136,7 +136,7 @@ def list_runs(root: Path) -> list[RunInfo]:
     return sorted(found, key=lambda run: run.name)
 
 
-def _read_json(folder: Path, name: str) -> dict:
+def read_json(folder: Path, name: str) -> dict:
     path = own_file(folder, name)
     try:
         data = json.loads(path.read_text(encoding="utf-8")) if path else {}
@@ -164,8 +164,8 @@ def _training(folder: Path) -> bool:
 
 def read_run(root: Path, name: str) -> RunInfo:
     folder = resolve_run(root, name)
-    run = _read_json(folder, "run.json")
-    config = run.get("config") or _read_json(folder, "config.json")
+    run = read_json(folder, "run.json")
+    config = run.get("config") or read_json(folder, "config.json")
     metrics = read_metrics(folder)
     last = {key: points[-1][1] for key, points in metrics.items() if points}
     state = "finished" if run else "training" if _training(folder) else "stopped"

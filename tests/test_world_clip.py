@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from balora_diffusion import metrics, paths
 from balora_diffusion.bench import agreement
+from balora_diffusion.checkpoint import list_checkpoints
 from balora_diffusion.train import train
 from balora_diffusion.train_config import TrainConfig
 
@@ -50,7 +51,7 @@ def test_quick_recipe_writes_a_loadable_clip_and_resumes_exactly(tmp_path):
 
     # stopped at the first checkpoint by the time limit, then resumed: the same weights as one go
     assert recipe.main([*TINY, "--out", str(split), "--time-limit", "0.00001"]) == recipe.EXIT_STOPPED
-    assert not split.exists() and recipe.list_checkpoints(recipe.state_dir(recipe.parse_args(
+    assert not split.exists() and list_checkpoints(recipe.state_dir(recipe.parse_args(
         ["--out", str(split)])[0]))
     assert recipe.main([*TINY, "--out", str(split)]) == 2  # a leftover checkpoint is not silently restarted
     assert recipe.main([*TINY, "--out", str(split), "--resume"]) == 0

@@ -360,6 +360,16 @@ def comparable(cfg: BuildConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
 
 
+def start(build, resume: bool) -> None:
+    """A recipe's build resumed from its state folder, or started there only if that holds no checkpoint:
+    a fresh start must not silently mix with an interrupted build's state."""
+    if resume:
+        build.restore()
+    elif list_checkpoints(build.state):
+        raise UserError(f"{build.state} holds the checkpoint of an interrupted build: pass --resume to "
+                        "continue it, or delete the folder to start again")
+
+
 def newest_state(state: Path, config: dict) -> tuple[Path, dict]:
     """A recipe's newest checkpoint and its meta tree, refused unless it was made with `config`."""
     found = list_checkpoints(state)
@@ -626,12 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, resume = parse_args(argv)
         build = Build(cfg)
-        has_state = bool(list_checkpoints(build.state))
-        if resume:
-            build.restore()
-        elif has_state:
-            raise UserError(f"{build.state} holds the checkpoint of an interrupted build: pass --resume to "
-                            "continue it, or delete the folder to start again")
+        start(build, resume)
         return build.run()
     except UserError as exc:
         print(f"build_tiny_model: error: {exc}", file=sys.stderr)

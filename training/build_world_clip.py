@@ -45,12 +45,12 @@ for folder in (REPO, TRAINING):  # run as a script or loaded by path from the te
         sys.path.insert(0, str(folder))
 
 import make_demo_concept as concepts  # noqa: E402
-from build_tiny_model import count_params, lr_factor, newest_state, set_lr  # noqa: E402
+from build_tiny_model import count_params, lr_factor, newest_state, set_lr, start  # noqa: E402
 
 from balora_diffusion import paths, world  # noqa: E402
 from balora_diffusion.atomic import atomic_path  # noqa: E402
 from balora_diffusion.cli import drop_known_notices  # noqa: E402
-from balora_diffusion.checkpoint import checkpoint_step, list_checkpoints, load_tree, write_checkpoint  # noqa: E402
+from balora_diffusion.checkpoint import checkpoint_step, load_tree, write_checkpoint  # noqa: E402
 from balora_diffusion.config import add_config_arguments, config_from_args, field  # noqa: E402
 from balora_diffusion.errors import UserError  # noqa: E402
 from balora_diffusion.threads import HELP as THREADS_HELP  # noqa: E402
@@ -515,11 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, resume, command = parse_args(argv)
         build = Build(cfg, command)
-        if resume:
-            build.restore()
-        elif list_checkpoints(build.state):
-            raise UserError(f"{build.state} holds the checkpoint of an interrupted build: pass --resume to "
-                            "continue it, or delete the folder to start again")
+        start(build, resume)
         return build.run()
     except UserError as exc:
         print(f"build_world_clip: error: {exc}", file=sys.stderr)

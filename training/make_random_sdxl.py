@@ -17,7 +17,9 @@ import torch
 from balora_diffusion.models import save_pipeline
 from balora_diffusion.paths import TOKENIZER
 
-TEXT_HIDDEN = (32, 32)       # hidden sizes of text_encoder and text_encoder_2
+# hidden sizes of text_encoder and text_encoder_2; unequal as in SDXL (768, 1280), which diffusers'
+# single-file loader relies on to tell the two encoders apart
+TEXT_HIDDEN = (32, 48)
 POOLED_DIM = 16              # text_encoder_2's projection: the pooled prompt embedding
 TIME_EMBED_DIM = 8           # per added time id; SDXL has six (original size, crop corner, target size)
 ADDED_TIME_IDS = 6

@@ -31,7 +31,15 @@ def _configs_only(folder, out):
 def pipe(tiny_sdxl):
     from diffusers import StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    # norms start as ones and zeros: distinct values everywhere, so that no tensor can land in the
+    # wrong place unnoticed
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in COMPONENTS:
+            for parameter in getattr(pipe, name).parameters():
+                parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
+    return pipe
 
 
 def test_single_file_loads_offline_into_the_same_weights_and_image(pipe, tiny_sdxl, tmp_path):

@@ -18,13 +18,14 @@ from balora_diffusion import paths
 from balora_diffusion.checkpoint import list_checkpoints, load_tree
 from balora_diffusion.cli import main as cli_main
 from balora_diffusion.formats.run_files import kohya_file_name
+from balora_diffusion.rules import NAMED_METHODS
 from balora_diffusion.runfolder import LOCK
 from balora_diffusion.train import TrainingDiverged, train
 from balora_diffusion.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONCEPT = paths.DEMO_CONCEPT
-METHODS = ["lora", "loraplus", "scaled", "ilora", "pilora", "balora", "balora+scaled", "hilora"]
+METHODS = [*NAMED_METHODS, "balora+scaled"]
 
 
 def _config(model_dir, out, **kw) -> TrainConfig:

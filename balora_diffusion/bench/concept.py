@@ -31,9 +31,10 @@ from balora_diffusion.bench import curves as C
 from balora_diffusion.concept import load_concept
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_writable
+from balora_diffusion.rules.registry import NAMED_METHODS, parse_method
 
-METHODS = ("lora", "loraplus", "scaled", "ilora", "pilora", "balora", "balora+scaled", "hilora")
-LAMBDA_METHODS = ("ilora", "pilora")
+# every named method, and after BaLoRA BaLoRA with scaled LoRA's preconditioner
+METHODS = tuple(m for named in NAMED_METHODS for m in ((named, "balora+scaled") if named == "balora" else (named,)))
 LAMBDA_KEY = "ilora_lambda"
 TOP_FUSION = "1"
 
@@ -43,7 +44,7 @@ class Plan:
     """The grid and its sizes; FULL fits 60 minutes on 2 idle CPU cores with 2 workers."""
     methods: tuple[str, ...]
     lrs: tuple[str, ...]          # factors on demo.toml's lr_unet and lr_text
-    lambdas: tuple[float, ...]    # for LAMBDA_METHODS
+    lambdas: tuple[float, ...]    # for the methods that use ilora_lambda
     seeds: tuple[int, ...]
     steps: int
     eval_every: int
@@ -52,7 +53,7 @@ class Plan:
     workers: int
 
     def cells(self) -> int:
-        per_lr = len(self.methods) + sum(m in LAMBDA_METHODS for m in self.methods) * (len(self.lambdas) - 1)
+        per_lr = len(self.methods) + sum(uses_lambda(m) for m in self.methods) * (len(self.lambdas) - 1)
         return per_lr * len(self.lrs) * len(self.seeds)
 
 
@@ -60,6 +61,10 @@ FULL = Plan(methods=METHODS, lrs=("1", "3", "9"), lambdas=(1.0, 10.0), seeds=(0,
             eval_every=25, sample_steps=10, unseen_contexts=4, workers=2)
 QUICK = Plan(methods=("lora", "ilora"), lrs=("1", "4"), lambdas=(1.0, 10.0), seeds=(0,), steps=4, eval_every=2,
              sample_steps=2, unseen_contexts=1, workers=1)
+
+
+def uses_lambda(method: str) -> bool:
+    return parse_method(method).uses_lambda
 
 
 def sweep_configs(plan: Plan, out: Path) -> list:
@@ -71,8 +76,8 @@ def sweep_configs(plan: Plan, out: Path) -> list:
               f"sample_steps={plan.sample_steps}"]
     kwargs = {"config": "demo", "lrs": list(plan.lrs), "seeds": list(plan.seeds), "out": str(out / "cells"),
               "workers": plan.workers, "unseen_contexts": plan.unseen_contexts}
-    plain = [m for m in plan.methods if m not in LAMBDA_METHODS]
-    family = [m for m in plan.methods if m in LAMBDA_METHODS]
+    plain = [m for m in plan.methods if not uses_lambda(m)]
+    family = [m for m in plan.methods if uses_lambda(m)]
     configs = [SweepConfig(methods=plain, set=common, **kwargs)] if plain else []
     if family:
         lambdas = ",".join(f"{v:g}" for v in plan.lambdas)

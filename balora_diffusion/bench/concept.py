@@ -32,6 +32,7 @@ from balora_diffusion.concept import load_concept
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_writable
 from balora_diffusion.rules.registry import NAMED_METHODS, parse_method
+from balora_diffusion.run_layout import CELLS
 
 # every named method, and after BaLoRA BaLoRA with scaled LoRA's preconditioner
 METHODS = tuple(m for named in NAMED_METHODS for m in ((named, "balora+scaled") if named == "balora" else (named,)))
@@ -74,7 +75,7 @@ def sweep_configs(plan: Plan, out: Path) -> list:
     common = [f"data_dir={paths.DEMO_CONCEPT}", f"steps={plan.steps}", f"eval_every={plan.eval_every}",
               f"checkpoint_every={max(plan.eval_every, plan.steps // 2)}", "grid_seeds=1", "fusion=1",
               f"sample_steps={plan.sample_steps}"]
-    kwargs = {"config": "demo", "lrs": list(plan.lrs), "seeds": list(plan.seeds), "out": str(out / "cells"),
+    kwargs = {"config": "demo", "lrs": list(plan.lrs), "seeds": list(plan.seeds), "out": str(out / CELLS),
               "workers": plan.workers, "unseen_contexts": plan.unseen_contexts}
     plain = [m for m in plan.methods if not uses_lambda(m)]
     family = [m for m in plan.methods if uses_lambda(m)]

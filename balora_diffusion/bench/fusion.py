@@ -32,6 +32,7 @@ from balora_diffusion import paths
 from balora_diffusion.atomic import atomic_path, write_json_atomic
 from balora_diffusion.concept import Concept, fidelity_batch, load_concept
 from balora_diffusion.errors import UserError
+from balora_diffusion.run_layout import CELLS
 
 CONCEPT_FOLDERS = (paths.DEMO_CONCEPT, paths.RING_CONCEPT)
 FUSIONS = ("sum", "gradient")
@@ -70,7 +71,7 @@ def sweep_configs(plan: Plan, out: Path) -> list:
                 f"steps={plan.steps}", f"eval_every={plan.steps}", f"checkpoint_every={plan.steps}",
                 "grid_seeds=1", "fusion=1", f"sample_steps={plan.sample_steps}"]
         configs.append(SweepConfig(config="demo", methods=list(plan.methods), lrs=["1"], seeds=list(plan.seeds),
-                                   set=sets, out=str(out / "cells" / concept.name), workers=plan.workers, score=False))
+                                   set=sets, out=str(out / CELLS / concept.name), workers=plan.workers, score=False))
     return configs
 
 

@@ -43,6 +43,7 @@ from balora_diffusion import paths, scoring, world
 from balora_diffusion.atomic import atomic_path, write_json_atomic
 from balora_diffusion.concept import Concept, fidelity, load_concept
 from balora_diffusion.errors import UserError
+from balora_diffusion.run_layout import CELLS, RUN
 
 EDGE_CONCEPT = paths.CONCEPTS / "zorb-edge"
 PRIOR_PROMPT = "a heart"
@@ -110,7 +111,7 @@ def sweep_configs(plan: Plan, out: Path, base_model: str | None) -> dict[str, ob
     for arm, (_, _, sets) in ARMS.items():
         data = [f"data_dir={masked_folder(out)}"] if arm == "masked" else []
         configs[arm] = SweepConfig(config="demo", methods=["balora"], lrs=["1"], seeds=list(plan.seeds),
-                                   set=[*common, *data, *sets], out=str(out / "cells" / arm), workers=plan.workers,
+                                   set=[*common, *data, *sets], out=str(out / CELLS / arm), workers=plan.workers,
                                    score=False)
     return configs
 
@@ -135,7 +136,7 @@ def time_steps(configs: dict, plan: Plan, out: Path) -> dict:
                           overwrite=True)
             before = os.getloadavg()[0]
             folder = train(cfg)
-            run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+            run = json.loads((folder / RUN).read_text(encoding="utf-8"))
             runs[arm].append({"round": r, "steps_per_second": run["training_steps_per_second"],
                               "threads": run["cpu_threads"], "load_average": [round(before, 2),
                                                                               round(os.getloadavg()[0], 2)]})

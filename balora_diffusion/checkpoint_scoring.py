@@ -73,7 +73,7 @@ def world_adherence(images, prompts, concept) -> float | None:
     """The share of the background, size and position each prompt names that its image shows (sizes and
     positions calibrated on the concept's captioned images); None when no prompt names any."""
     from balora_diffusion import scoring
-    from balora_diffusion.bench.cell_scores import concept_prompts
+    from balora_diffusion.experiments.cell_scores import concept_prompts
 
     _, calibration = concept_prompts(concept, 0)
     return scoring.adherence_score([scoring.adherence(image, scoring.parse_context(prompt), calibration)

@@ -2,9 +2,9 @@ import json
 from pathlib import Path
 
 from balora_diffusion import paths
-from balora_diffusion.bench import sweep as sweep_module
+from balora_diffusion.experiments import sweep as sweep_module
 from balora_diffusion.run_layout import CELL_RECORD
-from balora_diffusion.bench.sweep import Cell, SweepConfig
+from balora_diffusion.experiments.sweep import Cell, SweepConfig
 
 
 class _Done:

@@ -1,7 +1,7 @@
 """`balora bench concept`: every main method on the shipped concept and model, over a learning-rate
 grid and three seeds, iLoRA's lambda swept with the learning rate.
 
-The cells are an ordinary sweep (bench/sweep.py) of the shipped demo config, so the benchmark is
+The cells are an ordinary sweep (experiments/sweep.py) of the shipped demo config, so the benchmark is
 resumable and each cell is a `balora train` run folder. From the cells it measures, per method:
 the held-out loss against steps (median and range over seeds) at the method's best learning rate
 (smallest median final held-out loss); the steps it needs to reach plain LoRA's final held-out
@@ -70,7 +70,7 @@ def uses_lambda(method: str) -> bool:
 
 def sweep_configs(plan: Plan, out: Path) -> list:
     """The benchmark as `balora sweep` configs: the methods without lambda, then the lambda family."""
-    from balora_diffusion.bench.sweep import SweepConfig
+    from balora_diffusion.experiments.sweep import SweepConfig
 
     common = [f"data_dir={paths.DEMO_CONCEPT}", f"steps={plan.steps}", f"eval_every={plan.eval_every}",
               f"checkpoint_every={max(plan.eval_every, plan.steps // 2)}", "grid_seeds=1", "fusion=1",
@@ -279,8 +279,8 @@ def _history(out: Path, entry: dict) -> list[dict]:
 def run_bench(plan: Plan, out: Path, max_minutes: float | None = None) -> dict:
     """Train the cells that are not finished (all of one seed before the next, so that a benchmark
     stopped by `max_minutes` has every method), then analyse the finished ones."""
-    from balora_diffusion.bench.cell import cell_result
-    from balora_diffusion.bench.sweep import check_sweep_folder, expand, run_cells, scoring_settings, write_summary
+    from balora_diffusion.experiments.cell import cell_result
+    from balora_diffusion.experiments.sweep import check_sweep_folder, expand, run_cells, scoring_settings, write_summary
 
     check_writable(out / "concept.json")
     configs = sweep_configs(plan, out)

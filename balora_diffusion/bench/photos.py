@@ -101,7 +101,7 @@ def masked_folder(out: Path) -> Path:
 
 def sweep_configs(plan: Plan, out: Path, base_model: str | None) -> dict[str, object]:
     """arm -> the `balora sweep` of the demo config that trains its cells."""
-    from balora_diffusion.bench.sweep import SweepConfig
+    from balora_diffusion.experiments.sweep import SweepConfig
 
     common = [f"data_dir={paths.DEMO_CONCEPT}", f"steps={plan.steps}", f"eval_every={max(1, plan.steps // 3)}",
               f"checkpoint_every={plan.steps}", "grid_seeds=1", "fusion=1", f"sample_steps={plan.sample_steps}"]
@@ -123,7 +123,7 @@ def time_steps(configs: dict, plan: Plan, out: Path) -> dict:
     import json
     from dataclasses import replace
 
-    from balora_diffusion.bench.sweep import expand
+    from balora_diffusion.experiments.sweep import expand
     from balora_diffusion.train import train
     from balora_diffusion.train_config import TrainConfig
 
@@ -278,8 +278,8 @@ def summary(rows: list[dict]) -> dict[str, dict]:
 
 
 def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> dict:
-    from balora_diffusion.bench.cell import cell_result
-    from balora_diffusion.bench.sweep import check_sweep_folder, expand, run_cells
+    from balora_diffusion.experiments.cell import cell_result
+    from balora_diffusion.experiments.sweep import check_sweep_folder, expand, run_cells
     from balora_diffusion.formats.read import read_adapter
     from balora_diffusion.models import load_pipeline
     from balora_diffusion.threads import use_cpu_threads

@@ -41,7 +41,7 @@ def _ensure(folder: Path, name: str, run) -> dict:
 
 
 def _sweep_page(args: argparse.Namespace) -> int:
-    from balora_diffusion.bench.results import read_sweep_summary, render_sweep_page
+    from balora_diffusion.experiments.results import read_sweep_summary, render_sweep_page
     from balora_diffusion.errors import UserError
     from balora_diffusion.run_layout import GRID, SUMMARY
 
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from balora_diffusion.bench import concept as concept_bench
     from balora_diffusion.bench import synthetic as synthetic_bench
     from balora_diffusion.bench.methods import METHOD_SPECS
-    from balora_diffusion.bench.results import render_page
+    from balora_diffusion.experiments.results import render_page
 
     claim([args.out / PAGE, *(args.out / "img" / target for _, _, target in FIGURES)], args.overwrite)
     quick = " --quick" if args.quick else ""

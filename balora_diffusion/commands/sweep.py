@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from balora_diffusion.bench.sweep import SweepConfig, run_sweep
+from balora_diffusion.experiments.sweep import SweepConfig, run_sweep
 from balora_diffusion.config import add_config_arguments, config_from_args
 from balora_diffusion.run_layout import GRID, SUMMARY, SUMMARY_TABLE
 

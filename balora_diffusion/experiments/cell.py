@@ -75,7 +75,7 @@ def _train_and_score(name: str, labels: dict, values: dict, scoring: dict | None
     record.update(final_heldout_loss=run.get("final", {}).get("heldout_loss"), heldout_loss=curve,
                   steps=values.get("steps"), training_seconds=run.get("seconds"), resumed_from=run.get("resumed_from"))
     if scoring is not None and record["status"] == "done":
-        from balora_diffusion.bench.cell_scores import score_cell
+        from balora_diffusion.experiments.cell_scores import score_cell
 
         record.update(score_cell(out, values, scoring))
     # CPU time too: on a shared machine it says what the cell costs, whatever else was running

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from balora_diffusion import paths
 from balora_diffusion.atomic import atomic_path, is_leftover, write_json_atomic
-from balora_diffusion.bench.cell import cell_result, run_cell
+from balora_diffusion.experiments.cell import cell_result, run_cell
 from balora_diffusion.checkpoint_scoring import MODEL_METRICS as SWEEP_METRICS
 from balora_diffusion.checkpoint_scoring import twice_problem
 from balora_diffusion.config import field, parse_flag, read_toml
@@ -455,7 +455,7 @@ def write_summary(out: Path, protocol: dict, cells: list[Cell], records: list[di
 def sample_prompt(scoring: dict | None, cells: list[Cell]) -> str:
     """The prompt of the grid's images (run_layout.CELL_SAMPLE), quoted: the world concept's first scored prompt,
     else the first of the prompts eval's metrics scored the first cell with."""
-    from balora_diffusion.bench.cell_scores import concept_prompts
+    from balora_diffusion.experiments.cell_scores import concept_prompts
     from balora_diffusion.concept import load_concept
     from balora_diffusion.concept_eval import Entry, load_subject
 

@@ -38,7 +38,7 @@ def summarise_checks(kinds: list[str], checks: list[dict[str, bool]]) -> dict:
 
 def score_cell(out: Path, values: dict, settings: dict) -> dict:
     """The scores of the adapter in `out` (a run folder trained with TrainConfig `values`) that `settings`
-    asks for (bench.sweep.scoring_settings): with a concept, {"fidelity": {w: mean}, "adherence": {w:
+    asks for (experiments.sweep.scoring_settings): with a concept, {"fidelity": {w: mean}, "adherence": {w:
     summarise_checks(...)}}; with metrics, {metric: {w: score}} by checkpoint_scoring, as balora eval
     scores the run."""
     scores = _pixel_scores(out, values, settings) if settings["concept"] else {}

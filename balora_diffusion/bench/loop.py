@@ -6,7 +6,7 @@ parameters and its own copy of their values, swapped in before its turn. Methods
 rounds with a rotating order, so a drift of the machine hits them alike. Each turn runs some
 plain steps, timed as a whole (steps/s), then one step with a device synchronisation after each
 phase (the breakdown: data, VAE encode, text encoder, UNet forward, backward, optimizer, rule).
-The step is train.py's own (`step_loss` and `update`), latents cached as `balora train` does.
+The step is the training loop's own (train.step_loss and train.update), latents cached as `balora train` does.
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ from balora_diffusion.devices import pick_device
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import add_overwrite_flag
 from balora_diffusion.paths import DEMO_CONCEPT, TINY_SD
+from balora_diffusion.rules.registry import NAMED_METHODS
 from balora_diffusion.train_config import MAX_SIDE
 
 PHASES = ("data", "vae_encode", "text_encoder", "unet_forward", "backward", "optimizer", "rule")
-DEFAULT_METHODS = ["lora", "loraplus", "scaled", "ilora", "pilora", "balora", "hilora"]
+DEFAULT_METHODS = list(NAMED_METHODS)
 PLANS = {
     "cuda": {"warmup": 5, "rounds": 5, "steps_per_round": 4},
     "cpu": {"warmup": 3, "rounds": 5, "steps_per_round": 4},

@@ -340,7 +340,8 @@ def test_kohya_ldm_spelling_reads_as_the_diffusers_module(tmp_path):
 @pytest.mark.parametrize("key, message", [
     ("lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight", "names no layer"),
     ("lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", "LoHa"),
-    ("lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale", "DoRA"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale", "no down factor"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_C.weight", "not a kohya weight"),
 ])
 def test_foreign_kohya_files_are_refused_naming_the_key(tmp_path, key, message):
     save_file({key: torch.zeros(2, 2)}, str(tmp_path / "x.safetensors"))
@@ -525,9 +526,15 @@ CHECKPOINT_KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_
       "text_encoder.embeddings.token_embedding.extra": torch.full((1, 32), float("nan"))}, {}, "<zorb> holds non-finite"),
     ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320), CHECKPOINT_KEY.format("B"): torch.randn(320, 4)},
      {"alpha": "four"}, "config alpha: alpha 'four'"),
-    ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320)}, {}, "has no other LoRA factor"),
+    ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320)}, {}, "has no up factor"),
     ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320)}, {"token": "<zorb>"}, "does not hold a training's config"),
-], ids=["nan factor", "nan embedding", "word alpha", "lone factor", "token not a list"])
+    ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320), CHECKPOINT_KEY.format("B"): torch.randn(320, 4),
+      CHECKPOINT_KEY.format("C"): torch.randn(4)}, {}, re.escape(CHECKPOINT_KEY.format("C")) + "' is no tensor of any"),
+    ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320), CHECKPOINT_KEY.format("B"): torch.randn(320, 4),
+      CHECKPOINT_KEY.replace("to_q.lora_{}", "to_k.lora_magnitude_vector"): torch.ones(320)}, {},
+     "has no dora magnitude beside it"),
+], ids=["nan factor", "nan embedding", "word alpha", "lone factor", "token not a list", "unknown key",
+        "magnitude of another module"])
 def test_a_checkpoint_its_manifest_vouches_for_is_still_checked(tmp_path, trainable, config, message):
     with pytest.raises(UserError, match=message):
         read_adapter(_checkpoint(tmp_path, trainable, **config))

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from balora_diffusion.adapters import slot_of_suffix
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.adapter import (TEXT_ENCODER, TEXT_ENCODER_2, UNET, Adapter, Factors, add_factor,
-                                              assemble, info_from_metadata, info_metadata)
+                                              assemble, info_from_metadata, info_metadata, module_tensors)
 from balora_diffusion.formats.names import text_encoder_path, unet_underscore_names
 from balora_diffusion.formats.safetensors_io import read_file, write_file
 
@@ -27,9 +28,9 @@ TEXT_PREFIX = "lora_te_"
 # With two text encoders (SDXL) kohya numbers them; the first's prefix is then lora_te1_.
 NUMBERED_TEXT_PREFIXES = {TEXT_ENCODER: "lora_te1_", TEXT_ENCODER_2: "lora_te2_"}
 _PREFIX_PART = {"lora_unet": UNET, "lora_te": TEXT_ENCODER, "lora_te1": TEXT_ENCODER, "lora_te2": TEXT_ENCODER_2}
-_KEY = re.compile(r"(lora_unet|lora_te1?|lora_te2)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)")
-_OTHER_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon with a mid factor",
-                "oft_": "OFT", "diff": "full-weight difference"}
+_KEY = re.compile(r"(lora_unet|lora_te1?|lora_te2)_(\w+?)\.(.+)")
+_OTHER_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "lora_mid": "LoCon with a mid factor", "oft_": "OFT",
+                "diff": "full-weight difference"}
 
 # training facts -> the ss_* entries kohya's tools write and A1111 / ComfyUI show
 _SS = {"rank": "ss_network_dim", "alpha": "ss_network_alpha", "lr_unet": "ss_unet_lr", "lr_text": "ss_text_encoder_lr",
@@ -77,8 +78,7 @@ def write_kohya(path: Path, adapter: Adapter) -> Path:
     tensors, numbered = {}, bool(adapter.parts()[TEXT_ENCODER_2])
     for part, module_path, module in adapter.modules():
         key = kohya_key(part, module_path, numbered)
-        tensors[f"{key}.lora_down.weight"] = module.down
-        tensors[f"{key}.lora_up.weight"] = module.up
+        tensors.update({f"{key}.{suffix}": tensor for suffix, tensor in module_tensors(adapter, "kohya", module).items()})
         tensors[f"{key}.alpha"] = torch.tensor(float(module.alpha))
     return write_file(path, tensors, _metadata(adapter))
 
@@ -104,17 +104,19 @@ def _module_path(prefix: str, name: str, key: str, path: Path) -> tuple[str, str
 def read_kohya(path: Path) -> Adapter:
     """An Adapter from a kohya-layout SD 1.x LoRA; every key must be used (no partial loads)."""
     tensors, metadata = read_file(path)
+    slots = {**slot_of_suffix("kohya"), "alpha": "alpha"}
     factors: Factors = {}
     for key, tensor in tensors.items():
         match = _KEY.fullmatch(key)
-        if match is None:
+        if match is None or match.group(3) not in slots:
             kind = next((name for marker, name in _OTHER_KINDS.items() if marker in key), None)
-            raise UserError(f"{path}: {key!r} is " + (f"a {kind} weight; only plain LoRA is supported" if kind else
-                                                       "not a kohya LoRA weight (lora_down / lora_up / alpha)"))
-        slot = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[match.group(3)]
-        add_factor(factors, _module_path(match.group(1), match.group(2), key, path), slot, key, tensor, path)
+            raise UserError(f"{path}: {key!r} is " + (f"a {kind} weight; only LoRA and DoRA are supported" if kind
+                                                       else f"not a kohya weight ({' / '.join(slots)})"))
+        add_factor(factors, _module_path(match.group(1), match.group(2), key, path), slots[match.group(3)], key, tensor,
+                   path)
     adapter = Adapter(format="kohya", source=str(path), info=_info(metadata))
-    return assemble(adapter, factors, lambda part, module_path, rank: float(rank))  # kohya: no alpha means alpha = rank
+    # kohya: no alpha means alpha = rank
+    return assemble(adapter, factors, lambda part, module_path, rank: float(rank), "kohya")
 
 
 

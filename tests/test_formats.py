@@ -697,3 +697,85 @@ def test_export_any_checkpoint_in_either_format_and_inspect_it(run, tmp_path):
     assert max(d["imbalance"] for d in report["balance"].values()) < 1e-3
     table = _cli("inspect", run).stdout
     assert "imbalance" in table and "attn1.to_q" in table
+
+
+# --- a DoRA run's files -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dora_run(run) -> Path:
+    """The `run` fixture's training as DoRA, with conv layers adapted too (their magnitudes have 4-d shapes)."""
+    from balora_diffusion.config import read_toml
+    from balora_diffusion.train import train
+
+    cfg = {**read_toml(TrainConfig, paths.config_file("demo")), "data_dir": str(paths.DEMO_CONCEPT),
+           "output_dir": str(run.parent / "dora-run"), "steps": 16, "checkpoint_every": 8, "eval_every": 8,
+           "heldout_size": 4, "grid_seeds": [1], "fusion": [1.0], "sample_steps": 2, "alpha": 2.0,
+           "adapter_kind": "dora", "unet_targets": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in"]}
+    return train(TrainConfig(**cfg))
+
+
+def test_dora_run_reloads_in_plain_diffusers_to_the_toolkits_image(dora_run, pipe, tmp_path):
+    from balora_diffusion.formats.run_files import write_run_adapters
+
+    # 16 steps leave B A small and the magnitudes near the base's row norms, where a wrong norm or a lost
+    # magnitude would hardly change an image: the same adapter, with both made large
+    adapter, gen = read_adapter(dora_run), torch.Generator().manual_seed(0)
+    for _, _, module in adapter.modules():
+        module.up.mul_(4.0)
+        module.extras["magnitude"].mul_(0.6 + 0.8 * torch.rand(module.extras["magnitude"].shape, generator=gen))
+    write_run_adapters(tmp_path / "strong", adapter)
+    ours = _toolkit_image(pipe, tmp_path / "strong" / "adapter")
+    theirs = _plain_diffusers_image(tmp_path, tmp_path / "strong" / "adapter",
+                                    tmp_path / "strong" / "adapter" / "zorb.safetensors")
+    with Fused(pipe, []):
+        from balora_diffusion.generate import generate
+        base = np.asarray(generate(pipe, [PROMPT.replace("<zorb>", "heart")], [SEED], steps=STEPS, guidance_scale=7.5,
+                                   progress=False)[0][0], dtype=np.int16)
+    assert np.abs(ours - base).mean() > 5
+    assert np.abs(ours - theirs).max() <= 3 and np.abs(ours - theirs).mean() < 0.2
+
+
+def test_dora_files_hold_the_magnitudes_in_each_consumers_shapes(dora_run, pipe):
+    final = read_adapter(dora_run)
+    kohya = read_adapter(dora_run / "kohya" / "dora-run.safetensors")
+    checkpoint = adapter_from_checkpoint(dora_run / "checkpoints" / "step-0000016")
+    assert final.kind == kohya.kind == checkpoint.kind == "dora"
+    diffusers_keys = load_file(str(dora_run / "adapter" / LORA_FILE))
+    kohya_keys = load_file(str(dora_run / "kohya" / "dora-run.safetensors"))
+    layers = {**dict(pipe.unet.named_modules())}
+    for part, path, module in final.modules():
+        for other in (kohya, checkpoint):
+            assert torch.equal(other.parts()[part][path].extras["magnitude"], module.extras["magnitude"])
+        weight = layers[path].weight if part == UNET else None
+        if weight is None:
+            continue
+        out, conv = weight.shape[0], weight.dim() == 4
+        scale = kohya_keys[f"{kohya_key(part, path)}.dora_scale"]
+        # ComfyUI (comfy/weight_adapter/base.py, weight_decompose) takes a dora_scale whose first dimension is
+        # the weight's as the output-row decomposition, and broadcasts it against the (out, 1, ...) row norms
+        assert tuple(scale.shape) == ((out, 1, 1, 1) if conv else (out, 1))
+        # peft's own lora_magnitude_vector shapes, which diffusers loads as they are
+        assert tuple(diffusers_keys[f"unet.{path}.lora_magnitude_vector.weight"].shape) == (
+            (1, out, 1, 1) if conv else (out,))
+    assert json.loads(safe_open(str(dora_run / "adapter" / LORA_FILE), framework="pt").metadata()[
+        "lora_adapter_metadata"])["unet.use_dora"] is True
+
+
+def test_inspect_shows_the_adapter_kind(dora_run, run):
+    assert re.search(r"^  kind +dora$", _cli("inspect", dora_run).stdout, re.M)
+    assert re.search(r"^  kind +lora$", _cli("inspect", run).stdout, re.M)
+
+
+def test_merge_applies_the_dora_weight(dora_run, pipe, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    _cli("merge", "--adapter", dora_run, "--out", tmp_path / "merged")
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", local_files_only=True)
+    adapter = read_adapter(dora_run)
+    base = dict(pipe.unet.named_modules())
+    for path, module in adapter.parts()[UNET].items():
+        W = base[path].weight.detach().double()
+        adapted = W + module.delta(torch.float64).reshape(W.shape)
+        rows = adapted.flatten(1).norm(dim=1).reshape(-1, *[1] * (W.dim() - 1))
+        expected = module.extras["magnitude"].double().reshape(rows.shape) * adapted / rows
+        torch.testing.assert_close(merged.unet.get_submodule(path).weight.double(), expected, rtol=1e-5, atol=1e-6)

@@ -164,5 +164,29 @@ def test_a_magnitude_that_does_not_fit_its_layer_is_refused():
     module.extras[MAGNITUDE] = module.extras[MAGNITUDE][:-1]
     with pytest.raises(UserError, match="magnitude of shape \\[9\\] for a layer of 10 outputs"):
         Adapter({"unet": {"x": module}}, kind="dora")
-    with pytest.raises(UserError, match="holds \\['magnitude'\\], a lora module none"):
+    with pytest.raises(UserError, match="holds the extras \\['magnitude'\\], where a lora module holds \\[\\]"):
         Adapter({"unet": {"x": _module(_dora_layers()[0])}})
+
+
+def test_an_input_axis_dora_scale_is_refused_and_the_output_axis_one_read(tmp_path):
+    from safetensors.torch import save_file
+
+    from balora_diffusion.formats.adapter import Adapter
+    from balora_diffusion.formats.kohya_lora import write_kohya
+    from balora_diffusion.formats.read import read_adapter
+
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"], use_dora=True),
+                                    torch.nn.Sequential(torch.nn.Linear(320, 320)))
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    file = write_kohya(tmp_path / "dora.safetensors", Adapter({"unet": {path: _module(model[0])}}, kind="dora"))
+    back = read_adapter(file)
+    assert back.kind == "dora"
+    torch.testing.assert_close(back.parts()["unet"][path].extras[MAGNITUDE], _module(model[0]).extras[MAGNITUDE])
+    tensors = load_file(str(file))
+    key = next(k for k in tensors if k.endswith(".dora_scale"))
+    assert tensors[key].shape == (320, 1)
+    tensors[key] = tensors[key].reshape(1, 320)  # LyCORIS' default: a norm per input column
+    save_file(tensors, str(tmp_path / "columns.safetensors"))
+    with pytest.raises(UserError, match=f"{key}.*input columns"):
+        read_adapter(tmp_path / "columns.safetensors")

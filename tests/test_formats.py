@@ -735,7 +735,7 @@ def test_dora_run_reloads_in_plain_diffusers_to_the_toolkits_image(dora_run, pip
     assert np.abs(ours - theirs).max() <= 3 and np.abs(ours - theirs).mean() < 0.2
 
 
-def test_dora_files_hold_the_magnitudes_in_each_consumers_shapes(dora_run, pipe):
+def test_dora_files_hold_the_magnitudes_in_each_consumers_shapes(dora_run, pipe, tmp_path):
     final = read_adapter(dora_run)
     kohya = read_adapter(dora_run / "kohya" / "dora-run.safetensors")
     checkpoint = adapter_from_checkpoint(dora_run / "checkpoints" / "step-0000016")
@@ -759,6 +759,9 @@ def test_dora_files_hold_the_magnitudes_in_each_consumers_shapes(dora_run, pipe)
             (1, out, 1, 1) if conv else (out,))
     assert json.loads(safe_open(str(dora_run / "adapter" / LORA_FILE), framework="pt").metadata()[
         "lora_adapter_metadata"])["unet.use_dora"] is True
+    _cli("export", dora_run / "checkpoints" / "step-0000016", "--format", "kohya", "--out", tmp_path / "k.safetensors")
+    exported = load_file(str(tmp_path / "k.safetensors"))
+    assert exported.keys() == kohya_keys.keys() and all(torch.equal(exported[k], kohya_keys[k]) for k in exported)
 
 
 def test_inspect_shows_the_adapter_kind(dora_run, run):

@@ -129,8 +129,8 @@ class Adapter:
         for part, path, module in self.modules():
             where = f"{self.source or 'an adapter'}: {module.key or f'{part}.{path}'}"
             if set(module.extras) != set(kind.extras):
-                raise UserError(f"{where} holds {sorted(module.extras) or 'no extras'}, a {self.kind} module "
-                                f"{sorted(kind.extras) or 'none'}")
+                raise UserError(f"{where} holds the extras {sorted(module.extras)}, where a {self.kind} module "
+                                f"holds {sorted(kind.extras)}")
             kind.check_extras(module, where)
         if self.embedding is None:
             return
@@ -210,7 +210,8 @@ def assemble(adapter: Adapter, factors: Factors, default_alpha: Callable[[str, s
         if down.dim() == 4 and up.dim() == 2:  # some writers keep a conv LoRA's 1x1 up factor as a matrix
             up = up[:, :, None, None]
         alpha = found["alpha"] if "alpha" in found else (key, default_alpha(part, module_path, _rank(down)))
-        module_extras = {slot: (found[slot][0], kind.extra_from_place(place, slot, found[slot][1], int(up.shape[0]),
+        outputs = int(up.shape[0]) if up.dim() else 0
+        module_extras = {slot: (found[slot][0], kind.extra_from_place(place, slot, found[slot][1], outputs,
                                                                       f"{adapter.source}: {found[slot][0]!r}"))
                          for slot in kind.extras}
         adapter.parts()[part][module_path] = read_module(adapter.source, (key, down), (found["up"][0], up), alpha,

@@ -1,11 +1,13 @@
 """The diffusers / peft LoRA format: what `pipe.load_lora_weights` and peft read.
 
-Keys are `unet.<module>.lora_A.weight` (down) / `.lora_B.weight` (up) and
-`text_encoder.text_model.<module>...`: the `text_model.` spelling loads with transformers 4 (whose
+Keys are `<part>.<module>.lora_A.weight` (down) / `.lora_B.weight` (up), and a kind's extras beside
+them (DoRA: `.lora_magnitude_vector.weight`), for the parts `unet`, `text_encoder.text_model`,
+`text_encoder_2.text_model`: the `text_model.` spelling loads with transformers 4 (whose
 CLIPTextModel has that child) and 5 alike, while the short one written by transformers >= 5.6 makes
 older diffusers fail. No alpha is stored in the tensors: diffusers builds peft's LoraConfig from the
 adapter metadata in the header, which is always written: per model the most common rank and alpha,
-and `rank_pattern` / `alpha_pattern` naming every module that differs. Without it diffusers infers
+`rank_pattern` / `alpha_pattern` naming every module that differs, and the kind's own options
+(DoRA: `use_dora`). Without it diffusers infers
 the ranks itself, which fails inside peft once they differ (a KeyError 'model_type').
 
 The reader also takes peft's own files (`base_model.model.<module>...`, alpha in adapter_config.json)
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from functools import cache
 from pathlib import Path
 
 from balora_diffusion.adapters import get_kind, slot_of_suffix
@@ -146,6 +149,7 @@ def read_diffusers(path: Path) -> Adapter:
                     "diffusers")
 
 
+@cache
 def _suffixes() -> dict[str, str]:
     """{key suffix: slot}, longest first: each kind's, peft's in-memory `.default.` spelling of them,
     older diffusers ones; the alpha only where a part is named."""

@@ -1,9 +1,10 @@
-"""The kohya LoRA format for SD 1.x: what A1111, ComfyUI, Forge, InvokeAI and kohya's sd-scripts read.
+"""The kohya LoRA format: what A1111, ComfyUI, Forge, InvokeAI and kohya's sd-scripts read.
 
 Keys are `lora_unet_<module path, dots as underscores>` and
 `lora_te_text_model_encoder_layers_<i>_<layer>` (with `text_model_` whatever transformers names
-the module: that is the name those tools match), each with `.lora_down.weight`, `.lora_up.weight`
-and a 0-d `.alpha`: the strength every kohya consumer applies is alpha / rank, so each module's
+the module: that is the name those tools match; `lora_te1_` / `lora_te2_` with two text encoders),
+each with `.lora_down.weight`, `.lora_up.weight`, a kind's extras (DoRA: `.dora_scale`) and a 0-d
+`.alpha`: the strength every kohya consumer applies is alpha / rank, so each module's
 real alpha is written. The `ss_*` and `modelspec.*` header entries are what those tools show a person
 about a file; `balora.*` entries keep the rest of what we know.
 """

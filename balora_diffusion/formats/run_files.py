@@ -16,8 +16,8 @@ import torch
 
 from balora_diffusion import checkpoint as ckpt
 from balora_diffusion import paths
-from balora_diffusion.atomic import atomic_path
 from balora_diffusion.adapters import kind_of_peft_layer, slot_of_suffix
+from balora_diffusion.atomic import atomic_path
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_PARTS, UNET, Adapter, Factors,
                                               LoraModule, add_factor, alpha_number, assemble, token_stem)

@@ -190,3 +190,17 @@ def test_an_input_axis_dora_scale_is_refused_and_the_output_axis_one_read(tmp_pa
     save_file(tensors, str(tmp_path / "columns.safetensors"))
     with pytest.raises(UserError, match=f"{key}.*input columns"):
         read_adapter(tmp_path / "columns.safetensors")
+
+
+def test_an_unknown_adapter_kind_is_refused_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "balora_diffusion.cli", "train", "--data-dir", str(paths.DEMO_CONCEPT),
+                             "--output-dir", str(tmp_path / "run"), "--adapter-kind", "loha"],
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "balora: error: --adapter-kind: unknown adapter kind 'loha'; expected one of lora, dora"], result.stderr
+    assert not (tmp_path / "run").exists()

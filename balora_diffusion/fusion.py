@@ -48,6 +48,10 @@ def check_concepts(concepts: list[Concept], max_rank: int, rank: int | None) -> 
     layer of one shape, no token twice, and a fused rank within `max_rank` unless `rank` cuts it."""
     if len(concepts) < 2:
         raise UserError(f"fusing needs two or more adapters, got {len(concepts)}")
+    other = next((c for c in concepts if c.adapter.kind != "lora"), None)
+    if other is not None:
+        # a sum of low-rank products is what fusion solves for; a DoRA layer's weight is no such sum
+        raise UserError(f"{other.label} is a {other.adapter.kind} adapter; only LoRA adapters can be fused")
     hashes = {c.label: c.adapter.info["base_model_hash"] for c in concepts if "base_model_hash" in c.adapter.info}
     if len(set(hashes.values())) > 1:
         raise UserError("the adapters were trained on different base models: "

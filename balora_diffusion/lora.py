@@ -64,8 +64,8 @@ def balance_diagnostics(pairs: Iterable[LoRAPair]) -> dict[str, dict[str, float 
 
 
 def inject_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cfg) -> None:
-    """Add a trainable LoRA adapter ("default") with peft to the UNet and, if `cfg.train_text_encoder`,
-    the text encoder; `cfg` carries rank / alpha / targets per part (see TrainConfig).
+    """Add a trainable adapter ("default") of kind `cfg.adapter_kind` with peft to the UNet and, if
+    `cfg.train_text_encoder`, the text encoder; `cfg` carries rank / alpha / targets per part (see TrainConfig).
 
     Parameters that were trainable before (the new token rows) stay trainable.
     peft's init (A kaiming-uniform, B = 0) keeps the model unchanged at step 0. A rank above a
@@ -73,15 +73,17 @@ def inject_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cfg
     """
     from peft import LoraConfig
 
+    from balora_diffusion.adapters import get_kind
     from balora_diffusion.errors import UserError
 
+    options = get_kind(cfg.adapter_kind).peft_options
     parts = [(unet, cfg.rank, cfg.alpha, cfg.unet_targets, "UNet")]
     if cfg.train_text_encoder and text_encoder is not None:
         parts.append((text_encoder, cfg.text_rank, cfg.text_alpha, cfg.text_targets, "text encoder"))
     for model, rank, alpha, targets, what in parts:
         if rank < 1:
             raise UserError(f"{what} LoRA rank must be >= 1, got {rank}")
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True, **options)
         # add_adapter freezes every parameter outside the adapter, the new token rows included.
         trainable = [p for p in model.parameters() if p.requires_grad]
         try:

@@ -8,7 +8,8 @@ tensors (the input and the rank-r activation).
 
 Only the plain case takes this path: one active vanilla adapter on an nn.Linear, no dropout, no
 LoRA bias, not merged, frozen base, one dtype throughout and no autocast. Everything else goes
-through peft's own forward.
+through peft's own forward, DoRA layers (a peft variant) included, so that the norm of their
+adapted weight (detached from the gradient, as the DoRA paper prescribes) stays peft's own.
 """
 from __future__ import annotations
 

@@ -31,6 +31,12 @@ def _method_problem(method: str) -> str | None:
     return None
 
 
+def _kind_problem(name: str) -> str | None:
+    from balora_diffusion.adapters import KINDS  # imports torch
+
+    return None if name in KINDS else f"unknown adapter kind {name!r}; expected one of {', '.join(KINDS)}"
+
+
 def _optimizer_problem(name: str) -> str | None:
     from balora_diffusion.rules.build import BASES  # imports torch
 
@@ -97,6 +103,9 @@ class TrainConfig:
                             path=True)
     base_config: str = field("", "for a single-file base model: diffusers folder with its component configs "
                                  "and tokenizer; empty = SD 1.5's, shipped in assets/sd15-config", path=True)
+    adapter_kind: str = field("lora", "adapter kind: lora (B A added to each weight) or dora (LoRA's direction "
+                                      "with a trained magnitude per output row, peft's use_dora)",
+                              check=_kind_problem)
     rank: int = field(4, "LoRA rank of the UNet", ge=1)
     alpha: float = field(4.0, "LoRA alpha of the UNet (scale = alpha / rank)", gt=0)
     unet_targets: list[str] = field(["to_q", "to_k", "to_v", "to_out.0"],

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from balora_diffusion import paths
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule
+from balora_diffusion.formats.adapter import TEXT_ENCODER, TEXT_ENCODER_2, UNET, Adapter, LoraModule
 from balora_diffusion.formats.diffusers_lora import LORA_FILE, read_diffusers, write_diffusers
 from balora_diffusion.formats.fuse import Fused
 from balora_diffusion.formats.kohya_lora import kohya_key, read_kohya, write_kohya
@@ -313,7 +313,7 @@ def test_peft_and_old_diffusers_layouts_read_alike(tmp_path):
         if config:
             (folder / "adapter_config.json").write_text(json.dumps(config))
         adapter = read_diffusers(file)
-        module = adapter.unet[path]
+        module = adapter.parts()[UNET][path]
         assert module.alpha == (8 if config else 4), name
         torch.testing.assert_close(module.delta(), (2.0 if config else 1.0) * up @ down)
 
@@ -323,30 +323,51 @@ def test_text_encoder_names_in_every_spelling_read_to_one(tmp_path):
     for n, key in enumerate(["text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
                              "text_encoder.encoder.layers.0.self_attn.q_proj"]):
         save_file({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}, str(tmp_path / f"{n}.safetensors"))
-        assert list(read_diffusers(tmp_path / f"{n}.safetensors").text_encoder) == ["encoder.layers.0.self_attn.q_proj"]
+        assert list(read_diffusers(tmp_path / f"{n}.safetensors").parts()[TEXT_ENCODER]) == [
+            "encoder.layers.0.self_attn.q_proj"]
     save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up}, str(tmp_path / "k.safetensors"))
-    assert list(read_kohya(tmp_path / "k.safetensors").text_encoder) == ["encoder.layers.0.self_attn.q_proj"]
+    assert list(read_kohya(tmp_path / "k.safetensors").parts()[TEXT_ENCODER]) == ["encoder.layers.0.self_attn.q_proj"]
 
 
 def test_kohya_ldm_spelling_reads_as_the_diffusers_module(tmp_path):
     down, up = torch.randn(2, 320, 1, 1), torch.randn(320, 2, 1, 1)
     save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,
                "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up}, str(tmp_path / "ldm.safetensors"))
-    assert list(read_kohya(tmp_path / "ldm.safetensors").unet) == ["down_blocks.0.attentions.0.proj_in"]
+    assert list(read_kohya(tmp_path / "ldm.safetensors").parts()[UNET]) == ["down_blocks.0.attentions.0.proj_in"]
 
 
 @pytest.mark.parametrize("key, message", [
-    ("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", "SDXL"),
     ("lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight", "names no layer"),
     ("lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", "LoHa"),
-    ("lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale", "DoRA"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale", "no down factor"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_C.weight", "not a kohya weight"),
 ])
 def test_foreign_kohya_files_are_refused_naming_the_key(tmp_path, key, message):
     save_file({key: torch.zeros(2, 2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(UserError, match=message) as info:
         read_adapter(tmp_path / "x.safetensors")
     assert key.split(".")[0] in str(info.value)
+
+
+def test_sdxl_text_encoders_are_parts_read_under_both_spellings_and_written_numbered(pipe, tmp_path):
+    down, up = torch.randn(2, 64), torch.randn(256, 2)  # the shipped model's fc1: 64 -> 256
+    for first in ("lora_te_", "lora_te1_"):
+        save_file({f"{prefix}text_model_encoder_layers_0_mlp_fc1.{slot}": tensor
+                   for prefix in (first, "lora_te2_") for slot, tensor in (("lora_down.weight", down.clone()),
+                                                                           ("lora_up.weight", up.clone()))},
+                  str(tmp_path / "xl.safetensors"))
+        adapter = read_adapter(tmp_path / "xl.safetensors")
+        assert {part: list(modules) for part, modules in adapter.parts().items() if modules} == {
+            TEXT_ENCODER: ["encoder.layers.0.mlp.fc1"], TEXT_ENCODER_2: ["encoder.layers.0.mlp.fc1"]}
+    write_kohya(tmp_path / "back.safetensors", adapter)
+    assert sorted(load_file(str(tmp_path / "back.safetensors"))) == sorted(
+        f"{prefix}text_model_encoder_layers_0_mlp_fc1.{slot}" for prefix in ("lora_te1_", "lora_te2_")
+        for slot in ("alpha", "lora_down.weight", "lora_up.weight"))
+    write_diffusers(tmp_path, adapter)
+    assert {key.split(".")[0] for key in load_file(str(tmp_path / LORA_FILE))} == {TEXT_ENCODER, TEXT_ENCODER_2}
+    with pytest.raises(UserError, match="text_encoder_2"):
+        Fused(pipe, [(adapter, 1.0)])  # SD 1.x has one text encoder
 
 
 def test_a_module_without_its_partner_is_refused(tmp_path):
@@ -417,7 +438,7 @@ def test_a_malformed_kohya_lora_is_refused_naming_the_key(tmp_path, changes, key
 
 def test_an_integer_alpha_is_a_number(tmp_path):
     # kohya's trainer stores alpha = rank as an integer tensor when none was asked for
-    assert read_adapter(_kohya_file(tmp_path, alpha=torch.tensor(8))).text_encoder[
+    assert read_adapter(_kohya_file(tmp_path, alpha=torch.tensor(8))).parts()[TEXT_ENCODER][
         "encoder.layers.0.self_attn.q_proj"].alpha == 8.0
 
 
@@ -505,9 +526,15 @@ CHECKPOINT_KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_
       "text_encoder.embeddings.token_embedding.extra": torch.full((1, 32), float("nan"))}, {}, "<zorb> holds non-finite"),
     ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320), CHECKPOINT_KEY.format("B"): torch.randn(320, 4)},
      {"alpha": "four"}, "config alpha: alpha 'four'"),
-    ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320)}, {}, "has no other LoRA factor"),
+    ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320)}, {}, "has no up factor"),
     ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320)}, {"token": "<zorb>"}, "does not hold a training's config"),
-], ids=["nan factor", "nan embedding", "word alpha", "lone factor", "token not a list"])
+    ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320), CHECKPOINT_KEY.format("B"): torch.randn(320, 4),
+      CHECKPOINT_KEY.format("C"): torch.randn(4)}, {}, re.escape(CHECKPOINT_KEY.format("C")) + "' is no tensor of any"),
+    ({CHECKPOINT_KEY.format("A"): torch.randn(4, 320), CHECKPOINT_KEY.format("B"): torch.randn(320, 4),
+      CHECKPOINT_KEY.replace("to_q.lora_{}", "to_k.lora_magnitude_vector"): torch.ones(320)}, {},
+     "has no dora magnitude beside it"),
+], ids=["nan factor", "nan embedding", "word alpha", "lone factor", "token not a list", "unknown key",
+        "magnitude of another module"])
 def test_a_checkpoint_its_manifest_vouches_for_is_still_checked(tmp_path, trainable, config, message):
     with pytest.raises(UserError, match=message):
         read_adapter(_checkpoint(tmp_path, trainable, **config))
@@ -560,9 +587,10 @@ def _random_adapter(gen: torch.Generator) -> Adapter:
         extra = [1, 1] if conv else []
         return LoraModule(torch.randn(rank, inp, *extra, generator=gen), torch.randn(out, rank, *extra, generator=gen),
                           alpha)
-    return Adapter(unet={"down_blocks.0.attentions.0.proj_in": module(64, 64, 4, 1.0, conv=True),
-                         "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": module(64, 64, 2, 8.0)},
-                   text_encoder={"encoder.layers.0.self_attn.v_proj": module(64, 64, 4, 4.0)}, info={"method": "x"})
+    return Adapter(part_modules={
+        UNET: {"down_blocks.0.attentions.0.proj_in": module(64, 64, 4, 1.0, conv=True),
+               "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": module(64, 64, 2, 8.0)},
+        TEXT_ENCODER: {"encoder.layers.0.self_attn.v_proj": module(64, 64, 4, 4.0)}}, info={"method": "x"})
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
@@ -581,7 +609,8 @@ def test_run_checkpoint_and_final_files_hold_the_same_adapter(run):
     final, from_checkpoint = read_adapter(run), adapter_from_checkpoint(run / "checkpoints" / "step-0000016")
     assert from_checkpoint.tokens == final.tokens == ["<zorb>"]
     torch.testing.assert_close(from_checkpoint.embedding, final.embedding, rtol=0, atol=0)
-    assert set(final.unet) == set(from_checkpoint.unet) and set(final.text_encoder) == set(from_checkpoint.text_encoder)
+    assert {part: set(modules) for part, modules in final.parts().items()} == {
+        part: set(modules) for part, modules in from_checkpoint.parts().items()}
     for part, path, module in final.modules():
         other = from_checkpoint.parts()[part][path]
         assert torch.equal(other.down, module.down) and torch.equal(other.up, module.up) and other.alpha == module.alpha
@@ -606,9 +635,9 @@ def test_merge_of_several_adapters_adds_their_weighted_updates(run, pipe, tmp_pa
         assert all(k.startswith("text_model.") for k in f.keys())  # the names transformers 4 stacks read too
     first, second = read_adapter(run), read_adapter(style)
     base = dict(pipe.unet.named_modules())
-    for path in set(first.unet) | set(second.unet):
-        expected = sum(w * a.unet[path].delta().reshape(base[path].weight.shape)
-                       for a, w in ((first, 0.7), (second, -0.5)) if path in a.unet)
+    for path in set(first.parts()[UNET]) | set(second.parts()[UNET]):
+        expected = sum(w * a.parts()[UNET][path].delta().reshape(base[path].weight.shape)
+                       for a, w in ((first, 0.7), (second, -0.5)) if path in a.parts()[UNET])
         got = merged.unet.get_submodule(path).weight - base[path].weight
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
@@ -668,3 +697,88 @@ def test_export_any_checkpoint_in_either_format_and_inspect_it(run, tmp_path):
     assert max(d["imbalance"] for d in report["balance"].values()) < 1e-3
     table = _cli("inspect", run).stdout
     assert "imbalance" in table and "attn1.to_q" in table
+
+
+# --- a DoRA run's files -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dora_run(run) -> Path:
+    """The `run` fixture's training as DoRA, with conv layers adapted too (their magnitudes have 4-d shapes)."""
+    from balora_diffusion.config import read_toml
+    from balora_diffusion.train import train
+
+    cfg = {**read_toml(TrainConfig, paths.config_file("demo")), "data_dir": str(paths.DEMO_CONCEPT),
+           "output_dir": str(run.parent / "dora-run"), "steps": 16, "checkpoint_every": 8, "eval_every": 8,
+           "heldout_size": 4, "grid_seeds": [1], "fusion": [1.0], "sample_steps": 2, "alpha": 2.0,
+           "adapter_kind": "dora", "unet_targets": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in"]}
+    return train(TrainConfig(**cfg))
+
+
+def test_dora_run_reloads_in_plain_diffusers_to_the_toolkits_image(dora_run, pipe, tmp_path):
+    from balora_diffusion.formats.run_files import write_run_adapters
+
+    # 16 steps leave B A small and the magnitudes near the base's row norms, where a wrong norm or a lost
+    # magnitude would hardly change an image: the same adapter, with both made large
+    adapter, gen = read_adapter(dora_run), torch.Generator().manual_seed(0)
+    for _, _, module in adapter.modules():
+        module.up.mul_(4.0)
+        module.extras["magnitude"].mul_(0.6 + 0.8 * torch.rand(module.extras["magnitude"].shape, generator=gen))
+    write_run_adapters(tmp_path / "strong", adapter)
+    ours = _toolkit_image(pipe, tmp_path / "strong" / "adapter")
+    theirs = _plain_diffusers_image(tmp_path, tmp_path / "strong" / "adapter",
+                                    tmp_path / "strong" / "adapter" / "zorb.safetensors")
+    with Fused(pipe, []):
+        from balora_diffusion.generate import generate
+        base = np.asarray(generate(pipe, [PROMPT.replace("<zorb>", "heart")], [SEED], steps=STEPS, guidance_scale=7.5,
+                                   progress=False)[0][0], dtype=np.int16)
+    assert np.abs(ours - base).mean() > 5
+    assert np.abs(ours - theirs).max() <= 3 and np.abs(ours - theirs).mean() < 0.2
+
+
+def test_dora_files_hold_the_magnitudes_in_each_consumers_shapes(dora_run, pipe, tmp_path):
+    final = read_adapter(dora_run)
+    kohya = read_adapter(dora_run / "kohya" / "dora-run.safetensors")
+    checkpoint = adapter_from_checkpoint(dora_run / "checkpoints" / "step-0000016")
+    assert final.kind == kohya.kind == checkpoint.kind == "dora"
+    diffusers_keys = load_file(str(dora_run / "adapter" / LORA_FILE))
+    kohya_keys = load_file(str(dora_run / "kohya" / "dora-run.safetensors"))
+    layers = {**dict(pipe.unet.named_modules())}
+    for part, path, module in final.modules():
+        for other in (kohya, checkpoint):
+            assert torch.equal(other.parts()[part][path].extras["magnitude"], module.extras["magnitude"])
+        weight = layers[path].weight if part == UNET else None
+        if weight is None:
+            continue
+        out, conv = weight.shape[0], weight.dim() == 4
+        scale = kohya_keys[f"{kohya_key(part, path)}.dora_scale"]
+        # ComfyUI (comfy/weight_adapter/base.py, weight_decompose) takes a dora_scale whose first dimension is
+        # the weight's as the output-row decomposition, and broadcasts it against the (out, 1, ...) row norms
+        assert tuple(scale.shape) == ((out, 1, 1, 1) if conv else (out, 1))
+        # peft's own lora_magnitude_vector shapes, which diffusers loads as they are
+        assert tuple(diffusers_keys[f"unet.{path}.lora_magnitude_vector.weight"].shape) == (
+            (1, out, 1, 1) if conv else (out,))
+    assert json.loads(safe_open(str(dora_run / "adapter" / LORA_FILE), framework="pt").metadata()[
+        "lora_adapter_metadata"])["unet.use_dora"] is True
+    _cli("export", dora_run / "checkpoints" / "step-0000016", "--format", "kohya", "--out", tmp_path / "k.safetensors")
+    exported = load_file(str(tmp_path / "k.safetensors"))
+    assert exported.keys() == kohya_keys.keys() and all(torch.equal(exported[k], kohya_keys[k]) for k in exported)
+
+
+def test_inspect_shows_the_adapter_kind(dora_run, run):
+    assert re.search(r"^  kind +dora$", _cli("inspect", dora_run).stdout, re.M)
+    assert re.search(r"^  kind +lora$", _cli("inspect", run).stdout, re.M)
+
+
+def test_merge_applies_the_dora_weight(dora_run, pipe, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    _cli("merge", "--adapter", dora_run, "--out", tmp_path / "merged")
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", local_files_only=True)
+    adapter = read_adapter(dora_run)
+    base = dict(pipe.unet.named_modules())
+    for path, module in adapter.parts()[UNET].items():
+        W = base[path].weight.detach().double()
+        adapted = W + module.delta(torch.float64).reshape(W.shape)
+        rows = adapted.flatten(1).norm(dim=1).reshape(-1, *[1] * (W.dim() - 1))
+        expected = module.extras["magnitude"].double().reshape(rows.shape) * adapted / rows
+        torch.testing.assert_close(merged.unet.get_submodule(path).weight.double(), expected, rtol=1e-5, atol=1e-6)

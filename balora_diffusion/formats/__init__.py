@@ -1,7 +1,8 @@
-"""Adapter files: one module per format, each a writer and a reader, all meeting in `Adapter`.
+"""Adapter files: one module per format, each a writer and a reader, all meeting in `Adapter`; what
+differs between adapter kinds (LoRA, DoRA) is the kind's, in balora_diffusion.adapters.
 
 diffusers_lora  diffusers / peft LoRA (pipe.load_lora_weights)
-kohya_lora      kohya LoRA for SD 1.x (A1111, ComfyUI, Forge, sd-scripts)
+kohya_lora      kohya LoRA (A1111, ComfyUI, Forge, sd-scripts)
 embedding       new-token embeddings (A1111, ComfyUI, load_textual_inversion)
 ldm_checkpoint  whole SD 1.x models as one original-layout file
 run_files       a training run's adapter, from its models or checkpoints, into the run folder

@@ -14,15 +14,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from balora_diffusion.adapters import get_kind, kind_of_extras
 from balora_diffusion.errors import UserError
 
-UNET, TEXT_ENCODER = "unet", "text_encoder"
-PARTS = (UNET, TEXT_ENCODER)
+UNET, TEXT_ENCODER, TEXT_ENCODER_2 = "unet", "text_encoder", "text_encoder_2"
+# The parts an adapter may hold, in the order files list them: the pipeline components they adapt.
+PARTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+TEXT_PARTS = (TEXT_ENCODER, TEXT_ENCODER_2)
 
 
 @dataclass
 class LoraModule:
-    """One adapted layer: its update is (alpha / rank) * up @ down.
+    """One adapted layer: its low-rank update is (alpha / rank) * up @ down; what the layer's weight
+    becomes is its adapter's kind's (see balora_diffusion.adapters), with the kind's `extras`.
 
     Linear: down (r, in), up (out, r). Conv: down (r, in, kh, kw), up (out, r, 1, 1).
     `key` is the name the layer had in the file it came from, for messages."""
@@ -31,6 +35,7 @@ class LoraModule:
     up: torch.Tensor
     alpha: float
     key: str = ""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_shapes(self.key or "a LoRA module", self.down, self.up)
@@ -69,12 +74,14 @@ def _check_shapes(name: str, down: torch.Tensor, up: torch.Tensor) -> None:
 
 
 def read_module(source: str, down: tuple[str, torch.Tensor], up: tuple[str, torch.Tensor],
-                alpha: tuple[str, object]) -> LoraModule:
-    """The LoraModule of the (key, value) down, up and alpha read from `source`: every reader builds
-    its modules here, and a UserError names the key of the first that cannot be part of an update."""
-    for key, tensor in (down, up):
+                alpha: tuple[str, object], extras: dict[str, tuple[str, torch.Tensor]] | None = None) -> LoraModule:
+    """The LoraModule of the (key, value) down, up, alpha and extras read from `source`: every reader
+    builds its modules here, and a UserError names the key of the first that cannot be part of an update."""
+    extras = extras or {}
+    for key, tensor in (down, up, *extras.values()):
         check_values(f"{source}: {key}", tensor)
-    return LoraModule(down[1], up[1], alpha_number(f"{source}: {alpha[0]}", alpha[1]), key=down[0])
+    return LoraModule(down[1], up[1], alpha_number(f"{source}: {alpha[0]}", alpha[1]), key=down[0],
+                      extras={slot: tensor for slot, (_, tensor) in extras.items()})
 
 
 def check_values(name: str, tensor: torch.Tensor) -> None:
@@ -101,11 +108,11 @@ def alpha_number(name: str, value: object) -> float:
 
 @dataclass
 class Adapter:
-    """LoRA modules of the UNet and the text encoder, the new tokens' embeddings and what is known
-    of the training, as read from (or to be written to) one of the formats."""
+    """LoRA modules per named part (a pipeline component, one of PARTS), the new tokens' embeddings and
+    what is known of the training, as read from (or to be written to) one of the formats."""
 
-    unet: dict[str, LoraModule] = field(default_factory=dict)
-    text_encoder: dict[str, LoraModule] = field(default_factory=dict)
+    part_modules: dict[str, dict[str, LoraModule]] = field(default_factory=dict)
+    kind: str = "lora"  # one of balora_diffusion.adapters.KINDS, the same for every module
     tokens: list[str] = field(default_factory=list)
     embedding: torch.Tensor | None = None  # (len(tokens), hidden) rows of the new tokens
     info: dict[str, object] = field(default_factory=dict)  # training facts (method, rank, lrs, steps, ...)
@@ -113,6 +120,18 @@ class Adapter:
     source: str = ""
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.part_modules) - set(PARTS))
+        if unknown:
+            raise UserError(f"{self.source or 'an adapter'}: unknown part(s) {', '.join(unknown)}; "
+                            f"expected {', '.join(PARTS)}")
+        self.part_modules = {part: self.part_modules.get(part, {}) for part in PARTS}
+        kind = get_kind(self.kind)
+        for part, path, module in self.modules():
+            where = f"{self.source or 'an adapter'}: {module.key or f'{part}.{path}'}"
+            if set(module.extras) != set(kind.extras):
+                raise UserError(f"{where} holds the extras {sorted(module.extras)}, where a {self.kind} module "
+                                f"holds {sorted(kind.extras)}")
+            kind.check_extras(module, where)
         if self.embedding is None:
             return
         shape = list(self.embedding.shape)
@@ -123,7 +142,8 @@ class Adapter:
         self.embedding = self.embedding.float()
 
     def parts(self) -> dict[str, dict[str, LoraModule]]:
-        return {UNET: self.unet, TEXT_ENCODER: self.text_encoder}
+        """Every part in PARTS order, each a (possibly empty) {module path: module}."""
+        return self.part_modules
 
     def modules(self) -> list[tuple[str, str, LoraModule]]:
         return [(part, path, module) for part, found in self.parts().items() for path, module in found.items()]
@@ -164,24 +184,51 @@ Factors = dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]]
 
 
 def add_factor(factors: Factors, module: tuple[str, str], slot: str, key: str, tensor: torch.Tensor, source) -> None:
-    """Record a file's tensor as the "down", "up" or "alpha" of (part, module path)."""
+    """Record a file's tensor as the "down", "up", "alpha" or an extra of (part, module path)."""
     if slot in factors.setdefault(module, {}):
         raise UserError(f"{source}: {key!r} repeats the {slot} of {factors[module][slot][0]!r}")
     factors[module][slot] = (key, tensor)
 
 
-def assemble(adapter: Adapter, factors: Factors, default_alpha: Callable[[str, str, int], float]) -> Adapter:
-    """`adapter` with a LoraModule per recorded module; every module needs both factors. A module
-    without an alpha tensor gets default_alpha(part, module path, rank)."""
+_PAIR = ("down", "up", "alpha")
+
+
+def assemble(adapter: Adapter, factors: Factors, default_alpha: Callable[[str, str, int], float],
+             place: str) -> Adapter:
+    """`adapter` with a LoraModule per recorded module, of the kind its extras (as `place` stores
+    them) say; every module needs both factors and every extra of that kind. A module without an
+    alpha tensor gets default_alpha(part, module path, rank)."""
+    extras = {slot for found in factors.values() for slot in found if slot not in _PAIR}
+    kind = kind_of_extras(extras, adapter.source)
     for (part, module_path), found in factors.items():
-        if "down" not in found or "up" not in found:
+        missing = [slot for slot in ("down", "up", *kind.extras) if slot not in found]
+        if missing:
             key = next(iter(found.values()))[0]
-            raise UserError(f"{adapter.source}: {key!r} has no {'up' if 'down' in found else 'down'} factor beside it")
+            what = f"{missing[0]} factor" if missing[0] in _PAIR else f"{kind.name} {missing[0]}"
+            raise UserError(f"{adapter.source}: {key!r} has no {what} beside it")
         (key, down), up = found["down"], found["up"][1]
         if down.dim() == 4 and up.dim() == 2:  # some writers keep a conv LoRA's 1x1 up factor as a matrix
             up = up[:, :, None, None]
         alpha = found["alpha"] if "alpha" in found else (key, default_alpha(part, module_path, _rank(down)))
-        adapter.parts()[part][module_path] = read_module(adapter.source, (key, down), (found["up"][0], up), alpha)
+        outputs = int(up.shape[0]) if up.dim() else 0
+        module_extras = {slot: (found[slot][0], kind.extra_from_place(place, slot, found[slot][1], outputs,
+                                                                      f"{adapter.source}: {found[slot][0]!r}"))
+                         for slot in kind.extras}
+        adapter.parts()[part][module_path] = read_module(adapter.source, (key, down), (found["up"][0], up), alpha,
+                                                         module_extras)
     if not adapter.modules():
         raise UserError(f"{adapter.source} holds no LoRA weights")
+    adapter.kind = kind.name
+    adapter.__post_init__()
     return adapter
+
+
+def module_tensors(adapter: Adapter, place: str, module: LoraModule) -> dict[str, torch.Tensor]:
+    """{key suffix: tensor} of a module's pair and extras as `place` stores them."""
+    kind = get_kind(adapter.kind)
+    suffixes = kind.keys[place]
+    tensors = {suffixes["down"]: module.down, suffixes["up"]: module.up}
+    conv = module.down.dim() == 4
+    tensors.update({suffixes[slot]: kind.extra_to_place(place, slot, tensor, conv)
+                    for slot, tensor in module.extras.items()})
+    return tensors

@@ -1,11 +1,13 @@
 """The diffusers / peft LoRA format: what `pipe.load_lora_weights` and peft read.
 
-Keys are `unet.<module>.lora_A.weight` (down) / `.lora_B.weight` (up) and
-`text_encoder.text_model.<module>...`: the `text_model.` spelling loads with transformers 4 (whose
+Keys are `<part>.<module>.lora_A.weight` (down) / `.lora_B.weight` (up), and a kind's extras beside
+them (DoRA: `.lora_magnitude_vector.weight`), for the parts `unet`, `text_encoder.text_model`,
+`text_encoder_2.text_model`: the `text_model.` spelling loads with transformers 4 (whose
 CLIPTextModel has that child) and 5 alike, while the short one written by transformers >= 5.6 makes
 older diffusers fail. No alpha is stored in the tensors: diffusers builds peft's LoraConfig from the
 adapter metadata in the header, which is always written: per model the most common rank and alpha,
-and `rank_pattern` / `alpha_pattern` naming every module that differs. Without it diffusers infers
+`rank_pattern` / `alpha_pattern` naming every module that differs, and the kind's own options
+(DoRA: `use_dora`). Without it diffusers infers
 the ranks itself, which fails inside peft once they differ (a KeyError 'model_type').
 
 The reader also takes peft's own files (`base_model.model.<module>...`, alpha in adapter_config.json)
@@ -16,11 +18,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from functools import cache
 from pathlib import Path
 
+from balora_diffusion.adapters import get_kind, slot_of_suffix
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, UNET, Adapter, Factors, LoraModule, add_factor,
-                                              alpha_number, assemble, info_from_metadata, info_metadata)
+from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, TEXT_PARTS, UNET, Adapter, Factors, LoraModule,
+                                              add_factor, alpha_number, assemble, info_from_metadata, info_metadata,
+                                              module_tensors)
 from balora_diffusion.formats.names import text_encoder_path
 from balora_diffusion.formats.safetensors_io import read_file, write_file
 
@@ -29,15 +34,15 @@ PEFT_FILE = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
-_FACTOR = {"lora_A": "down", "lora_B": "up", "lora.down": "down", "lora.up": "up",
-           "lora_down": "down", "lora_up": "up"}
-_KEY = re.compile(r"(?:(unet|text_encoder)|base_model\.model)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|"
-                  r"lora_up)(?:\.default)?\.weight|(unet|text_encoder)\.(.+)\.alpha")
+# older diffusers spellings of the factors, beside each kind's own
+_OLDER = {"lora.down.weight": "down", "lora.up.weight": "up", "lora_down.weight": "down", "lora_up.weight": "up"}
+_PART = "|".join(sorted(PARTS, key=len, reverse=True))  # text_encoder_2 before text_encoder
+_KEY = re.compile(rf"(?:({_PART})|base_model\.model)\.(.+)")
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
 
 
 def _file_path(part: str, path: str) -> str:
-    return f"{part}.text_model.{path}" if part == TEXT_ENCODER else f"{part}.{path}"
+    return f"{part}.text_model.{path}" if part in TEXT_PARTS else f"{part}.{path}"
 
 
 def write_diffusers(folder: Path, adapter: Adapter) -> Path:
@@ -48,9 +53,10 @@ def write_diffusers(folder: Path, adapter: Adapter) -> Path:
         if not modules:
             continue
         config.update({f"{part}.{key}": value for key, value in _lora_config(modules).items()})
+        config.update({f"{part}.{key}": value for key, value in get_kind(adapter.kind).peft_options.items()})
         for path, module in modules.items():
-            tensors[f"{_file_path(part, path)}.lora_A.weight"] = module.down
-            tensors[f"{_file_path(part, path)}.lora_B.weight"] = module.up
+            for suffix, tensor in module_tensors(adapter, "diffusers", module).items():
+                tensors[f"{_file_path(part, path)}.{suffix}"] = tensor
     metadata = info_metadata(adapter.info)
     if config:
         metadata[METADATA_KEY] = json.dumps(config, indent=2, sort_keys=True)
@@ -71,11 +77,12 @@ def _lora_config(modules: dict[str, LoraModule]) -> dict[str, object]:
 
 
 def _module_path(part: str | None, raw: str) -> tuple[str, str] | None:
-    """(part, canonical module path) of a key's module name, or None when it names no SD 1.x layer."""
+    """(part, canonical module path) of a key's module name, or None when it names no layer of a text
+    encoder it says it adapts. peft's own files name no part: a text-encoder layer there is the first's."""
     raw = _PROCESSOR.sub(lambda m: "." + m.group(1) + (".0" if m.group(1) == "to_out" else ""), raw)
     te_path = text_encoder_path(raw)
-    if part == TEXT_ENCODER or (part is None and te_path is not None):
-        return (TEXT_ENCODER, te_path) if te_path is not None else None
+    if part in TEXT_PARTS or (part is None and te_path is not None):
+        return (part or TEXT_ENCODER, te_path) if te_path is not None else None
     return UNET, raw
 
 
@@ -131,14 +138,35 @@ def read_diffusers(path: Path) -> Adapter:
     tensors, metadata = read_file(path)
     factors: Factors = {}
     for key, tensor in tensors.items():
-        # attention processors' spelling: `...attn1.processor.to_q_lora.down.weight`
-        match = _KEY.fullmatch(re.sub(r"_lora\.(down|up)\.weight$", r".lora.\1.weight", key))
-        named = match and _module_path(match.group(1) or match.group(4), match.group(2) or match.group(5))
+        named = _slot(key)
         if not named:
-            raise UserError(f"{path}: {key!r} is not a LoRA weight of a Stable Diffusion 1.x UNet or text encoder "
+            raise UserError(f"{path}: {key!r} is not a weight of any adapter kind's module of a UNet or text encoder "
                             "in the diffusers or peft layout")
-        add_factor(factors, named, "alpha" if match.group(4) else _FACTOR[match.group(3)], key, tensor, path)
+        add_factor(factors, named[0], named[1], key, tensor, path)
     alphas = _alphas(metadata, path)
     adapter = Adapter(format="diffusers", source=str(path), info=info_from_metadata(metadata))
-    return assemble(adapter, factors, lambda part, module_path, rank: _alpha_for(module_path, rank, alphas[part]))
+    return assemble(adapter, factors, lambda part, module_path, rank: _alpha_for(module_path, rank, alphas[part]),
+                    "diffusers")
+
+
+@cache
+def _suffixes() -> dict[str, str]:
+    """{key suffix: slot}, longest first: each kind's, peft's in-memory `.default.` spelling of them,
+    older diffusers ones; the alpha only where a part is named."""
+    table = {**slot_of_suffix("diffusers"), **_OLDER}
+    table.update({suffix.replace(".weight", ".default.weight"): slot for suffix, slot in table.items()})
+    return dict(sorted(table.items(), key=lambda item: -len(item[0])))
+
+
+def _slot(key: str) -> tuple[tuple[str, str], str] | None:
+    """((part, module path), slot) of a file's key, or None when it is none of a known layer."""
+    # attention processors' spelling: `...attn1.processor.to_q_lora.down.weight`
+    match = _KEY.fullmatch(re.sub(r"_lora\.(down|up)\.weight$", r".lora.\1.weight", key))
+    if match is None:
+        return None
+    part, rest = match.group(1), match.group(2)
+    table = {**_suffixes(), **({"alpha": "alpha"} if part else {})}
+    suffix = next((suffix for suffix in table if rest.endswith("." + suffix)), None)
+    named = suffix and _module_path(part, rest[:-len(suffix) - 1])
+    return (named, table[suffix]) if named else None
 

@@ -1,7 +1,8 @@
 """Adapters applied to a loaded pipeline by adding their updates to the weights.
 
-W = W0 + f * sum_i w_i * (alpha_i / r_i) * B_i @ A_i for every adapted layer of the UNet and the text
-encoder alike, where w_i is each adapter's weight and f the fusion coefficient. Adding to the weights
+W = W0 + f * sum_i w_i * U_i(W0) for every adapted layer of the UNet and the text encoders alike, where
+w_i is each adapter's weight, f the fusion coefficient and U_i what adapter i's kind makes of W0 at
+full strength (LoRA: (alpha_i / r_i) * B_i @ A_i; DoRA: its merged weight less W0). Adding to the weights
 (rather than wrapping layers) is what a merged model is, so generating and merging share one path,
 and changing f costs one pass over the adapted layers. The new tokens' embeddings are loaded through
 diffusers' `load_textual_inversion` and stay in at every f.
@@ -14,14 +15,20 @@ from collections.abc import Sequence
 
 import torch
 
+from balora_diffusion.adapters import LoRA, get_kind
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule
+from balora_diffusion.formats.adapter import TEXT_PARTS, UNET, Adapter, LoraModule
 from balora_diffusion.formats.names import canonical_text_path
 
 
 def _layers(pipe) -> dict[str, dict[str, torch.nn.Module]]:
-    text = {canonical_text_path(name): module for name, module in pipe.text_encoder.named_modules()}
-    return {UNET: dict(pipe.unet.named_modules()), TEXT_ENCODER: text}
+    """{part: {module path: layer}} of each of the adapter parts the pipeline has (an empty table for
+    one it lacks, so an adapter for it is refused by name)."""
+    layers = {UNET: dict(pipe.unet.named_modules())}
+    for part in TEXT_PARTS:
+        model = getattr(pipe, part, None)
+        layers[part] = {} if model is None else {canonical_text_path(n): m for n, m in model.named_modules()}
+    return layers
 
 
 def fit(pipe, adapter: Adapter) -> list[tuple[torch.nn.Module, LoraModule]]:
@@ -54,12 +61,14 @@ class Fused:
 
     def __init__(self, pipe, adapters: Sequence[tuple[Adapter, float]], tokens: bool = True):
         self.pipe, self.tokens = pipe, []
-        per_layer: dict[torch.nn.Module, list[tuple[float, LoraModule]]] = {}
+        per_layer: dict[torch.nn.Module, list[tuple[float, LoRA, LoraModule]]] = {}
         for adapter, weight in adapters:
+            kind = get_kind(adapter.kind)
             for layer, module in fit(pipe, adapter):
-                on_device = LoraModule(module.down.to(layer.weight.device), module.up.to(layer.weight.device),
-                                       module.alpha, module.key)
-                per_layer.setdefault(layer, []).append((weight, on_device))
+                device = layer.weight.device
+                on_device = LoraModule(module.down.to(device), module.up.to(device), module.alpha, module.key,
+                                       {slot: tensor.to(device) for slot, tensor in module.extras.items()})
+                per_layer.setdefault(layer, []).append((weight, kind, on_device))
         new_tokens = [t for adapter, _ in adapters if tokens and adapter.embedding is not None for t in adapter.tokens]
         taken = sorted({t for t in new_tokens if new_tokens.count(t) > 1 or t in pipe.tokenizer.get_vocab()})
         if taken:
@@ -84,7 +93,8 @@ class Fused:
     @torch.no_grad()
     def set_fusion(self, fusion: float) -> None:
         for layer, items in self.per_layer.items():
-            update = sum(weight * module.delta() for weight, module in items)
+            base = self.base[layer].float().reshape(items[0][2].weight_shape)
+            update = sum(weight * kind.update(base, module) for weight, kind, module in items)
             layer.weight.copy_((self.base[layer].float() + fusion * update.reshape(layer.weight.shape))
                                .to(layer.weight.dtype))
 

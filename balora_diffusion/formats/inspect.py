@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from balora_diffusion.formats.adapter import Adapter
+from balora_diffusion.formats.adapter import TEXT_ENCODER_2, Adapter
 from balora_diffusion.lora import balance_diagnostics
 from balora_diffusion.rules.pairs import LoRAPair
 
@@ -20,7 +20,7 @@ def _spread(values: list[float]) -> str:
 
 
 def summary(adapter: Adapter) -> dict:
-    """Format, architecture, targets, ranks, alphas, tokens, training facts and per-pair balance."""
+    """Format, architecture, kind, targets, ranks, alphas, tokens, training facts and per-pair balance."""
     pairs = [LoRAPair(m.down.float(), m.up.float(), name=f"{part}.{path}", conv=m.down.dim() == 4)
              for part, path, m in adapter.modules()]
     balance = balance_diagnostics(pairs)
@@ -34,7 +34,8 @@ def summary(adapter: Adapter) -> dict:
                 "alpha": _spread([m.alpha for m in modules.values()]),
             }
     return {
-        "source": adapter.source, "format": adapter.format, "architecture": "Stable Diffusion 1.x",
+        "source": adapter.source, "format": adapter.format,
+        "architecture": "SDXL" if adapter.parts()[TEXT_ENCODER_2] else "Stable Diffusion 1.x", "kind": adapter.kind,
         "parts": parts, "tokens": adapter.tokens,
         "embedding_norms": [] if adapter.embedding is None else adapter.embedding.norm(dim=1).tolist(),
         "training": adapter.info,
@@ -44,7 +45,8 @@ def summary(adapter: Adapter) -> dict:
 
 def render(report: dict) -> str:
     """The summary as text: a header, then one line per pair."""
-    lines = [f"{report['source']}", f"  format        {report['format']}", f"  architecture  {report['architecture']}"]
+    lines = [f"{report['source']}", f"  format        {report['format']}", f"  architecture  {report['architecture']}",
+             f"  kind          {report['kind']}"]
     for part, facts in report["parts"].items():
         targets = ", ".join(f"{name} x{count}" for name, count in facts["targets"].items())
         lines.append(f"  {part:<13} {facts['modules']} modules, rank {facts['rank']}, alpha {facts['alpha']}: {targets}")

@@ -16,9 +16,11 @@ import torch
 
 from balora_diffusion import checkpoint as ckpt
 from balora_diffusion import paths
+from balora_diffusion.adapters import kind_of_peft_layer, slot_of_suffix
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule, read_module, token_stem
+from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, TEXT_ENCODER_2, TEXT_PARTS, UNET, Adapter, Factors,
+                                              LoraModule, add_factor, alpha_number, assemble, token_stem)
 from balora_diffusion.formats.diffusers_lora import write_diffusers
 from balora_diffusion.formats.embedding import write_embedding
 from balora_diffusion.formats.kohya_lora import write_kohya
@@ -26,13 +28,13 @@ from balora_diffusion.formats.names import canonical_text_path
 from balora_diffusion.run_layout import DIFFUSERS_FOLDER, KOHYA_FOLDER
 from balora_diffusion.versions import installed_version
 
-_TRAINABLE = re.compile(r"(unet|text_encoder)\.(.+)\.lora_([AB])\.default\.weight")
+_PART_KEY = re.compile(rf"({'|'.join(sorted(PARTS, key=len, reverse=True))})\.(.+)")
 _EMBEDDING = re.compile(r"text_encoder\.(?:text_model\.)?embeddings\.token_embedding\.extra")
 _CHECKPOINT_CONFIG = {"alpha", "text_alpha", "output_dir", "token"}
 
 
 def _canonical(part: str, path: str) -> str:
-    return canonical_text_path(path) if part == TEXT_ENCODER else path
+    return canonical_text_path(path) if part in TEXT_PARTS else path
 
 
 def _sha256(file: Path) -> str:
@@ -67,22 +69,30 @@ def training_info(cfg: dict, step: int, name: str) -> dict[str, object]:
     return info
 
 
-def adapter_from_models(unet, text_encoder, embedding, tokens: list[str], info: dict) -> Adapter:
-    """The peft LoRA layers ("default" adapter) of the trained models and the new tokens' rows."""
+def adapter_from_models(unet, text_encoder, embedding, tokens: list[str], info: dict,
+                        text_encoder_2=None) -> Adapter:
+    """The peft LoRA layers ("default" adapter) of the trained models (None: a model not adapted) and the
+    new tokens' rows."""
     from peft.tuners.lora import LoraLayer
 
-    adapter = Adapter(tokens=list(tokens), info=info, format="balora run",
-                      embedding=None if embedding is None else embedding.extra.detach().float().cpu())
-    for part, model in ((UNET, unet), (TEXT_ENCODER, text_encoder)):
+    parts, kinds = {}, set()
+    for part, model in ((UNET, unet), (TEXT_ENCODER, text_encoder), (TEXT_ENCODER_2, text_encoder_2)):
         if model is None:
             continue
+        parts[part] = {}
         for path, layer in model.named_modules():
             if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
-                adapter.parts()[part][_canonical(part, path)] = LoraModule(
+                kind = kind_of_peft_layer(layer, "default")
+                kinds.add(kind.name)
+                parts[part][_canonical(part, path)] = LoraModule(
                     layer.lora_A["default"].weight.detach().float().cpu(),
                     layer.lora_B["default"].weight.detach().float().cpu(),
-                    float(layer.lora_alpha["default"]), key=f"{part}.{path}")
-    return adapter
+                    float(layer.lora_alpha["default"]), key=f"{part}.{path}",
+                    extras=kind.extras_of_peft_layer(layer, "default"))
+    if len(kinds) > 1:
+        raise ValueError(f"the models hold adapters of several kinds ({', '.join(sorted(kinds))})")
+    return Adapter(parts, kind=kinds.pop() if kinds else "lora", tokens=list(tokens), info=info, format="balora run",
+                   embedding=None if embedding is None else embedding.extra.detach().float().cpu())
 
 
 def adapter_from_checkpoint(folder: Path) -> Adapter:
@@ -91,23 +101,26 @@ def adapter_from_checkpoint(folder: Path) -> Adapter:
     if (problem := ckpt.damage(folder)) is not None:
         raise UserError(f"checkpoint {folder} is damaged ({problem})")
     trainable, cfg, step = _checkpoint_trees(folder)
-    alphas = {UNET: ("config alpha", cfg["alpha"]), TEXT_ENCODER: ("config text_alpha", cfg["text_alpha"])}
-    factors: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    where = f"checkpoint {folder}"
+    alphas = {UNET: alpha_number(f"{where}: config alpha", cfg["alpha"]),
+              **{part: alpha_number(f"{where}: config text_alpha", cfg["text_alpha"]) for part in TEXT_PARTS}}
+    slots = slot_of_suffix("checkpoint")
+    factors: Factors = {}
     embedding = None
     for key, tensor in trainable.items():
         if _EMBEDDING.fullmatch(key):
             embedding = tensor
-        elif match := _TRAINABLE.fullmatch(key):
-            module = (match.group(1), _canonical(match.group(1), match.group(2)))
-            factors.setdefault(module, {})[match.group(3)] = (key, tensor)
+            continue
+        match = _PART_KEY.fullmatch(key)
+        suffix = match and next((s for s in slots if match.group(2).endswith("." + s)), None)
+        if not suffix:
+            raise UserError(f"{where}: {key!r} is no tensor of any adapter kind, nor the token embedding")
+        module = (match.group(1), _canonical(match.group(1), match.group(2)[:-len(suffix) - 1]))
+        add_factor(factors, module, slots[suffix], key, tensor, where)
     adapter = Adapter(tokens=list(cfg["token"]) if embedding is not None else [], embedding=embedding,
                       info=training_info(cfg, step, Path(cfg["output_dir"]).name),
                       format=f"balora checkpoint (step {step})", source=str(folder))
-    for (part, path), found in factors.items():
-        if set(found) != {"A", "B"}:
-            raise UserError(f"checkpoint {folder}: {next(iter(found.values()))[0]!r} has no other LoRA factor beside it")
-        adapter.parts()[part][path] = read_module(f"checkpoint {folder}", found["A"], found["B"], alphas[part])
-    return adapter
+    return assemble(adapter, factors, lambda part, path, rank: alphas[part], "checkpoint")
 
 
 def _checkpoint_trees(folder: Path) -> tuple[dict, dict, int]:

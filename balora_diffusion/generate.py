@@ -1,4 +1,5 @@
-"""Seeded sampling of prompts x seeds, and labelled image grids.
+"""Seeded sampling of prompts x seeds, the samplers, and labelled image grids (balora_diffusion.draw
+is what draws with adapters and the sampling defaults, on top of this).
 
 Each (prompt, seed) image starts from its own CPU generator seeded with `seed`, so it is the
 same image whatever the batch it is drawn in and whatever the device, and two prompts drawn
@@ -10,14 +11,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
-from tqdm.auto import tqdm
 
 from balora_diffusion.atomic import atomic_path
 
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 5.0
+BATCH_SIZE = 16  # images per pipeline call, where a caller names no other
 
 # name -> (diffusers scheduler class, config overrides); DPM-Solver++ (2M) is how the iLoRA paper samples
 SCHEDULERS = {
@@ -41,11 +39,14 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
 
 
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = DEFAULT_STEPS,
-             guidance_scale: float = DEFAULT_GUIDANCE, negative_prompt: str | None = None,
-             batch_size: int = 16, progress: bool = True, **call_kwargs: Any) -> list[list[Image.Image]]:
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
+             negative_prompt: str | None = None, batch_size: int = BATCH_SIZE, progress: bool = True,
+             **call_kwargs: Any) -> list[list[Image.Image]]:
     """images[i][j] is prompts[i] drawn with seeds[j]; extra keyword arguments go to the pipeline
-    call (e.g. cross_attention_kwargs={"scale": 0.7} for a LoRA's strength)."""
+    call (height, width)."""
+    import torch
+    from tqdm.auto import tqdm
+
     jobs = [(p, s) for p in prompts for s in seeds]
     flat: list[Image.Image] = []
     pipe.set_progress_bar_config(disable=True)
@@ -62,16 +63,6 @@ def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int =
     bar.close()
     return [flat[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
 
-
-def fusion_grid(pipe, fused, prompts: Sequence[str], seeds: Sequence[int], fusions: Sequence[float],
-                **kwargs: Any) -> list[list[list[Image.Image]]]:
-    """images[k][i][j]: prompts[i] with seeds[j] at fusion coefficient fusions[k] of `fused`
-    (a formats.fuse.Fused); the same seeds at every coefficient, so only the LoRA's strength differs."""
-    out = []
-    for fusion in fusions:
-        fused.set_fusion(fusion)
-        out.append(generate(pipe, prompts, seeds, **kwargs))
-    return out
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -98,23 +98,22 @@ class Scorer:
     """Draws and scores on one pipeline, with the same prompts and seeds for every adapter."""
 
     def __init__(self, pipe, concepts: list[Concept], plan: Plan):
+        from balora_diffusion.draw import Drawer, Sampling
+
         self.pipe, self.concepts, self.plan = pipe, concepts, plan
+        self.drawer = Drawer(pipe, Sampling(steps=plan.sample_steps))
         self.drift = drift_prompts(plan.drift_prompts)
         self.base = self._draw(self.drift)
 
     def _draw(self, prompts: list[str]) -> list:
-        from balora_diffusion.generate import generate
-
-        rows = generate(self.pipe, prompts, list(self.plan.score_seeds), steps=self.plan.sample_steps, progress=False)
+        rows = self.drawer.draw(prompts, list(self.plan.score_seeds), progress=False)
         return [image for row in rows for image in row]
 
     def score(self, adapters: list, concepts: list[Concept]) -> tuple[dict, list]:
         """{token: {fidelity, bleed}, "drift": ...} of `adapters` loaded together for `concepts`, and
         the images (each concept's eval prompts, then the drift prompts)."""
-        from balora_diffusion.formats.fuse import Fused
-
         scores, shown = {}, []
-        with Fused(self.pipe, [(adapter, 1.0) for adapter in adapters]):
+        with self.drawer.hold([(adapter, 1.0) for adapter in adapters]):
             for concept in concepts:
                 images = self._draw(list(concept.eval_prompts))
                 other = next(c for c in self.concepts if c is not concept)
@@ -133,7 +132,7 @@ def fuse(pipe, adapters: list, concepts: list[Concept], method: str, plan: Plan,
     from balora_diffusion.formats.run_files import write_run_adapters
     from balora_diffusion.fusion import Concept as FuseConcept
     from balora_diffusion.fusion import check_concepts, fuse_concepts
-    from balora_diffusion.generate import DEFAULT_GUIDANCE
+    from balora_diffusion.draw import DEFAULT_GUIDANCE
 
     items = [FuseConcept(c.token, a, 1.0, [p.replace(c.token, a.tokens[0]) for p in captions(c)])
              for a, c in zip(adapters, concepts)]

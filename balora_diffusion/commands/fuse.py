@@ -103,7 +103,7 @@ def write_fused(pipe, concepts: list, specs: list[tuple[str, float]], out: Path,
     from balora_diffusion.atomic import atomic_path, write_json_atomic
     from balora_diffusion.formats.run_files import write_run_adapters
     from balora_diffusion.fusion import fuse_concepts
-    from balora_diffusion.generate import DEFAULT_GUIDANCE
+    from balora_diffusion.draw import DEFAULT_GUIDANCE
     from balora_diffusion.train import library_versions
     from balora_diffusion.versions import installed_version
 

@@ -80,10 +80,11 @@ class Engine:
         if self._drawer is None:
             from balora_diffusion.draw import Drawer
             from balora_diffusion.models import load_pipeline
+            from balora_diffusion.draw import model_parts
             from balora_diffusion.threads import use_cpu_threads
 
             pipe = load_pipeline(self.base_model or None, device=self.device)
-            use_cpu_threads(self.cpu_threads, [pipe.unet, pipe.text_encoder, pipe.vae])
+            use_cpu_threads(self.cpu_threads, model_parts(pipe))
             pipe.set_progress_bar_config(disable=True)
             self._drawer = Drawer(pipe)
         return self._drawer.pipe

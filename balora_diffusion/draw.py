@@ -53,6 +53,13 @@ def native_size(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
+def model_parts(pipe) -> list:
+    """The pipeline's torch modules (UNet, text encoder or encoders, VAE, ...), whatever its family."""
+    import torch
+
+    return [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+
 # per pipeline: the sampler it came with (what MODEL_SCHEDULER finds again after another was used),
 # and the name of the one it samples with now
 _schedulers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -15,7 +15,7 @@ from balora_diffusion import world
 from balora_diffusion.atomic import write_json_atomic
 from balora_diffusion.bench.outputs import claim_out
 from balora_diffusion.errors import UserError
-from balora_diffusion.draw import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from balora_diffusion.draw import DEFAULT_GUIDANCE, DEFAULT_STEPS, Drawer, Sampling, model_parts
 from balora_diffusion.generate import write_grid
 from balora_diffusion.outputs import add_overwrite_flag
 
@@ -75,7 +75,6 @@ def summarise(records: list[dict]) -> dict[str, float | int | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from balora_diffusion.draw import Drawer, Sampling
     from balora_diffusion.models import DEFAULT_MODEL_DIR, load_pipeline
     from balora_diffusion.threads import use_cpu_threads
 
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--seeds, --steps and --batch-size must be >= 1 and --seen >= 0")
     claim_out(args, ("base_model.json", "base_model.png"))
     pipe = load_pipeline(args.model, args.device)
-    use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
+    use_cpu_threads(0, model_parts(pipe))
     jobs = prompt_scenes(args.seen, args.quick)
     seeds = [1] if args.quick else list(range(1, args.seeds + 1))
     images = Drawer(pipe, Sampling(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)).draw(

@@ -298,6 +298,7 @@ def run_bench(plan: Plan, out: Path, command: str) -> dict:
     from balora_diffusion.bench.sweep import check_sweep_folder, expand, run_cells
     from balora_diffusion.formats.read import read_adapter
     from balora_diffusion.models import load_pipeline
+    from balora_diffusion.draw import model_parts
     from balora_diffusion.threads import use_cpu_threads
 
     started, load_start = time.perf_counter(), os.getloadavg()[0]
@@ -313,7 +314,7 @@ def run_bench(plan: Plan, out: Path, command: str) -> dict:
         raise UserError(f"the trainings of {', '.join(failed)} did not finish; see their cell.log")
     training_seconds = time.perf_counter() - started
     pipe = load_pipeline(None, device="cpu")
-    use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
+    use_cpu_threads(0, model_parts(pipe))
     scorer = Scorer(pipe, concepts, plan)
     rows, figure, timed, parts = [], [], [], []
     for method in plan.methods:

@@ -279,6 +279,7 @@ def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> di
     from balora_diffusion.bench.sweep import check_sweep_folder, expand, run_cells
     from balora_diffusion.formats.read import read_adapter
     from balora_diffusion.models import load_pipeline
+    from balora_diffusion.draw import model_parts
     from balora_diffusion.threads import use_cpu_threads
     from balora_diffusion.train import resolution_step
 
@@ -297,7 +298,7 @@ def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> di
     seconds = {c.values["output_dir"]: r["training_seconds"] for c, r in zip(cells, records)}
     cost = time_steps(configs, plan, out)
     pipe = load_pipeline(base_model, device="cpu")
-    use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
+    use_cpu_threads(0, model_parts(pipe))
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     scorer = Scorer(pipe, plan)
     concepts = {"demo": load_concept(paths.DEMO_CONCEPT), "edge": load_concept(EDGE_CONCEPT)}

@@ -161,12 +161,13 @@ def run(args: argparse.Namespace) -> int:
     lines = _prompt_lines(args.prompts_file) if args.method == "gradient" else None
 
     from balora_diffusion.models import load_pipeline
+    from balora_diffusion.draw import model_parts
     from balora_diffusion.threads import use_cpu_threads
 
     concepts = read_concepts(specs, args.method, max_rank=args.max_rank, rank=args.rank, lines=lines)
     started = time.perf_counter()
     pipe = load_pipeline(args.base_model or None, device=args.device, single_file_config=args.base_config or None)
-    use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
+    use_cpu_threads(0, model_parts(pipe))
     adapter, report, seconds = write_fused(pipe, concepts, specs, out, args.method, rank=args.rank, ridge=args.ridge,
                                            steps=args.steps, seeds=args.seeds, started=started)
     print(describe_fused(concepts, adapter, report, args.method, out, seconds))

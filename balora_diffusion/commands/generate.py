@@ -9,7 +9,8 @@ from pathlib import Path
 
 from balora_diffusion.config import check_config, config_from_args, field, add_config_arguments
 from balora_diffusion import threads
-from balora_diffusion.draw import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SAMPLING_HELP, SCHEDULER_NAMES
+from balora_diffusion.draw import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SAMPLING_HELP, SCHEDULER_NAMES,
+                                   Drawer, Sampling, model_parts, native_size)
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_record_folder
 from balora_diffusion.train_config import IMAGE_SIDE
@@ -107,14 +108,13 @@ def _prompts(cfg: GenerateConfig) -> list[str]:
 def load_drawing(cfg: DrawConfig, base_model: str = "", base_config: str = ""):
     """A draw.Drawer on the pipeline `cfg` draws with (its base model unless `base_model` is given),
     with cfg's sampling settings."""
-    from balora_diffusion.draw import Drawer, Sampling
     from balora_diffusion.models import load_pipeline
     from balora_diffusion.threads import use_cpu_threads
 
     pipe = load_pipeline(cfg.base_model or base_model or None, device=cfg.device,
                          dtype=None if cfg.dtype == "auto" else cfg.dtype,
                          single_file_config=cfg.base_config or base_config or None)
-    use_cpu_threads(cfg.cpu_threads, [pipe.unet, pipe.text_encoder, pipe.vae])
+    use_cpu_threads(cfg.cpu_threads, model_parts(pipe))
     return Drawer(pipe, Sampling(steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
                                  negative_prompt=cfg.negative_prompt, size=cfg.size, batch_size=cfg.batch_size))
 
@@ -128,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
     from balora_diffusion.collector import libraries_loading
 
     with libraries_loading():
-        from balora_diffusion.draw import native_size
         from balora_diffusion.formats.read import read_adapter
         from balora_diffusion.generate import image_grid, save_image
         from balora_diffusion.train import library_versions

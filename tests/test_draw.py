@@ -182,3 +182,24 @@ def test_generate_and_the_app_draw_the_image_draw_py_draws(pipe, run_folder, ran
         [PROMPT], [3], progress=False)[0][0]).astype(int)).mean() > 1, "the adapter changes the image"
     assert np.array_equal(generated, ours)
     assert np.array_equal(app, ours)
+
+
+def test_the_validation_grid_draws_what_generate_draws_from_the_runs_files(random_sd_dir, tmp_path, monkeypatch):
+    from balora_diffusion import paths
+    from balora_diffusion.train import evaluate, train
+    from balora_diffusion.train_config import TrainConfig
+
+    shown = []
+    real = evaluate.write_grid
+    monkeypatch.setattr(evaluate, "write_grid", lambda path, rows, *a, **k: (shown.append(rows), real(path, rows, *a, **k)))
+    prompt, strength = "a <zorb> on a red background", 0.5
+    cfg = TrainConfig(data_dir=str(paths.DEMO_CONCEPT), base_model=str(random_sd_dir), token=["<zorb>"],
+                      init_word="heart", output_dir=str(tmp_path / "run"), steps=2, batch_size=2, lr_unet=1e-2,
+                      eval_every=2, checkpoint_every=2, heldout_size=2, grid_prompts=[prompt], grid_seeds=[3],
+                      fusion=[strength], sample_steps=2, seed=0, cpu_threads=1)
+    out = train(cfg)
+    (rows,) = shown
+    _cli("generate", "--adapter", out, "--base-model", random_sd_dir, "--prompt", prompt, "--seeds", 3,
+         "--steps", 2, "--fusion", strength, "--out", tmp_path / "gen", "--device", "cpu")
+    (record,) = json.loads((tmp_path / "gen" / "generate.json").read_text())["images"]
+    assert np.array_equal(np.asarray(rows[0][0]), np.asarray(Image.open(tmp_path / "gen" / record["file"])))

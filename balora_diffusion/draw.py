@@ -15,26 +15,75 @@ training's adapter draws exactly what its saved files draw.
 
 Sampling defaults, used wherever a caller gives none: DEFAULT_STEPS steps, classifier-free guidance
 DEFAULT_GUIDANCE, and the base model's own sampler (each family ships one that suits it). Every
-(prompt, seed) image starts from its own CPU generator (generate.generate), so it is the same
-image in any batch and on any device.
+(prompt, seed) image starts from its own CPU generator (`generate`), so it is the same
+image in any batch and on any device, and two prompts drawn with one seed start from the same noise
+(what makes a grid's columns comparable).
 """
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from balora_diffusion.errors import UserError
-from balora_diffusion.generate import BATCH_SIZE, SCHEDULERS, generate, set_scheduler
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 5.0
+BATCH_SIZE = 16  # images per pipeline call, where a caller names no other
 MODEL_SCHEDULER = "model"  # the sampler the base model ships with
 DEFAULT_SCHEDULER = MODEL_SCHEDULER
-SCHEDULER_NAMES = [MODEL_SCHEDULER, *SCHEDULERS]
 
 SAMPLING_HELP = (f"Sampling defaults: {DEFAULT_STEPS} steps, guidance {DEFAULT_GUIDANCE:g}, the base model's own "
                  "sampler.")
+
+# name -> (diffusers scheduler class, config overrides); DPM-Solver++ (2M) is how the iLoRA paper samples
+SCHEDULERS = {
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                     "use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+SCHEDULER_NAMES = [MODEL_SCHEDULER, *SCHEDULERS]
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Replace `pipe`'s sampler by the named one, built from the model's own noise schedule."""
+    import diffusers
+
+    cls_name, overrides = SCHEDULERS[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+
+
+def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = DEFAULT_STEPS,
+             guidance_scale: float = DEFAULT_GUIDANCE, negative_prompt: str | None = None,
+             batch_size: int = BATCH_SIZE, progress: bool = True, **call_kwargs: Any) -> list:
+    """images[i][j] is prompts[i] drawn with seeds[j] by `pipe` as it is (its sampler, the adapters
+    applied to it): the seeded sampling under Drawer.draw. Extra keyword arguments go to the pipeline
+    call (height, width)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    jobs = [(p, s) for p in prompts for s in seeds]
+    flat: list = []
+    pipe.set_progress_bar_config(disable=True)
+    bar = tqdm(total=len(jobs), desc="sampling", unit="img", disable=not progress)
+    for start in range(0, len(jobs), max(1, batch_size)):
+        chunk = jobs[start:start + batch_size]
+        with torch.no_grad():
+            out = pipe(prompt=[p for p, _ in chunk],
+                       negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
+                       generator=[torch.Generator("cpu").manual_seed(int(s)) for _, s in chunk],
+                       num_inference_steps=steps, guidance_scale=guidance_scale, **call_kwargs)
+        flat.extend(out.images)
+        bar.update(len(chunk))
+    bar.close()
+    return [flat[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
 
 
 @dataclass(frozen=True)

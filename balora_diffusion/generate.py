@@ -1,9 +1,7 @@
-"""Seeded sampling of prompts x seeds, the samplers, and labelled image grids (balora_diffusion.draw
-is what draws with adapters and the sampling defaults, on top of this).
+"""Labelled image grids, and written images.
 
-Each (prompt, seed) image starts from its own CPU generator seeded with `seed`, so it is the
-same image whatever the batch it is drawn in and whatever the device, and two prompts drawn
-with one seed start from the same noise (what makes a grid's columns comparable).
+`generate` and `set_scheduler` are balora_diffusion.draw's seeded sampler and sampler switch, under
+the names scripts have imported them by from here.
 """
 from __future__ import annotations
 
@@ -14,56 +12,9 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from balora_diffusion.atomic import atomic_path
+from balora_diffusion.draw import generate, set_scheduler
 
-BATCH_SIZE = 16  # images per pipeline call, where a caller names no other
-
-# name -> (diffusers scheduler class, config overrides); DPM-Solver++ (2M) is how the iLoRA paper samples
-SCHEDULERS = {
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                     "use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-}
-
-
-def set_scheduler(pipe, name: str) -> None:
-    """Replace `pipe`'s sampler by the named one, built from the model's own noise schedule."""
-    import diffusers
-
-    cls_name, overrides = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
-
-
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance_scale: float,
-             negative_prompt: str | None = None, batch_size: int = BATCH_SIZE, progress: bool = True,
-             **call_kwargs: Any) -> list[list[Image.Image]]:
-    """images[i][j] is prompts[i] drawn with seeds[j]; extra keyword arguments go to the pipeline
-    call (height, width)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    jobs = [(p, s) for p in prompts for s in seeds]
-    flat: list[Image.Image] = []
-    pipe.set_progress_bar_config(disable=True)
-    bar = tqdm(total=len(jobs), desc="sampling", unit="img", disable=not progress)
-    for start in range(0, len(jobs), max(1, batch_size)):
-        chunk = jobs[start:start + batch_size]
-        with torch.no_grad():
-            out = pipe(prompt=[p for p, _ in chunk],
-                       negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
-                       generator=[torch.Generator("cpu").manual_seed(int(s)) for _, s in chunk],
-                       num_inference_steps=steps, guidance_scale=guidance_scale, **call_kwargs)
-        flat.extend(out.images)
-        bar.update(len(chunk))
-    bar.close()
-    return [flat[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
-
-
+__all__ = ["generate", "set_scheduler", "image_grid", "save_image", "write_grid"]
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:

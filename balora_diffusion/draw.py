@@ -142,18 +142,17 @@ class Drawer:
         return list(self._held[1].tokens) if self._held else []
 
     def hold(self, adapters: Sequence[tuple[object, float]] | Callable[[], Sequence[tuple[object, float]]],
-             key: Hashable | None = None, *, tokens: bool = True) -> "Drawer":
+             key: Hashable | None = None) -> "Drawer":
         """Draw from now on with `adapters`: (formats Adapter, weight) pairs, or a function returning
         them, called only when needed. With a `key`, adapters held under the same key are kept (no
-        re-read, no re-application). Nothing changes unless every adapter fits the pipeline. With
-        `tokens=False` the embeddings are left out (tokens the pipeline has already)."""
+        re-read, no re-application). Nothing changes unless every adapter fits the pipeline."""
         from balora_diffusion.formats.fuse import Fused
 
         if key is not None and self._held is not None and self._held[0] == key:
             return self
         chosen = adapters() if callable(adapters) else adapters  # read whole before the pipeline is touched
         self.release()
-        self._held = (key, Fused(self.pipe, list(chosen), tokens=tokens))
+        self._held = (key, Fused(self.pipe, list(chosen)))
         return self
 
     def check_prompts(self, prompts: Sequence[str]) -> None:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from balora_diffusion import checkpoint as ckpt
 from balora_diffusion.atomic import atomic_path
+from balora_diffusion.draw import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.diffusers_lora import LORA_FILE
 from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER
@@ -33,8 +34,8 @@ class Sampling:
     prompt: str
     negative_prompt: str = ""
     seed: int = 1
-    steps: int = 20
-    guidance: float = 5.0
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
 
 
 def _file_digest(path: Path, memo: dict) -> str:
@@ -44,28 +45,6 @@ def _file_digest(path: Path, memo: dict) -> str:
     if key not in memo:
         memo[key] = hashlib.sha256(path.read_bytes()).hexdigest()
     return memo[key]
-
-
-def use_adapter(pipe, source: tuple[Path, int | None] | None, weight: float | None,
-                loaded: tuple[tuple, object] | None) -> tuple[tuple, object] | None:
-    """Make `pipe` draw with the adapter of `source` (a run folder and the step of one of its
-    checkpoints, None for its final adapter) at strength `weight` (UNet and text encoder LoRA
-    alike; the new token's embedding stays in at any strength), or with no adapter at all where
-    `source` is None. `loaded` is the (source, formats.fuse.Fused) the pipeline holds now; the one
-    it holds afterwards is returned."""
-    from balora_diffusion.formats.fuse import Fused
-
-    if source is None:
-        if loaded is not None:
-            loaded[1].restore()
-        return None
-    if loaded is None or loaded[0] != source:
-        adapter = read_source(*source)  # read whole before the pipeline is touched
-        if loaded is not None:
-            loaded[1].restore()
-        loaded = (source, Fused(pipe, [(adapter, 1.0)]))
-    loaded[1].set_fusion(weight)
-    return loaded
 
 
 def checkpoint_folder(run: Path, step: int) -> Path:
@@ -93,20 +72,22 @@ class Engine:
         self.cache = inside(self.runs, self.runs / CACHE)  # the server hands out files from here
         self.base_model, self.device, self.cpu_threads = base_model, device, cpu_threads
         self.lock = threading.Lock()
-        self._pipe = None
-        self._loaded: tuple[tuple, object] | None = None
+        self._drawer = None  # a draw.Drawer on the base model, holding the adapter drawn last
         self._digests: dict = {}
 
     def pipeline(self):
         """The base model, loaded on first use (call with `self.lock` held)."""
-        if self._pipe is None:
+        if self._drawer is None:
+            from balora_diffusion.draw import Drawer
             from balora_diffusion.models import load_pipeline
+            from balora_diffusion.draw import model_parts
             from balora_diffusion.threads import use_cpu_threads
 
-            self._pipe = load_pipeline(self.base_model or None, device=self.device)
-            use_cpu_threads(self.cpu_threads, [self._pipe.unet, self._pipe.text_encoder, self._pipe.vae])
-            self._pipe.set_progress_bar_config(disable=True)
-        return self._pipe
+            pipe = load_pipeline(self.base_model or None, device=self.device)
+            use_cpu_threads(self.cpu_threads, model_parts(pipe))
+            pipe.set_progress_bar_config(disable=True)
+            self._drawer = Drawer(pipe)
+        return self._drawer.pipe
 
     @cached_property
     def base_identity(self) -> str:
@@ -151,14 +132,19 @@ class Engine:
         image = self.cached(key)
         if image is not None:
             return image
-        from balora_diffusion.generate import generate
+        from balora_diffusion import draw
 
         with self.lock:
-            pipe = self.pipeline()
-            self._loaded = use_adapter(pipe, None if run is None else (run, step), weight, self._loaded)
-            image = generate(pipe, [sampling.prompt], [sampling.seed], steps=sampling.steps,
-                             guidance_scale=sampling.guidance, negative_prompt=sampling.negative_prompt or None,
-                             progress=False)[0][0]
+            self.pipeline()
+            drawer = self._drawer
+            if run is None:
+                drawer.release()
+            else:  # swapped only when another run or checkpoint is asked for; the new tokens stay in at any strength
+                drawer.hold(lambda: [(read_source(run, step), 1.0)], key=(run, step))
+            settings = draw.Sampling(steps=sampling.steps, guidance=sampling.guidance,
+                                     negative_prompt=sampling.negative_prompt)
+            image = drawer.draw([sampling.prompt], [sampling.seed], 0.0 if weight is None else weight, settings,
+                                progress=False)[0][0]
         with atomic_path(self.cache / "images" / f"{key}.png") as tmp:
             image.save(tmp, format="PNG")
         return image

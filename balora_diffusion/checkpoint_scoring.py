@@ -1,10 +1,11 @@
 """Scores of an adapter by `balora eval`'s metrics, for a training's checkpoints and a sweep's cells.
 
-The images are drawn as `balora eval` draws them (commands.generate.load_drawing, the adapter added to
-the base weights through formats.fuse.Fused, generate.fusion_grid), from the concept's evaluation
-prompts and the same seeds at every checkpoint, so a checkpoint's score here is the score `balora eval
-CHECKPOINT --seeds S --steps N --fusion 1` gives it, and two checkpoints' images differ by their weights
-only. Every metric is higher-is-better:
+The images are drawn as `balora eval` draws them (commands.generate.load_drawing, a draw.Drawer), from
+the concept's evaluation prompts and the same seeds at every checkpoint, with the sampler and guidance
+scored images have always been drawn with (SCORING_SCHEDULER, SCORING_GUIDANCE unless given), so a
+checkpoint's score here is the score `balora eval CHECKPOINT --seeds S --steps N --fusion 1 --scheduler
+dpm++ --guidance 7.5` gives it, and two checkpoints' images differ by their weights only. Every metric
+is higher-is-better:
 
     clip-t, clip-i, dino   balora_diffusion.metrics (CLIP and DINO models from a folder or the hub cache)
     fidelity               the world concept's colour score (needs concept.toml)
@@ -28,6 +29,18 @@ CLIP_METRICS = ("clip-t", "clip-i")
 MODEL_METRICS = (*CLIP_METRICS, "dino")  # any concept's
 PIXEL_METRICS = ("fidelity", "adherence")  # the toy world's: they read concept.toml
 METRICS = [*MODEL_METRICS, *PIXEL_METRICS]
+# Scored images keep the sampler and guidance they were drawn with before draw.py's defaults were settled,
+# so that a run's scores stay comparable with earlier runs' scores.
+SCORING_SCHEDULER = "dpm++"
+SCORING_GUIDANCE = 7.5
+
+
+def scoring_drawing(**settings):
+    """The commands.generate.DrawConfig of scored images: `settings`, drawn with SCORING_SCHEDULER and,
+    unless `settings` names a guidance, SCORING_GUIDANCE."""
+    from balora_diffusion.commands.generate import DrawConfig
+
+    return DrawConfig(**{"scheduler": SCORING_SCHEDULER, "guidance": SCORING_GUIDANCE, **settings})
 
 
 def twice_problem(metrics: list[str]) -> str | None:
@@ -116,8 +129,7 @@ class AdapterScorer:
     base_model: str = ""
     base_config: str = ""
     drawn: list = field(default_factory=list, repr=False)  # the last adapter's images[fusion][prompt][seed]
-    _pipe: Any = field(default=None, repr=False)
-    _call: dict = field(default_factory=dict, repr=False)
+    _drawer: Any = field(default=None, repr=False)
 
     @classmethod
     def for_run(cls, run: Path, tokens: list[str], metrics: list[str], models: dict, draw,
@@ -133,25 +145,21 @@ class AdapterScorer:
         return cls(metrics, models, subject, draw, base_model, base_config)
 
     def _drawing(self):
-        if self._pipe is None:
+        if self._drawer is None:
             from balora_diffusion.commands.generate import load_drawing
 
-            self._pipe, self._call = load_drawing(self.draw, self.base_model, self.base_config)
+            self._drawer = load_drawing(self.draw, self.base_model, self.base_config)
             for loaded in self.models.values():
-                loaded.model.to(self._pipe.device)
-        return self._pipe, self._call
+                loaded.model.to(self._drawer.pipe.device)
+        return self._drawer
 
     def score(self, adapter) -> dict[str, dict[str, float | None]]:
         """{fusion label ("1", "0.7"): {metric: score}} of `adapter` (a formats Adapter)."""
-        from balora_diffusion.commands.generate import check_prompt_windows
-        from balora_diffusion.formats.fuse import Fused
-        from balora_diffusion.generate import fusion_grid
-
-        pipe, call = self._drawing()
+        drawer = self._drawing()
         prompts, seeds = self.subject.prompts, list(self.draw.seeds)
-        with Fused(pipe, [(adapter, 1.0)]) as fused:
-            check_prompt_windows(pipe.tokenizer, prompts, fused.tokens)
-            self.drawn = fusion_grid(pipe, fused, prompts, seeds, self.draw.fusion, progress=False, **call)
+        with drawer.hold([(adapter, 1.0)]):
+            drawer.check_prompts(prompts)
+            self.drawn = drawer.draw_strengths(prompts, seeds, self.draw.fusion, progress=False)
         flat_prompts = [p for p in prompts for _ in seeds]
         return {f"{w:g}": score_images([im for row in images for im in row], flat_prompts, self.subject, self.metrics,
                                        self.models)

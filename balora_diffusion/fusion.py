@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.adapter import Adapter, LoraModule
-from balora_diffusion.formats.fuse import Fused, fit
+from balora_diffusion.formats.fuse import fit
 from balora_diffusion.gradient_fusion import DTYPE, LayerTerms, lossless_rank, solve_layers, truncate
 from balora_diffusion.gram_recorder import GramRecorder
 
@@ -107,13 +107,14 @@ def gradient_fused(pipe, concepts: list[Concept], *, ridge: float, steps: int, s
     """Every layer's gradient-fused update as factors, with its Gram's condition number: each concept's
     layer inputs are recorded while the base model with that concept's adapter (and token) samples the
     concept's prompts for `steps` steps, the text encoder's included."""
-    from balora_diffusion.generate import generate
+    from balora_diffusion.draw import Drawer, Sampling
 
     layers = _layers(pipe, concepts)
     terms = {key: LayerTerms([], [], torch.zeros(())) for key in layers}
+    drawer = Drawer(pipe, Sampling(steps=steps, guidance=guidance))
     for concept in tqdm(concepts, desc="recording layer inputs", unit="concept", disable=not progress):
-        with Fused(pipe, [(concept.adapter, concept.weight)]), GramRecorder(layers) as recorder:
-            generate(pipe, concept.prompts, seeds, steps=steps, guidance_scale=guidance, progress=False)
+        with drawer.hold([(concept.adapter, concept.weight)]), GramRecorder(layers) as recorder:
+            drawer.draw(concept.prompts, seeds, progress=False)
         updates = _updates(concept)
         for key, layer_terms in terms.items():
             gram = recorder.gram_of(key)

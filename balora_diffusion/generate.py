@@ -1,8 +1,7 @@
-"""Seeded sampling of prompts x seeds, and labelled image grids.
+"""Labelled image grids, and written images.
 
-Each (prompt, seed) image starts from its own CPU generator seeded with `seed`, so it is the
-same image whatever the batch it is drawn in and whatever the device, and two prompts drawn
-with one seed start from the same noise (what makes a grid's columns comparable).
+`generate` and `set_scheduler` are balora_diffusion.draw's seeded sampler and sampler switch, under
+the names scripts have imported them by from here.
 """
 from __future__ import annotations
 
@@ -10,69 +9,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
-from tqdm.auto import tqdm
 
 from balora_diffusion.atomic import atomic_path
+from balora_diffusion.draw import generate, set_scheduler
 
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 5.0
-
-# name -> (diffusers scheduler class, config overrides); DPM-Solver++ (2M) is how the iLoRA paper samples
-SCHEDULERS = {
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                     "use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-}
-
-
-def set_scheduler(pipe, name: str) -> None:
-    """Replace `pipe`'s sampler by the named one, built from the model's own noise schedule."""
-    import diffusers
-
-    cls_name, overrides = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
-
-
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = DEFAULT_STEPS,
-             guidance_scale: float = DEFAULT_GUIDANCE, negative_prompt: str | None = None,
-             batch_size: int = 16, progress: bool = True, **call_kwargs: Any) -> list[list[Image.Image]]:
-    """images[i][j] is prompts[i] drawn with seeds[j]; extra keyword arguments go to the pipeline
-    call (e.g. cross_attention_kwargs={"scale": 0.7} for a LoRA's strength)."""
-    jobs = [(p, s) for p in prompts for s in seeds]
-    flat: list[Image.Image] = []
-    pipe.set_progress_bar_config(disable=True)
-    bar = tqdm(total=len(jobs), desc="sampling", unit="img", disable=not progress)
-    for start in range(0, len(jobs), max(1, batch_size)):
-        chunk = jobs[start:start + batch_size]
-        with torch.no_grad():
-            out = pipe(prompt=[p for p, _ in chunk],
-                       negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),
-                       generator=[torch.Generator("cpu").manual_seed(int(s)) for _, s in chunk],
-                       num_inference_steps=steps, guidance_scale=guidance_scale, **call_kwargs)
-        flat.extend(out.images)
-        bar.update(len(chunk))
-    bar.close()
-    return [flat[i * len(seeds):(i + 1) * len(seeds)] for i in range(len(prompts))]
-
-
-def fusion_grid(pipe, fused, prompts: Sequence[str], seeds: Sequence[int], fusions: Sequence[float],
-                **kwargs: Any) -> list[list[list[Image.Image]]]:
-    """images[k][i][j]: prompts[i] with seeds[j] at fusion coefficient fusions[k] of `fused`
-    (a formats.fuse.Fused); the same seeds at every coefficient, so only the LoRA's strength differs."""
-    out = []
-    for fusion in fusions:
-        fused.set_fusion(fusion)
-        out.append(generate(pipe, prompts, seeds, **kwargs))
-    return out
-
+__all__ = ["generate", "set_scheduler", "image_grid", "save_image", "write_grid"]
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from balora_diffusion.checkpoint_scoring import METRICS, twice_problem
 from balora_diffusion.config import check_config, field
+from balora_diffusion.draw import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from balora_diffusion import threads
 from balora_diffusion.errors import UserError
 
@@ -162,8 +163,8 @@ class TrainConfig:
     grid_seeds: list[int] = field([1, 2], "sampling seeds of the validation grid", nonempty=True, **SEED)
     fusion: list[float] = field([0.0, 0.7, 1.0], "fusion coefficients (LoRA strength) of the validation grid",
                                 nonempty=True)
-    sample_steps: int = field(20, "sampling steps of the validation grid", ge=1)
-    guidance_scale: float = field(5.0, "classifier-free guidance of the validation grid", ge=0)
+    sample_steps: int = field(DEFAULT_STEPS, "sampling steps of the validation grid", ge=1)
+    guidance_scale: float = field(DEFAULT_GUIDANCE, "classifier-free guidance of the validation grid", ge=0)
     # --- scores of the adapter while training (balora eval's metrics)
     eval_metrics: list[str] = field([], "score the adapter at checkpoints: clip-t (prompt-image agreement), clip-i "
                                         "and dino (likeness to the held-out images, else the training images), "

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from balora_diffusion import checkpoint as ckpt
 from balora_diffusion import paths
+from balora_diffusion.checkpoint_scoring import SCORING_GUIDANCE, SCORING_SCHEDULER
 from balora_diffusion.cli import main as cli_main
 from balora_diffusion.formats.run_files import kohya_file_name
 
@@ -73,10 +74,12 @@ def test_every_scored_step_is_logged_plotted_and_checkpointed(scored):
 def test_the_scores_are_balora_evals_and_best_holds_the_best_step_in_every_format(scored, tiny_clip_dir, tiny_dino_dir,
                                                                                    tmp_path):
     scores = _scores(scored)
-    # balora eval, with the training's sampling settings, on the same run: the newest checkpoints
+    # balora eval, with the training's sampling settings (scored images' sampler and guidance), on the same run:
+    # the newest checkpoints
     out = tmp_path / "eval"
     assert cli_main(["eval", str(scored), "--clip", str(tiny_clip_dir), "--dino", str(tiny_dino_dir), "--seeds", "1",
-                     "--steps", "2", "--fusion", "1", "--metrics", *METRICS, "--out", str(out)]) == 0
+                     "--steps", "2", "--fusion", "1", "--scheduler", SCORING_SCHEDULER, "--guidance",
+                     str(SCORING_GUIDANCE), "--metrics", *METRICS, "--out", str(out)]) == 0
     results = json.loads((out / "eval.json").read_text())["results"]
     assert [r["step"] for r in results] == [3, 4]
     for r in results:

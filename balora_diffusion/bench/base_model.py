@@ -15,7 +15,8 @@ from balora_diffusion import world
 from balora_diffusion.atomic import write_json_atomic
 from balora_diffusion.bench.outputs import claim_out
 from balora_diffusion.errors import UserError
-from balora_diffusion.generate import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate, write_grid
+from balora_diffusion.draw import DEFAULT_GUIDANCE, DEFAULT_STEPS, Drawer, Sampling, model_parts
+from balora_diffusion.generate import write_grid
 from balora_diffusion.outputs import add_overwrite_flag
 
 ATTRIBUTES = {"background": "background", "object": "colour", "shape": "shape"}  # classify key -> Scene field
@@ -81,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--seeds, --steps and --batch-size must be >= 1 and --seen >= 0")
     claim_out(args, ("base_model.json", "base_model.png"))
     pipe = load_pipeline(args.model, args.device)
-    use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
+    use_cpu_threads(0, model_parts(pipe))
     jobs = prompt_scenes(args.seen, args.quick)
     seeds = [1] if args.quick else list(range(1, args.seeds + 1))
-    images = generate(pipe, [s.caption() for _, s in jobs], seeds, steps=args.steps,
-                      guidance_scale=args.guidance, batch_size=args.batch_size)
+    images = Drawer(pipe, Sampling(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)).draw(
+        [s.caption() for _, s in jobs], seeds)
     records = []
     for (split, scene), row in zip(jobs, images):
         for seed, image in zip(seeds, row):

@@ -100,23 +100,22 @@ class Scorer:
     """Draws and scores on one pipeline, with the same prompts and seeds for every adapter."""
 
     def __init__(self, pipe, concepts: list[Concept], plan: Plan):
+        from balora_diffusion.draw import Drawer, Sampling
+
         self.pipe, self.concepts, self.plan = pipe, concepts, plan
+        self.drawer = Drawer(pipe, Sampling(steps=plan.sample_steps))
         self.drift = drift_prompts(plan.drift_prompts)
         self.base = self._draw(self.drift)
 
     def _draw(self, prompts: list[str]) -> list:
-        from balora_diffusion.generate import generate
-
-        rows = generate(self.pipe, prompts, list(self.plan.score_seeds), steps=self.plan.sample_steps, progress=False)
+        rows = self.drawer.draw(prompts, list(self.plan.score_seeds), progress=False)
         return [image for row in rows for image in row]
 
     def score(self, adapters: list, concepts: list[Concept]) -> tuple[dict, list]:
         """{token: {fidelity, bleed}, "drift": ...} of `adapters` loaded together for `concepts`, and
         the images (each concept's eval prompts, then the drift prompts)."""
-        from balora_diffusion.formats.fuse import Fused
-
         scores, shown = {}, []
-        with Fused(self.pipe, [(adapter, 1.0) for adapter in adapters]):
+        with self.drawer.hold([(adapter, 1.0) for adapter in adapters]):
             for concept in concepts:
                 images = self._draw(list(concept.eval_prompts))
                 other = next(c for c in self.concepts if c is not concept)
@@ -135,7 +134,7 @@ def fuse(pipe, adapters: list, concepts: list[Concept], method: str, plan: Plan,
     from balora_diffusion.formats.run_files import write_run_adapters
     from balora_diffusion.fusion import Concept as FuseConcept
     from balora_diffusion.fusion import check_concepts, fuse_concepts
-    from balora_diffusion.generate import DEFAULT_GUIDANCE
+    from balora_diffusion.draw import DEFAULT_GUIDANCE
 
     items = [FuseConcept(c.token, a, 1.0, [p.replace(c.token, a.tokens[0]) for p in captions(c)])
              for a, c in zip(adapters, concepts)]
@@ -301,6 +300,7 @@ def run_bench(plan: Plan, out: Path, command: str) -> dict:
     from balora_diffusion.experiments.sweep import check_sweep_folder, expand, run_cells
     from balora_diffusion.formats.read import read_adapter
     from balora_diffusion.models import load_pipeline
+    from balora_diffusion.draw import model_parts
     from balora_diffusion.threads import use_cpu_threads
 
     started, load_start = time.perf_counter(), os.getloadavg()[0]
@@ -316,7 +316,7 @@ def run_bench(plan: Plan, out: Path, command: str) -> dict:
         raise UserError(f"the trainings of {', '.join(failed)} did not finish; see their cell.log")
     training_seconds = time.perf_counter() - started
     pipe = load_pipeline(None, device="cpu")
-    use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
+    use_cpu_threads(0, model_parts(pipe))
     scorer = Scorer(pipe, concepts, plan)
     rows, figure, timed, parts = [], [], [], []
     for method in plan.methods:

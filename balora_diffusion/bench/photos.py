@@ -191,26 +191,24 @@ class Scorer:
     """Draws on one pipeline, every adapter with the same prompts and sampling seeds."""
 
     def __init__(self, pipe, plan: Plan):
+        from balora_diffusion.draw import Drawer, Sampling
+
         self.pipe, self.plan = pipe, plan
+        self.drawer = Drawer(pipe, Sampling(steps=plan.sample_steps))
         self.drift = drift_prompts(plan.drift_prompts)
         self.base = self.draw(self.drift)
 
-    def draw(self, prompts: list[str]) -> list:
-        from balora_diffusion.generate import generate
-
-        rows = generate(self.pipe, prompts, list(self.plan.score_seeds), steps=self.plan.sample_steps, progress=False)
+    def draw(self, prompts: list[str], strength: float = 1.0) -> list:
+        rows = self.drawer.draw(prompts, list(self.plan.score_seeds), strength, progress=False)
         return [image for row in rows for image in row]
 
     def score(self, adapter, concept: Concept, drift: bool) -> tuple[dict, list]:
         """Fidelity, bleed (and with `drift`, drift at fusion 1) of `adapter`; its images at fusion 1."""
-        from balora_diffusion.formats.fuse import Fused
-
         prompts = [p for p in concept.eval_prompts for _ in self.plan.score_seeds]
         scores: dict = {"fidelity": {}, "bleed": {}, "position": {}}
-        with Fused(self.pipe, [(adapter, 1.0)]) as fused:
+        with self.drawer.hold([(adapter, 1.0)]):
             for w in FUSIONS:
-                fused.set_fusion(w)
-                images = self.draw(list(concept.eval_prompts))
+                images = self.draw(list(concept.eval_prompts), w)
                 scores["fidelity"][f"{w:g}"] = _mean(fidelity(image, concept) for image in images)
                 scores["bleed"][f"{w:g}"] = _mean(bleed(image, p) for image, p in zip(images, prompts))
                 checks = [scoring.adherence(image, scoring.Context(position=scoring.parse_context(p).position),
@@ -282,6 +280,7 @@ def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> di
     from balora_diffusion.experiments.sweep import check_sweep_folder, expand, run_cells
     from balora_diffusion.formats.read import read_adapter
     from balora_diffusion.models import load_pipeline
+    from balora_diffusion.draw import model_parts
     from balora_diffusion.threads import use_cpu_threads
     from balora_diffusion.train import resolution_step
 
@@ -300,7 +299,7 @@ def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> di
     seconds = {c.values["output_dir"]: r["training_seconds"] for c, r in zip(cells, records)}
     cost = time_steps(configs, plan, out)
     pipe = load_pipeline(base_model, device="cpu")
-    use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
+    use_cpu_threads(0, model_parts(pipe))
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     scorer = Scorer(pipe, plan)
     concepts = {"demo": load_concept(paths.DEMO_CONCEPT), "edge": load_concept(EDGE_CONCEPT)}

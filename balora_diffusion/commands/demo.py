@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from balora_diffusion.concept import fidelity, load_concept
 
     with libraries_loading():
-        from balora_diffusion.generate import generate, write_grid
+        from balora_diffusion.generate import write_grid
         from balora_diffusion.train import train
 
     concept = load_concept(cfg.data_dir)
@@ -71,18 +71,14 @@ def run(args: argparse.Namespace) -> int:
 
     out = train(cfg)
 
-    from balora_diffusion.formats.fuse import Fused
     from balora_diffusion.formats.read import read_adapter
-    from balora_diffusion.models import load_pipeline
 
     # A fresh pipeline with the saved adapter: what a user loading the files would get.
-    pipe = load_pipeline(cfg.base_model or None)
-    fused = Fused(pipe, [(read_adapter(out), 1.0)])
+    drawer = demo_drawer(cfg).hold([(read_adapter(out), 1.0)])
     prompts = list(concept.eval_prompts)
     rows, labels, scores = [], [], {}
     for w in (0.0, 1.0):
-        fused.set_fusion(w)
-        images = generate(pipe, prompts, seeds, steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale)
+        images = drawer.draw(prompts, seeds, w)
         scores[w] = [fidelity(img, concept) for row in images for img in row]
         rows.extend(images)
         labels.extend(f"w={w:g}: {p}" for p in prompts)
@@ -98,6 +94,14 @@ def run(args: argparse.Namespace) -> int:
         "fidelity": {f"{w:g}": vals for w, vals in scores.items()}})
     print(f"demo grid: {grid}")
     return 0
+
+
+def demo_drawer(cfg: TrainConfig):
+    """A draw.Drawer on a fresh pipeline of cfg's base model, sampling as cfg's validation grid does."""
+    from balora_diffusion.draw import Drawer, Sampling
+    from balora_diffusion.models import load_pipeline
+
+    return Drawer(load_pipeline(cfg.base_model or None), Sampling(steps=cfg.sample_steps, guidance=cfg.guidance_scale))
 
 
 def finished(cfg: TrainConfig) -> bool:
@@ -158,10 +162,8 @@ def run_fusion(args: argparse.Namespace) -> int:
             read_concepts,
             write_fused,
         )
-        from balora_diffusion.formats.fuse import Fused
         from balora_diffusion.formats.read import read_adapter
-        from balora_diffusion.generate import generate, write_grid
-        from balora_diffusion.models import load_pipeline
+        from balora_diffusion.generate import write_grid
 
     concepts, outs, how = [], [], {}
     for folder in FUSION_CONCEPTS:
@@ -177,10 +179,10 @@ def run_fusion(args: argparse.Namespace) -> int:
     parts = read_concepts(specs, "gradient", max_rank=DEFAULT_MAX_RANK, rank=None, lines=None)
     started = time.perf_counter()
     # A fresh pipeline: what a user loading the files would get.
-    pipe = load_pipeline(base.base_model or None)
+    drawer = demo_drawer(base)
     fused_out = root / "fused"
     # layer inputs recorded as `balora fuse` does, with no more sampling steps than the demo draws with
-    adapter, report, seconds = write_fused(pipe, parts, specs, fused_out, "gradient", rank=None, ridge=DEFAULT_RIDGE,
+    adapter, report, seconds = write_fused(drawer.pipe, parts, specs, fused_out, "gradient", rank=None, ridge=DEFAULT_RIDGE,
                                            steps=min(DEFAULT_STEPS, base.sample_steps), seeds=[1], started=started)
     print(describe_fused(parts, adapter, report, "gradient", fused_out, seconds))
 
@@ -189,11 +191,10 @@ def run_fusion(args: argparse.Namespace) -> int:
     prompts = [list(c.eval_prompts) for c in concepts]
     rows, labels, scores = [], [], {}
     for label, one in adapters:
-        with Fused(pipe, [(one, 1.0)]):
+        with drawer.hold([(one, 1.0)]):
             scores[label] = {}
             for concept, own_prompts in zip(concepts, prompts):
-                images = generate(pipe, own_prompts, seeds, steps=base.sample_steps,
-                                  guidance_scale=base.guidance_scale)
+                images = drawer.draw(own_prompts, seeds)
                 scores[label][concept.token] = sum(fidelity(im, concept) for row in images for im in row) / (
                     len(own_prompts) * len(seeds))
                 rows.extend(images[:FIGURE_PROMPTS])

@@ -13,6 +13,7 @@ from pathlib import Path
 from balora_diffusion import paths
 from balora_diffusion.commands.generate import DrawConfig
 from balora_diffusion.config import add_config_arguments, config_from_args, field
+from balora_diffusion.draw import SAMPLING_HELP
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_record_folder, claim
 from balora_diffusion.run_layout import BEST, EVAL_RECORD, GRID
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                   "folder (every run), or adapter files / folders / checkpoints")
     parser.epilog = ("Example: balora eval runs/dog --clip openai/clip-vit-large-patch14 --dino facebook/dinov2-small "
                      "--fusion 0.7 1 --out runs/dog-eval --best-by clip-i. Without --clip, a run of the toy world "
-                     "(balora demo) is scored offline by the shipped world CLIP.")
+                     "(balora demo) is scored offline by the shipped world CLIP. " + SAMPLING_HELP)
     add_config_arguments(parser, EvalConfig)
 
 
@@ -134,10 +135,8 @@ def evaluate(cfg: EvalConfig, targets: list, prepared=None) -> Evaluation:
     with libraries_loading():
         from balora_diffusion import concept_eval, metrics
         from balora_diffusion.checkpoint_scoring import score_images
-        from balora_diffusion.commands.generate import check_prompt_windows, load_drawing, read_prompts_file
-        from balora_diffusion.formats.fuse import Fused
+        from balora_diffusion.commands.generate import load_drawing, read_prompts_file
         from balora_diffusion.formats.read import read_adapter
-        from balora_diffusion.generate import fusion_grid
 
     entries = concept_eval.list_entries(targets)
     adapters = [read_adapter(e.source) for e in entries]  # every file read before any model loads
@@ -166,15 +165,15 @@ def evaluate(cfg: EvalConfig, targets: list, prepared=None) -> Evaluation:
             tick = time.perf_counter()
             done.models[name] = load()
             done.load_seconds[name] = time.perf_counter() - tick
-    pipe, call = load_drawing(cfg, base_model, base_config)
+    drawer = load_drawing(cfg, base_model, base_config)
     for loaded in done.models.values():
-        loaded.model.to(pipe.device)
+        loaded.model.to(drawer.pipe.device)
 
     for entry, adapter, subject in zip(entries, adapters, of_entry):
         tick = time.perf_counter()
-        with Fused(pipe, [(adapter, 1.0)]) as fused:
-            check_prompt_windows(pipe.tokenizer, subject.prompts, fused.tokens)
-            drawn = fusion_grid(pipe, fused, subject.prompts, cfg.seeds, cfg.fusion, **call)
+        with drawer.hold([(adapter, 1.0)]):
+            drawer.check_prompts(subject.prompts)
+            drawn = drawer.draw_strengths(subject.prompts, cfg.seeds, cfg.fusion)
         draw_seconds = (time.perf_counter() - tick) / len(cfg.fusion)
         for fusion, images in zip(cfg.fusion, drawn):
             flat = [image for row in images for image in row]

@@ -103,7 +103,7 @@ def write_fused(pipe, concepts: list, specs: list[tuple[str, float]], out: Path,
     from balora_diffusion.atomic import atomic_path, write_json_atomic
     from balora_diffusion.formats.run_files import write_run_adapters
     from balora_diffusion.fusion import fuse_concepts
-    from balora_diffusion.generate import DEFAULT_GUIDANCE
+    from balora_diffusion.draw import DEFAULT_GUIDANCE
     from balora_diffusion.run_layout import FUSE_RECORD, RUN
     from balora_diffusion.train import library_versions
     from balora_diffusion.versions import installed_version
@@ -162,12 +162,13 @@ def run(args: argparse.Namespace) -> int:
     lines = _prompt_lines(args.prompts_file) if args.method == "gradient" else None
 
     from balora_diffusion.models import load_pipeline
+    from balora_diffusion.draw import model_parts
     from balora_diffusion.threads import use_cpu_threads
 
     concepts = read_concepts(specs, args.method, max_rank=args.max_rank, rank=args.rank, lines=lines)
     started = time.perf_counter()
     pipe = load_pipeline(args.base_model or None, device=args.device, single_file_config=args.base_config or None)
-    use_cpu_threads(0, [pipe.unet, pipe.text_encoder, pipe.vae])
+    use_cpu_threads(0, model_parts(pipe))
     adapter, report, seconds = write_fused(pipe, concepts, specs, out, args.method, rank=args.rank, ridge=args.ridge,
                                            steps=args.steps, seeds=args.seeds, started=started)
     print(describe_fused(concepts, adapter, report, args.method, out, seconds))

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from balora_diffusion.config import check_config, config_from_args, field, add_config_arguments
 from balora_diffusion import threads
+from balora_diffusion.draw import (DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SAMPLING_HELP, SCHEDULER_NAMES,
+                                   Drawer, Sampling, model_parts, native_size)
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_record_folder
 from balora_diffusion.train_config import IMAGE_SIDE
-
-SCHEDULER_NAMES = ["dpm++", "dpm++-karras", "ddim", "euler", "euler-a", "unipc", "pndm", "ddpm"]
 
 
 def adapter_spec(text: str) -> tuple[str, float]:
@@ -53,11 +53,12 @@ class DrawConfig:
                                      "coefficient", nonempty=True, ge=0, lt=2**63)
     fusion: list[float] = field([1.0], "fusion coefficients (LoRA strength, UNet and text encoder alike)",
                                 nonempty=True)
-    steps: int = field(25, "sampling steps", ge=1)
-    guidance: float = field(7.5, "classifier-free guidance scale", ge=0)
+    steps: int = field(DEFAULT_STEPS, "sampling steps", ge=1)
+    guidance: float = field(DEFAULT_GUIDANCE, "classifier-free guidance scale", ge=0)
     size: int = field(0, "image width and height in pixels, a multiple of 8; 0 = the base model's native size",
                       check=_size_problem, **IMAGE_SIDE)
-    scheduler: str = field("dpm++", "sampler", choices=SCHEDULER_NAMES)
+    scheduler: str = field(DEFAULT_SCHEDULER, "sampler; model = the one the base model ships with (dpm++ is "
+                                              "DPM-Solver++ 2M)", choices=SCHEDULER_NAMES)
     base_model: str = field("", "diffusers folder or single-file .safetensors; empty = the shipped tiny model",
                             path=True)
     base_config: str = field("", "for a single-file base model: diffusers folder with its component configs; "
@@ -83,7 +84,7 @@ class GenerateConfig(DrawConfig):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Example: balora generate --adapter runs/demo --prompt 'a <zorb> on a red background' "
                      "--fusion 0 0.7 1 --seeds 1 2 3 --out runs/demo-generate. The same seed gives the same "
-                     "image on every run and device.")
+                     f"image on every run and device. {SAMPLING_HELP}")
     add_config_arguments(parser, GenerateConfig)
 
 
@@ -104,37 +105,18 @@ def _prompts(cfg: GenerateConfig) -> list[str]:
     return prompts
 
 
-def check_prompt_windows(tokenizer, prompts: list[str], tokens: list[str]) -> None:
-    """Refuse a prompt in which an adapter's learned token falls past the text encoder's window:
-    it would be drawn as if the token were not there."""
-    from balora_diffusion.data import window_problem
-
-    for prompt in prompts:
-        named = [t for t in tokens if t in prompt]
-        if named and (problem := window_problem(tokenizer, prompt, named)):
-            raise UserError(f"the prompt {_shortened(prompt)!r} {problem}, so it would be drawn without it: "
-                            "shorten the prompt or name the token earlier")
-
-
-def _shortened(text: str, keep: int = 40) -> str:
-    return text if len(text) <= keep else f"{text[:keep]}..."
-
-
 def load_drawing(cfg: DrawConfig, base_model: str = "", base_config: str = ""):
-    """The pipeline `cfg` draws with (its base model unless `base_model` is given) and the keyword
-    arguments of generate.generate that carry cfg's sampling settings."""
-    from balora_diffusion.generate import set_scheduler
+    """A draw.Drawer on the pipeline `cfg` draws with (its base model unless `base_model` is given),
+    with cfg's sampling settings."""
     from balora_diffusion.models import load_pipeline
     from balora_diffusion.threads import use_cpu_threads
 
     pipe = load_pipeline(cfg.base_model or base_model or None, device=cfg.device,
                          dtype=None if cfg.dtype == "auto" else cfg.dtype,
                          single_file_config=cfg.base_config or base_config or None)
-    use_cpu_threads(cfg.cpu_threads, [pipe.unet, pipe.text_encoder, pipe.vae])
-    set_scheduler(pipe, cfg.scheduler)
-    size = cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return pipe, dict(steps=cfg.steps, guidance_scale=cfg.guidance, negative_prompt=cfg.negative_prompt or None,
-                      batch_size=cfg.batch_size, height=size, width=size)
+    use_cpu_threads(cfg.cpu_threads, model_parts(pipe))
+    return Drawer(pipe, Sampling(steps=cfg.steps, guidance=cfg.guidance, scheduler=cfg.scheduler,
+                                 negative_prompt=cfg.negative_prompt, size=cfg.size, batch_size=cfg.batch_size))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,23 +128,18 @@ def run(args: argparse.Namespace) -> int:
     from balora_diffusion.collector import libraries_loading
 
     with libraries_loading():
-        from balora_diffusion.formats.fuse import Fused
         from balora_diffusion.formats.read import read_adapter
-        from balora_diffusion.generate import fusion_grid, generate, image_grid, save_image
+        from balora_diffusion.generate import image_grid, save_image
         from balora_diffusion.train import library_versions
 
     specs = [adapter_spec(text) for text in cfg.adapter]
     adapters = [(read_adapter(path), weight) for path, weight in specs]  # every file read before the model loads
-    pipe, call = load_drawing(cfg)
-    size = call["height"]
-    if adapters:
-        fused = Fused(pipe, adapters)
-        check_prompt_windows(pipe.tokenizer, prompts, fused.tokens)
-        fusions = list(cfg.fusion)
-        images = fusion_grid(pipe, fused, prompts, cfg.seeds, fusions, **call)
-    else:
-        fusions = [0.0]  # nothing to fuse: the base model alone
-        images = [generate(pipe, prompts, cfg.seeds, **call)]
+    drawer = load_drawing(cfg)
+    size = cfg.size or native_size(drawer.pipe)
+    drawer.hold(adapters)
+    drawer.check_prompts(prompts)
+    fusions = list(cfg.fusion) if adapters else [0.0]  # nothing to fuse: the base model alone
+    images = drawer.draw_strengths(prompts, cfg.seeds, fusions)
 
     records, rows = [], [[] for _ in prompts]
     with atomic_path(out) as tmp:

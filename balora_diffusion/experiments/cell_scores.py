@@ -50,15 +50,14 @@ def score_cell(out: Path, values: dict, settings: dict) -> dict:
 def _metric_scores(out: Path, values: dict, settings: dict, sample: bool) -> dict:
     """{metric: {w: score}} over the concept's evaluation prompts (its captions in new contexts); with
     `sample`, the grid's image of the cell from the first prompt, top fusion, first seed."""
-    from balora_diffusion.checkpoint_scoring import AdapterScorer, load_models
-    from balora_diffusion.commands.generate import DrawConfig
+    from balora_diffusion.checkpoint_scoring import AdapterScorer, load_models, scoring_drawing
     from balora_diffusion.formats.read import read_adapter
     from balora_diffusion.generate import save_image
 
     wanted = settings["metrics"]
     models = load_models(wanted["names"], wanted.get("clip", ""), wanted.get("dino", ""))
-    draw = DrawConfig(seeds=settings["seeds"], fusion=sorted(settings["fusions"]), steps=settings["sample_steps"],
-                      guidance=settings["guidance_scale"], cpu_threads=values.get("cpu_threads", 0))
+    draw = scoring_drawing(seeds=settings["seeds"], fusion=sorted(settings["fusions"]), steps=settings["sample_steps"],
+                           guidance=settings["guidance_scale"], cpu_threads=values.get("cpu_threads", 0))
     scorer = AdapterScorer.for_run(out, list(values.get("token") or []), wanted["names"], models, draw,
                                    values.get("base_model", ""), values.get("base_config", ""))
     by_fusion = scorer.score(read_adapter(out))
@@ -70,23 +69,22 @@ def _metric_scores(out: Path, values: dict, settings: dict, sample: bool) -> dic
 def _pixel_scores(out: Path, values: dict, settings: dict) -> dict:
     """{"fidelity": {w: mean}, "adherence": {w: summarise_checks(...)}} of the adapter in `out`;
     settings: concept (folder), fusions, seeds, unseen, sample_steps, guidance_scale."""
-    from balora_diffusion.formats.fuse import Fused
+    from balora_diffusion.draw import Drawer, Sampling
     from balora_diffusion.formats.read import read_adapter
-    from balora_diffusion.generate import generate, save_image, write_grid
+    from balora_diffusion.generate import save_image, write_grid
     from balora_diffusion.models import load_pipeline
 
     concept = load_concept(settings["concept"])
     rows, calibration = concept_prompts(concept, settings["unseen"])
     pipe = load_pipeline(values.get("base_model") or None,
                          single_file_config=values.get("base_config") or None)
-    fused = Fused(pipe, [(read_adapter(out), 1.0)])
+    drawer = Drawer(pipe, Sampling(steps=settings["sample_steps"], guidance=settings["guidance_scale"]))
+    drawer.hold([(read_adapter(out), 1.0)])
     prompts, kinds = [p for p, _, _ in rows], [k for _, k, _ in rows]
     seeds = settings["seeds"]
     fid, adh, grid = {}, {}, [[] for _ in rows]
     for w in settings["fusions"]:
-        fused.set_fusion(w)
-        images = generate(pipe, prompts, seeds, steps=settings["sample_steps"],
-                          guidance_scale=settings["guidance_scale"], progress=False)
+        images = drawer.draw(prompts, seeds, w, progress=False)
         flat = [(kind, context, image) for (_, kind, context), row in zip(rows, images) for image in row]
         fid[f"{w:g}"] = sum(fidelity(image, concept) for _, _, image in flat) / len(flat)
         adh[f"{w:g}"] = summarise_checks([k for k, _, _ in flat],

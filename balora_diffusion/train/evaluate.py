@@ -13,7 +13,7 @@ import torch
 from balora_diffusion import checkpoint as ckpt
 from balora_diffusion.data import ConceptData
 from balora_diffusion.formats.run_files import adapter_from_models, training_info
-from balora_diffusion.generate import generate, write_grid
+from balora_diffusion.generate import write_grid
 from balora_diffusion.lora import balance_diagnostics
 from balora_diffusion.run_layout import BEST, BEST_TREE, SCORES_PLOT
 from balora_diffusion.runlog import RunLog
@@ -93,17 +93,14 @@ class ScoredCheckpoints:
         return step % self.every == 0 or step == self.cfg.steps
 
     def _adapter(self, step: int):
-        unet, te = (self.accelerator.unwrap_model(m) for m in self.trained)
-        return adapter_from_models(unet, te if self.cfg.train_text_encoder else None, self.embedding, self.cfg.token,
-                                   training_info(asdict(self.cfg), step, self.out.name))
+        return trained_adapter(self.cfg, self.out, self.accelerator, self.trained, self.embedding, step)
 
     def _scorer_of_run(self):
         if self._scorer is None:
-            from balora_diffusion.checkpoint_scoring import AdapterScorer
-            from balora_diffusion.commands.generate import DrawConfig
+            from balora_diffusion.checkpoint_scoring import AdapterScorer, scoring_drawing
 
-            draw = DrawConfig(seeds=self.cfg.eval_seeds, fusion=[1.0], steps=self.cfg.eval_sample_steps,
-                              device=str(self.accelerator.device), cpu_threads=self.cfg.cpu_threads)
+            draw = scoring_drawing(seeds=self.cfg.eval_seeds, fusion=[1.0], steps=self.cfg.eval_sample_steps,
+                                   device=str(self.accelerator.device), cpu_threads=self.cfg.cpu_threads)
             self._scorer = AdapterScorer.for_run(self.out, self.cfg.token, self.cfg.eval_metrics, self.models, draw,
                                                  self.cfg.base_model, self.cfg.base_config)
         return self._scorer
@@ -173,23 +170,40 @@ class ScoredCheckpoints:
         return None if self.best is None else {k: v for k, v in self.best.items() if k != "trainable"}
 
 
-def validation_grid(path: Path, cfg: TrainConfig, pipe, accelerator) -> None:
-    """Prompts x (fusion coefficient, seed): the LoRA's strength through diffusers' lora scale,
-    which scales the UNet and text-encoder LoRA alike; the new token embedding stays in.
+def trained_adapter(cfg: TrainConfig, out: Path, accelerator, trained, embedding, step: int):
+    """The formats Adapter the trained (unet, text_encoder) and token `embedding` hold at `step`."""
+    unet, te = (accelerator.unwrap_model(m) for m in trained)
+    return adapter_from_models(unet, te if cfg.train_text_encoder else None, embedding, cfg.token,
+                               training_info(asdict(cfg), step, out.name))
 
-    Under autocast like training: the fp32 LoRA factors turn a half-precision layer's output into
-    fp32, which the next half-precision layer refuses outside autocast."""
-    prompts = cfg.grid_prompts or [cfg.caption_template.format(token=" ".join(cfg.token))]
-    was_training = pipe.unet.training, pipe.text_encoder.training
-    pipe.unet.eval(), pipe.text_encoder.eval()
-    columns = [[] for _ in prompts]
-    for w in cfg.fusion:
-        with accelerator.autocast():
-            images = generate(pipe, prompts, cfg.grid_seeds, steps=cfg.sample_steps,
-                              guidance_scale=cfg.guidance_scale, progress=False, cross_attention_kwargs={"scale": w})
-        for row, imgs in zip(columns, images):
-            row.extend(imgs)
-    pipe.unet.train(was_training[0]), pipe.text_encoder.train(was_training[1])
-    labels = [f"w={w:g} seed {s}" for w in cfg.fusion for s in cfg.grid_seeds]
-    write_grid(path, columns, row_labels=prompts, col_labels=labels,
-               title=f"{cfg.method}: rows = prompts, columns = fusion coefficient x seed")
+
+class ValidationGrids:
+    """Prompts x (fusion coefficient, seed) of the adapter as it is at a step, drawn by draw.Drawer on
+    a copy of the base model of the grids' own (loaded at the first grid, in the training's dtype):
+    the images the run's files draw at each strength, as `balora generate` draws them."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, accelerator, trained, embedding, dtype: torch.dtype):
+        self.cfg, self.out, self.accelerator = cfg, out, accelerator
+        self.trained, self.embedding, self.dtype = trained, embedding, dtype
+        self._drawer = None
+
+    def _drawing(self):
+        if self._drawer is None:
+            from balora_diffusion.draw import Drawer, Sampling
+            from balora_diffusion.models import load_pipeline
+
+            pipe = load_pipeline(self.cfg.base_model or None, device=self.accelerator.device, dtype=self.dtype,
+                                 single_file_config=self.cfg.base_config or None)
+            self._drawer = Drawer(pipe, Sampling(steps=self.cfg.sample_steps, guidance=self.cfg.guidance_scale))
+        return self._drawer
+
+    def write(self, path: Path, step: int) -> None:
+        cfg = self.cfg
+        prompts = cfg.grid_prompts or [cfg.caption_template.format(token=" ".join(cfg.token))]
+        adapter = trained_adapter(cfg, self.out, self.accelerator, self.trained, self.embedding, step)
+        with self._drawing().hold([(adapter, 1.0)]) as drawer:
+            images = drawer.draw_strengths(prompts, cfg.grid_seeds, cfg.fusion, progress=False)
+        columns = [[image for at_strength in images for image in at_strength[i]] for i in range(len(prompts))]
+        labels = [f"w={w:g} seed {s}" for w in cfg.fusion for s in cfg.grid_seeds]
+        write_grid(path, columns, row_labels=prompts, col_labels=labels,
+                   title=f"{cfg.method}: rows = prompts, columns = fusion coefficient x seed")

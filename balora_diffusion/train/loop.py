@@ -27,7 +27,7 @@ from balora_diffusion.run_layout import CONFIG, GRID, RUN, step_grid
 from balora_diffusion.runfolder import RunFolder
 from balora_diffusion.runlog import RunLog
 from balora_diffusion.stop_request import StopRequest
-from balora_diffusion.train.evaluate import ScoredCheckpoints, evaluate, fixed_triples, validation_grid
+from balora_diffusion.train.evaluate import ScoredCheckpoints, ValidationGrids, evaluate, fixed_triples
 from balora_diffusion.train.measure import GpuPeaks
 from balora_diffusion.train.objective import step_loss, update
 from balora_diffusion.train.setup import (get_lr_schedule, latent_batches, library_versions, load_models,
@@ -71,6 +71,7 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
     unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     scored = None if score_models is None else ScoredCheckpoints(cfg, out, score_models, accelerator,
                                                                  (unet, text_encoder), embedding)
+    grids = ValidationGrids(cfg, out, accelerator, (unet, text_encoder), embedding, dtype=vae.dtype)
 
     # ---- resume
     start_step = 0
@@ -126,7 +127,7 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
         if done % cfg.eval_every == 0 or done == cfg.steps:
             evaluate(log, done, fixed, accelerator, unet, text_encoder, scheduler, pairs)
         if cfg.grid_every and done % cfg.grid_every == 0 and done != cfg.steps and accelerator.is_main_process:
-            validation_grid(out / step_grid(done), cfg, pipe, accelerator)
+            grids.write(out / step_grid(done), done)
         scoring = scored is not None and scored.due(done)
         if scoring and accelerator.is_main_process:
             scored.score(log, done)
@@ -147,7 +148,7 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
         write_run_adapters(out, adapter_from_models(
             unet_u, te_u if cfg.train_text_encoder else None, embedding, cfg.token,
             training_info(asdict(cfg), cfg.steps, out.name)))
-        validation_grid(out / GRID, cfg, pipe, accelerator)
+        grids.write(out / GRID, cfg.steps)
         log.plots()
         run = {
             "config": asdict(cfg), "method": cfg.method, "seed": cfg.seed,

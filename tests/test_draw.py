@@ -11,7 +11,7 @@ from PIL import Image
 
 from balora_diffusion.draw import DEFAULT_GUIDANCE, DEFAULT_STEPS, Drawer, Sampling, use_scheduler
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import Adapter, LoraModule
+from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule
 from balora_diffusion.formats.names import canonical_text_path
 from balora_diffusion.formats.run_files import write_run_adapters
 from balora_diffusion.models import load_pipeline
@@ -44,9 +44,9 @@ def _module(layer: torch.nn.Module, rank: int, alpha: float, seed: int) -> LoraM
 
 def make_adapter(pipe, seed: int, token: str | None = "<dtok>") -> Adapter:
     adapter = Adapter(
-        unet={UNET_LAYER: _module(pipe.unet.get_submodule(UNET_LAYER), 2, 4.0, seed),
-              CONV_LAYER: _module(pipe.unet.get_submodule(CONV_LAYER), 3, 3.0, seed + 1)},
-        text_encoder={TEXT_LAYER: _module(_text_layer(pipe), 2, 1.0, seed + 2)},
+        part_modules={UNET: {UNET_LAYER: _module(pipe.unet.get_submodule(UNET_LAYER), 2, 4.0, seed),
+                             CONV_LAYER: _module(pipe.unet.get_submodule(CONV_LAYER), 3, 3.0, seed + 1)},
+                      TEXT_ENCODER: {TEXT_LAYER: _module(_text_layer(pipe), 2, 1.0, seed + 2)}},
         tokens=[token] if token else [], format="test", source=f"adapter {seed}",
         info={"name": f"adapter-{seed}", "token": [token] if token else []})
     if token:
@@ -62,7 +62,7 @@ def _weights(pipe) -> dict[str, torch.Tensor]:
 
 
 def _update(adapter: Adapter, path: str) -> torch.Tensor:
-    module = adapter.unet.get(path) or adapter.text_encoder[path]
+    module = adapter.parts()[UNET].get(path) or adapter.parts()[TEXT_ENCODER][path]
     return module.scale * (module.up.flatten(1) @ module.down.flatten(1))
 
 

@@ -26,6 +26,7 @@ ASSETS = _folder("balora_diffusion.assets")
 TINY_SD = ASSETS / "tiny-sd"                     # the shipped base model (a diffusers folder)
 TOKENIZER = ASSETS / "tokenizer"                 # CLIP's BPE tokenizer
 SD15_CONFIG = ASSETS / "sd15-config"             # SD 1.5 component configs for single-file models
+SDXL_CONFIG = ASSETS / "sdxl-config"             # SDXL base component configs for single-file models
 CONCEPTS = ASSETS / "concepts"
 DEMO_CONCEPT = CONCEPTS / "zorb"                 # the demo concept: images, captions, concept.toml
 DEMO_MASKS = CONCEPTS / "zorb-masks"            # loss masks of the demo images (NN.mask.png), kept apart

@@ -1,9 +1,10 @@
-"""Layer names of Stable Diffusion 1.x in the spellings the formats use.
+"""Layer names of a family's models in the spellings the formats use.
 
 kohya files name a layer by its module path with dots turned into underscores, which cannot be
 undone by rule (`to_q`, `down_blocks` hold underscores themselves); the UNet's names are therefore
-looked up in a table built from SD 1.5's own architecture (shipped configs, meta device, no
-weights), which also knows the original LDM spelling some older files use.
+looked up in a table built from the family's full-size architecture (its shipped configs, meta
+device, no weights), which also knows the original LDM / SGM spelling some files use. The text
+encoders of every family are CLIP's, whose layer names follow one rule.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from functools import cache
 
 import torch
 
-from balora_diffusion import paths
+from balora_diffusion import families
+from balora_diffusion.families import Family
 
 TEXT_LAYER = re.compile(r"(?:text_model[._])?encoder[._]layers[._](\d+)[._](self_attn[._](?:q|k|v|out)_proj|mlp[._]fc[12])")
 
@@ -33,23 +35,22 @@ def canonical_text_path(name: str) -> str:
 
 
 @cache
-def sd15_unet() -> torch.nn.Module:
+def meta_unet(family: Family = families.DEFAULT) -> torch.nn.Module:
+    """The UNet of `family`'s shipped config, on the meta device (names and shapes, no weights)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(paths.SD15_CONFIG / "unet"))
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(family.config_dir / "unet"))
 
 
 @cache
-def unet_underscore_names() -> dict[str, str]:
+def unet_underscore_names(family: Family = families.DEFAULT) -> dict[str, str]:
     """`down_blocks_0_attentions_0_proj_in` (and its LDM spelling `input_blocks_1_1_proj_in`) ->
-    `down_blocks.0.attentions.0.proj_in`, for every Linear and Conv2d layer of SD 1.5's UNet."""
-    from balora_diffusion.formats.ldm_checkpoint import unet_ldm_name
-
-    unet = sd15_unet()
+    `down_blocks.0.attentions.0.proj_in`, for every Linear and Conv2d layer of the family's UNet."""
+    unet = meta_unet(family)
     table = {}
     for path, module in unet.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             table[path.replace(".", "_")] = path
-            table[unet_ldm_name(f"{path}.weight", unet.config).removesuffix(".weight").replace(".", "_")] = path
+            table[family.unet_ldm_name(f"{path}.weight", unet.config).removesuffix(".weight").replace(".", "_")] = path
     return table

@@ -1,0 +1,71 @@
+"""Stable Diffusion XL (base).
+
+Two CLIP text encoders: the UNet's cross-attention states are both encoders' penultimate hidden
+states side by side, and it also takes the second encoder's pooled (projected) embedding and six
+"time ids": the image's original size, the top-left corner of its crop and the size trained at,
+each (height, width) in pixels. 1024 px; kohya spells the encoders `lora_te1_` / `lora_te2_` and
+the UNet by its SGM names, which are the LDM ones plus the added embedding's `label_emb`.
+"""
+from __future__ import annotations
+
+import torch
+
+from balora_diffusion import paths
+from balora_diffusion.families.family import Conditioning, Family, SizeCondition
+from balora_diffusion.families.ldm_layout import unet_ldm_name
+from balora_diffusion.text_encoding import encoded_rows
+
+_ADDED_EMBEDDING = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def _penultimate(encoder: torch.nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (encoder(rows, output_hidden_states=True).hidden_states[-2],)
+
+
+def _penultimate_and_pooled(encoder: torch.nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    out = encoder(rows, output_hidden_states=True)
+    return out.hidden_states[-2], out[0]  # out[0]: the projected pooled embedding (text_embeds)
+
+
+def time_ids(sizes: list[SizeCondition], device: torch.device) -> torch.Tensor:
+    """(batch, 6): original (h, w), crop (top, left), target (h, w) per image, as the pipeline builds them."""
+    return torch.tensor([[*s.original, *s.crop, *s.target] for s in sizes], dtype=torch.float32, device=device)
+
+
+def encode(encoders: list[torch.nn.Module], ids: list[torch.Tensor], device: torch.device,
+           sizes: list[SizeCondition] | None = None) -> Conditioning:
+    if sizes is None or len(sizes) != len(ids[0]):
+        raise ValueError("SDXL conditioning needs each image's size and crop")
+    first = encoded_rows(encoders[0], ids[0], device, _penultimate)[0]
+    second, pooled = encoded_rows(encoders[1], ids[1], device, _penultimate_and_pooled)
+    return Conditioning(torch.cat([first, second], dim=-1), {"text_embeds": pooled, "time_ids": time_ids(sizes, device)})
+
+
+def sgm_unet_name(name: str, config) -> str:
+    """A diffusers SDXL UNet weight name in SGM's (the original repository's) spelling."""
+    module, leaf = name.rsplit(".", 1)
+    if module in _ADDED_EMBEDDING:
+        return f"{_ADDED_EMBEDDING[module]}.{leaf}"
+    return unet_ldm_name(name, config)
+
+
+SDXL = Family(
+    name="sdxl",
+    title="Stable Diffusion XL",
+    pipeline_class="StableDiffusionXLPipeline",
+    class_names=("StableDiffusionXLPipeline",),
+    text_encoders=("text_encoder", "text_encoder_2"),
+    tokenizers=("tokenizer", "tokenizer_2"),
+    default_resolution=1024,
+    config_dir=paths.SDXL_CONFIG,
+    single_file_marker="conditioner.embedders.1.",
+    # the second encoder is stored in OpenCLIP's layout (fused attention projections), not by prefix
+    single_file_text={"text_encoder": "conditioner.embedders.0.transformer.text_model."},
+    encode=encode,
+    kohya_text_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+    kohya_metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False",
+                    "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"},
+    unet_ldm_name=sgm_unet_name,
+    refuses={"write_single_file": "writing one single-file checkpoint is not supported for SDXL (its second text "
+                                  "encoder needs OpenCLIP's layout); write a diffusers folder instead"},
+)

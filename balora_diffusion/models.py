@@ -37,9 +37,10 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return dtype
 
 
-def model_family(path: Path) -> Family:
+def model_family(path: Path, config_only: bool = False) -> Family:
     """The family of a diffusers folder (the pipeline its model_index.json names), checked to hold
-    every component the family needs, each a subfolder."""
+    every component the family needs (`config_only`: that a single file's config folder needs), each
+    a subfolder."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise UserError(f"base model folder not found: {path}")
@@ -54,7 +55,8 @@ def model_family(path: Path) -> Family:
         raise UserError(f"{index} is not a JSON object")
     # folders written by hand may not name their pipeline: they are what this toolkit always read
     family = families.of_class_name(listed["_class_name"], str(path)) if "_class_name" in listed else families.DEFAULT
-    missing = [c for c in family.components if c not in listed or not (path / c).is_dir()]
+    needed = family.config_components if config_only else family.components
+    missing = [c for c in needed if c not in listed or not (path / c).is_dir()]
     if missing:
         raise UserError(f"{path} lacks the {family.title} component(s) {', '.join(missing)}")
     return family
@@ -129,11 +131,11 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None,
     path = checked_file(path, "checkpoint")
     if config is not None:
         config_dir = Path(config).expanduser()
-        family = model_family(config_dir)
+        family = model_family(config_dir, config_only=True)
     else:
         family = families.of_file_keys(read_header(path)[0])
         config_dir = family.config_dir
-        model_family(config_dir)
+    shipped = {name: part for name, part in family.single_file_parts().items() if not (config_dir / name).is_dir()}
     torch_device = device if isinstance(device, torch.device) else pick_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     check_fits(path, config_dir, family)
@@ -141,7 +143,8 @@ def load_single_file(path: str | Path, *, config: str | Path | None = None,
         with quiet_diffusers():
             # diffusers wants the config folder as a str: its model loaders refuse a Path
             pipe = _pipeline_class(family).from_single_file(
-                str(path), config=str(config_dir), local_files_only=True, dtype=torch_dtype, **family.load_kwargs)
+                str(path), config=str(config_dir), local_files_only=True, dtype=torch_dtype, **family.load_kwargs,
+                **shipped)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
     return pipe.to(torch_device)

@@ -92,3 +92,16 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dino_dir(tmp_path_factory) -> Path:
     return build_tiny_dinov2(tmp_path_factory.mktemp("tiny-dino") / "dinov2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A saved random-weight SDXL-architecture diffusers folder (fp32, 64 px images, 8 px latents),
+    written by training/make_random_sdxl.py."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "training" / "make_random_sdxl.py"
+    spec = importlib.util.spec_from_file_location("make_random_sdxl", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build(tmp_path_factory.mktemp("tiny-sdxl") / "pipe")

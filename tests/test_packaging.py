@@ -32,6 +32,10 @@ def test_shipped_files_are_found_through_paths():
         assert (model / "model_index.json").is_file()
         assert (model / "unet" / "config.json").is_file() and (model / "tokenizer" / "vocab.json").is_file()
     assert (paths.TINY_SD / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    # SDXL's configs ship without tokenizer files: its loaders take the shipped CLIP tokenizer
+    assert all((paths.SDXL_CONFIG / part / "config.json").is_file()
+               for part in ("unet", "vae", "text_encoder", "text_encoder_2"))
+    assert (paths.SDXL_CONFIG / "scheduler" / "scheduler_config.json").is_file()
     assert (paths.TOKENIZER / "merges.txt").is_file()
     assert (paths.DEMO_CONCEPT / "concept.toml").is_file() and list(paths.DEMO_CONCEPT.glob("*.png"))
     assert {"demo", "mixofshow", "mixofshow-balora", "mixofshow-pilora"} <= set(paths.shipped_configs())

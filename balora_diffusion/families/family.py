@@ -52,19 +52,25 @@ class Family:
     default_resolution: int                     # pixels its full-size models were trained at
     config_dir: Path                            # component configs for loading a single file
     single_file_marker: str                     # a key prefix only this family's single files have
-    single_file_text: Mapping[str, str]         # text encoder -> its key prefix in a single file, where
-                                                # its names are the diffusers ones after the prefix
+    single_file_text: Mapping[str, Callable]    # text encoder -> its tensors under their single-file names
     encode: Callable                            # (encoders, ids per encoder, device, sizes) -> Conditioning
     kohya_text_prefixes: Mapping[str, str]      # text-encoder part -> kohya key prefix
     kohya_metadata: Mapping[str, str]           # the header entries that tell kohya's readers the base model
     unet_ldm_name: Callable                     # (diffusers UNet weight name, UNet config) -> original name
     load_kwargs: Mapping[str, object] = field(default_factory=dict)  # for the pipeline's from_pretrained
+    single_file_parts: Callable[[], dict] = dict  # parts a single file's config folder does not ship
     refuses: Mapping[str, str] = field(default_factory=dict)         # operation -> why it is refused
 
     @property
     def components(self) -> tuple[str, ...]:
         """The parts a diffusers folder of this family must hold."""
         return ("unet", "vae", *self.text_encoders, *self.tokenizers, "scheduler")
+
+    @property
+    def config_components(self) -> tuple[str, ...]:
+        """The parts a single file's config folder must hold (its tokenizers may come from
+        `single_file_parts`)."""
+        return ("unet", "vae", *self.text_encoders, "scheduler")
 
     def parts(self, pipe, names: Sequence[str]) -> list:
         return [getattr(pipe, name) for name in names]

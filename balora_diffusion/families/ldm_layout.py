@@ -4,6 +4,10 @@ kohya's `lora_unet_` names of the LDM spelling and the single-file checkpoints b
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
 
@@ -40,3 +44,13 @@ def unet_ldm_name(name: str, config) -> str:
         after_attention = "CrossAttn" in config["up_block_types"][block]
         return f"output_blocks.{first + slots - 1}.{2 if after_attention else 1}.conv.{leaf}"
     return f"output_blocks.{first + index}.{0 if kind == 'resnets' else 1}.{inner(kind, sub)}.{leaf}"
+
+
+def prefixed(prefix: str) -> Callable[[torch.nn.Module], dict[str, torch.Tensor]]:
+    """The original-layout tensors of a CLIP text encoder stored under transformers' own names after
+    `prefix` (tensors shared, not copied)."""
+    def layout(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+        # transformers >= 5.6 dropped CLIPTextModel's `.text_model` child; older versions still have it
+        inner = getattr(text_encoder, "text_model", text_encoder)
+        return {prefix + name: tensor for name, tensor in inner.state_dict().items()}
+    return layout

@@ -10,7 +10,7 @@ import torch
 
 from balora_diffusion import paths
 from balora_diffusion.families.family import Conditioning, Family, SizeCondition
-from balora_diffusion.families.ldm_layout import unet_ldm_name
+from balora_diffusion.families.ldm_layout import prefixed, unet_ldm_name
 from balora_diffusion.text_encoding import encode_captions
 
 
@@ -30,7 +30,7 @@ SD1 = Family(
     default_resolution=512,
     config_dir=paths.SD15_CONFIG,
     single_file_marker="cond_stage_model.transformer.",
-    single_file_text={"text_encoder": "cond_stage_model.transformer.text_model."},
+    single_file_text={"text_encoder": prefixed("cond_stage_model.transformer.text_model.")},
     encode=encode,
     kohya_text_prefixes={"text_encoder": "lora_te_"},
     kohya_metadata={"ss_base_model_version": "sd_v1", "ss_v2": "False",

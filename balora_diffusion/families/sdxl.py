@@ -4,7 +4,7 @@ Two CLIP text encoders: the UNet's cross-attention states are both encoders' pen
 states side by side, and it also takes the second encoder's pooled (projected) embedding and six
 "time ids": the image's original size, the top-left corner of its crop and the size trained at,
 each (height, width) in pixels. 1024 px; kohya spells the encoders `lora_te1_` / `lora_te2_` and
-the UNet by its SGM names, which are the LDM ones plus the added embedding's `label_emb`.
+the UNet by its SGM names (sdxl_names); a single file holds the second encoder in OpenCLIP's layout.
 """
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import torch
 
 from balora_diffusion import paths
 from balora_diffusion.families.family import Conditioning, Family, SizeCondition
-from balora_diffusion.families.ldm_layout import unet_ldm_name
+from balora_diffusion.families.ldm_layout import prefixed
+from balora_diffusion.families.sdxl_names import TEXT1_PREFIX, TEXT2_PREFIX, open_clip_tensors, unet_sgm_param
 from balora_diffusion.text_encoding import encoded_rows
-
-_ADDED_EMBEDDING = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def _penultimate(encoder: torch.nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -41,12 +40,13 @@ def encode(encoders: list[torch.nn.Module], ids: list[torch.Tensor], device: tor
     return Conditioning(torch.cat([first, second], dim=-1), {"text_embeds": pooled, "time_ids": time_ids(sizes, device)})
 
 
-def sgm_unet_name(name: str, config) -> str:
-    """A diffusers SDXL UNet weight name in SGM's (the original repository's) spelling."""
-    module, leaf = name.rsplit(".", 1)
-    if module in _ADDED_EMBEDDING:
-        return f"{_ADDED_EMBEDDING[module]}.{leaf}"
-    return unet_ldm_name(name, config)
+def tokenizers() -> dict[str, object]:
+    """`tokenizer` and `tokenizer_2` of an SDXL pipeline, as keyword arguments for its loaders: both
+    CLIP's BPE, which OpenCLIP (the second) pads with "!" (id 0) and CLIP ViT-L with <|endoftext|>."""
+    from transformers import CLIPTokenizer
+
+    return {"tokenizer": CLIPTokenizer.from_pretrained(paths.TOKENIZER),
+            "tokenizer_2": CLIPTokenizer.from_pretrained(paths.TOKENIZER, pad_token="!")}
 
 
 SDXL = Family(
@@ -58,14 +58,12 @@ SDXL = Family(
     tokenizers=("tokenizer", "tokenizer_2"),
     default_resolution=1024,
     config_dir=paths.SDXL_CONFIG,
-    single_file_marker="conditioner.embedders.1.",
-    # the second encoder is stored in OpenCLIP's layout (fused attention projections), not by prefix
-    single_file_text={"text_encoder": "conditioner.embedders.0.transformer.text_model."},
+    single_file_marker=TEXT2_PREFIX,
+    single_file_text={"text_encoder": prefixed(TEXT1_PREFIX), "text_encoder_2": open_clip_tensors},
+    single_file_parts=tokenizers,  # the shipped config folder holds no tokenizer files
     encode=encode,
     kohya_text_prefixes={"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
     kohya_metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False",
                     "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"},
-    unet_ldm_name=sgm_unet_name,
-    refuses={"write_single_file": "writing one single-file checkpoint is not supported for SDXL (its second text "
-                                  "encoder needs OpenCLIP's layout); write a diffusers folder instead"},
+    unet_ldm_name=unet_sgm_param,
 )

@@ -7,6 +7,7 @@ Pickled checkpoints (.ckpt, .pt, .bin) are never opened: unpickling runs arbitra
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -66,8 +67,8 @@ def _mapped(module: torch.nn.Module, prefix: str, rename, family: Family) -> dic
 
 
 def to_original_layout(unet, vae, *text_encoders, family: Family = families.DEFAULT) -> dict[str, torch.Tensor]:
-    """The weights of `unet`, `vae` and the text encoders of `family.single_file_text` (in its order)
-    under their original names (tensors shared, not copied).
+    """The weights of `unet`, `vae` and the family's text encoders (in its order) under their original
+    names (tensors shared where the layouts agree, not copied).
 
     Works on meta-device models too, which is how `load_single_file` knows the names and shapes a
     config expects without building real weights."""
@@ -82,9 +83,8 @@ def to_original_layout(unet, vae, *text_encoders, family: Family = families.DEFA
         # the VAE's attention projections are 1x1 convolutions in LDM, linear layers in diffusers
         is_projection = ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2
         tensors[key] = tensor[:, :, None, None] if is_projection else tensor
-    for prefix, text_encoder in zip(family.single_file_text.values(), text_encoders, strict=True):
-        # transformers >= 5.6 dropped CLIPTextModel's `.text_model` child; older versions still have it
-        tensors.update(_mapped(getattr(text_encoder, "text_model", text_encoder), prefix, lambda n: n, family))
+    for layout, text_encoder in zip(family.single_file_text.values(), text_encoders, strict=True):
+        tensors.update(layout(text_encoder))
     return tensors
 
 
@@ -98,7 +98,7 @@ def save_single_file(pipe, path: str | Path, dtype: torch.dtype = torch.float16)
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: a single-file checkpoint is written as .safetensors")
-    text_encoders = family.parts(pipe, family.single_file_text)
+    text_encoders = family.encoders(pipe)
     tensors = {key: t.to("cpu", dtype) if t.is_floating_point() else t
                for key, t in to_original_layout(pipe.unet, pipe.vae, *text_encoders, family=family).items()}
     return write_file(path, tensors, {})
@@ -107,16 +107,15 @@ def save_single_file(pipe, path: str | Path, dtype: torch.dtype = torch.float16)
 # --- reading ---------------------------------------------------------------------------------
 
 def _expected_shapes(config_dir: Path, family: Family) -> dict[str, tuple[int, ...]]:
-    """The names and shapes the config's UNet, VAE and prefix-named text encoders have in a file (a
-    family's other encoders are left to diffusers' own conversion)."""
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
+    listed = json.loads((config_dir / "model_index.json").read_text(encoding="utf-8"))
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
-        text_encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / name))
-                         for name in family.single_file_text]
+        text_encoders = [getattr(transformers, listed[name][1])(transformers.CLIPTextConfig.from_pretrained(
+            config_dir / name)) for name in family.text_encoders]
     layout = to_original_layout(unet, vae, *text_encoders, family=family)
     return {key: tuple(t.shape) for key, t in layout.items()}
 
@@ -133,7 +132,7 @@ def check_fits(path: Path, config_dir: Path, family: Family = families.DEFAULT) 
     found, expected = read_header(checked_file(path, "checkpoint"))[0], _expected_shapes(config_dir, family)
     missing = [key for key in expected if key not in found]
     if len(missing) == len(expected):
-        names = ", ".join(f"{prefix}..." for prefix in (UNET_PREFIX, VAE_PREFIX, *family.single_file_text.values()))
+        names = ", ".join(f"{prefix}..." for prefix in (UNET_PREFIX, VAE_PREFIX, family.single_file_marker))
         raise UserError(f"{path} holds no {family.title} model: none of the {len(found)} tensors has an "
                         f"original {family.title} name such as {names}")
     wrong = [key for key in expected if key in found and _as_linear(found[key]) != _as_linear(expected[key])]

@@ -8,31 +8,15 @@ encoders of every family are CLIP's, whose layer names follow one rule.
 """
 from __future__ import annotations
 
-import re
 from functools import cache
 
 import torch
 
 from balora_diffusion import families
 from balora_diffusion.families import Family
+from balora_diffusion.families.clip_names import canonical_text_path, text_encoder_path
 
-TEXT_LAYER = re.compile(r"(?:text_model[._])?encoder[._]layers[._](\d+)[._](self_attn[._](?:q|k|v|out)_proj|mlp[._]fc[12])")
-
-
-def text_encoder_path(name: str) -> str | None:
-    """`encoder.layers.I.<layer>` for a text-encoder layer name in any spelling (dots or underscores,
-    with or without `text_model`), or None."""
-    found = TEXT_LAYER.fullmatch(name)
-    if found is None:
-        return None
-    layer = found.group(2).replace("self_attn_", "self_attn.").replace("mlp_", "mlp.")
-    return f"encoder.layers.{found.group(1)}.{layer}"
-
-
-def canonical_text_path(name: str) -> str:
-    """A text-encoder module name in the canonical spelling: without transformers 4's `text_model.`."""
-    return text_encoder_path(name) or name.removeprefix("text_model.")
-
+__all__ = ["canonical_text_path", "meta_unet", "text_encoder_path", "unet_underscore_names"]
 
 @cache
 def meta_unet(family: Family = families.DEFAULT) -> torch.nn.Module:

@@ -6,7 +6,7 @@ parameters and its own copy of their values, swapped in before its turn. Methods
 rounds with a rotating order, so a drift of the machine hits them alike. Each turn runs some
 plain steps, timed as a whole (steps/s), then one step with a device synchronisation after each
 phase (the breakdown: data, VAE encode, text encoder, UNet forward, backward, optimizer, rule).
-The step is train.py's own (`step_loss` and `update`), latents cached as `balora train` does.
+The step is the training loop's own (train.step_loss and train.update), latents cached as `balora train` does.
 """
 from __future__ import annotations
 

@@ -217,8 +217,8 @@ CASES = {
     "export a LoRA missing its up factor": (lambda w: w.export(_kohya_with(
         w, lambda t: t.pop(next(k for k in t if k.endswith("lora_up.weight"))))), "no up factor"),
     "export a damaged checkpoint": (lambda w: w.export(_damaged(w.prior / "checkpoints")), "damaged"),
-    "export an SDXL LoRA": (lambda w: w.export(_kohya_with(w, lambda t: t.update(
-        {"lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": t[next(iter(t))]}))), "SDXL"),
+    "export a LoRA with a lone alpha": (lambda w: w.export(_kohya_with(w, lambda t: t.update(
+        {"lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": t[next(iter(t))]}))), "no down factor"),
     "export over an existing file": (lambda w: w.export(w.prior, out=w.file("taken.safetensors", b"mine")), "exist"),
     "export kohya to a folder name": (lambda w: w.export(w.prior, out="new"), "one .safetensors file"),
     "merge into a pickle suffix": (lambda w: ["merge", "--adapter", w.prior, "--base-model", w.model, "--out", "new.ckpt"],

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from balora_diffusion import paths
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule
+from balora_diffusion.formats.adapter import TEXT_ENCODER, TEXT_ENCODER_2, UNET, Adapter, LoraModule
 from balora_diffusion.formats.diffusers_lora import LORA_FILE, read_diffusers, write_diffusers
 from balora_diffusion.formats.fuse import Fused
 from balora_diffusion.formats.kohya_lora import kohya_key, read_kohya, write_kohya
@@ -313,7 +313,7 @@ def test_peft_and_old_diffusers_layouts_read_alike(tmp_path):
         if config:
             (folder / "adapter_config.json").write_text(json.dumps(config))
         adapter = read_diffusers(file)
-        module = adapter.unet[path]
+        module = adapter.parts()[UNET][path]
         assert module.alpha == (8 if config else 4), name
         torch.testing.assert_close(module.delta(), (2.0 if config else 1.0) * up @ down)
 
@@ -323,21 +323,21 @@ def test_text_encoder_names_in_every_spelling_read_to_one(tmp_path):
     for n, key in enumerate(["text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
                              "text_encoder.encoder.layers.0.self_attn.q_proj"]):
         save_file({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}, str(tmp_path / f"{n}.safetensors"))
-        assert list(read_diffusers(tmp_path / f"{n}.safetensors").text_encoder) == ["encoder.layers.0.self_attn.q_proj"]
+        assert list(read_diffusers(tmp_path / f"{n}.safetensors").parts()[TEXT_ENCODER]) == [
+            "encoder.layers.0.self_attn.q_proj"]
     save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": down,
                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up}, str(tmp_path / "k.safetensors"))
-    assert list(read_kohya(tmp_path / "k.safetensors").text_encoder) == ["encoder.layers.0.self_attn.q_proj"]
+    assert list(read_kohya(tmp_path / "k.safetensors").parts()[TEXT_ENCODER]) == ["encoder.layers.0.self_attn.q_proj"]
 
 
 def test_kohya_ldm_spelling_reads_as_the_diffusers_module(tmp_path):
     down, up = torch.randn(2, 320, 1, 1), torch.randn(320, 2, 1, 1)
     save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,
                "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up}, str(tmp_path / "ldm.safetensors"))
-    assert list(read_kohya(tmp_path / "ldm.safetensors").unet) == ["down_blocks.0.attentions.0.proj_in"]
+    assert list(read_kohya(tmp_path / "ldm.safetensors").parts()[UNET]) == ["down_blocks.0.attentions.0.proj_in"]
 
 
 @pytest.mark.parametrize("key, message", [
-    ("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight", "SDXL"),
     ("lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight", "names no layer"),
     ("lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", "LoHa"),
     ("lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale", "DoRA"),
@@ -347,6 +347,26 @@ def test_foreign_kohya_files_are_refused_naming_the_key(tmp_path, key, message):
     with pytest.raises(UserError, match=message) as info:
         read_adapter(tmp_path / "x.safetensors")
     assert key.split(".")[0] in str(info.value)
+
+
+def test_sdxl_text_encoders_are_parts_read_under_both_spellings_and_written_numbered(pipe, tmp_path):
+    down, up = torch.randn(2, 64), torch.randn(256, 2)  # the shipped model's fc1: 64 -> 256
+    for first in ("lora_te_", "lora_te1_"):
+        save_file({f"{prefix}text_model_encoder_layers_0_mlp_fc1.{slot}": tensor
+                   for prefix in (first, "lora_te2_") for slot, tensor in (("lora_down.weight", down.clone()),
+                                                                           ("lora_up.weight", up.clone()))},
+                  str(tmp_path / "xl.safetensors"))
+        adapter = read_adapter(tmp_path / "xl.safetensors")
+        assert {part: list(modules) for part, modules in adapter.parts().items() if modules} == {
+            TEXT_ENCODER: ["encoder.layers.0.mlp.fc1"], TEXT_ENCODER_2: ["encoder.layers.0.mlp.fc1"]}
+    write_kohya(tmp_path / "back.safetensors", adapter)
+    assert sorted(load_file(str(tmp_path / "back.safetensors"))) == sorted(
+        f"{prefix}text_model_encoder_layers_0_mlp_fc1.{slot}" for prefix in ("lora_te1_", "lora_te2_")
+        for slot in ("alpha", "lora_down.weight", "lora_up.weight"))
+    write_diffusers(tmp_path, adapter)
+    assert {key.split(".")[0] for key in load_file(str(tmp_path / LORA_FILE))} == {TEXT_ENCODER, TEXT_ENCODER_2}
+    with pytest.raises(UserError, match="text_encoder_2"):
+        Fused(pipe, [(adapter, 1.0)])  # SD 1.x has one text encoder
 
 
 def test_a_module_without_its_partner_is_refused(tmp_path):
@@ -417,7 +437,7 @@ def test_a_malformed_kohya_lora_is_refused_naming_the_key(tmp_path, changes, key
 
 def test_an_integer_alpha_is_a_number(tmp_path):
     # kohya's trainer stores alpha = rank as an integer tensor when none was asked for
-    assert read_adapter(_kohya_file(tmp_path, alpha=torch.tensor(8))).text_encoder[
+    assert read_adapter(_kohya_file(tmp_path, alpha=torch.tensor(8))).parts()[TEXT_ENCODER][
         "encoder.layers.0.self_attn.q_proj"].alpha == 8.0
 
 
@@ -560,9 +580,10 @@ def _random_adapter(gen: torch.Generator) -> Adapter:
         extra = [1, 1] if conv else []
         return LoraModule(torch.randn(rank, inp, *extra, generator=gen), torch.randn(out, rank, *extra, generator=gen),
                           alpha)
-    return Adapter(unet={"down_blocks.0.attentions.0.proj_in": module(64, 64, 4, 1.0, conv=True),
-                         "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": module(64, 64, 2, 8.0)},
-                   text_encoder={"encoder.layers.0.self_attn.v_proj": module(64, 64, 4, 4.0)}, info={"method": "x"})
+    return Adapter(part_modules={
+        UNET: {"down_blocks.0.attentions.0.proj_in": module(64, 64, 4, 1.0, conv=True),
+               "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": module(64, 64, 2, 8.0)},
+        TEXT_ENCODER: {"encoder.layers.0.self_attn.v_proj": module(64, 64, 4, 4.0)}}, info={"method": "x"})
 
 
 @pytest.mark.parametrize("layout", ["diffusers", "kohya"])
@@ -581,7 +602,8 @@ def test_run_checkpoint_and_final_files_hold_the_same_adapter(run):
     final, from_checkpoint = read_adapter(run), adapter_from_checkpoint(run / "checkpoints" / "step-0000016")
     assert from_checkpoint.tokens == final.tokens == ["<zorb>"]
     torch.testing.assert_close(from_checkpoint.embedding, final.embedding, rtol=0, atol=0)
-    assert set(final.unet) == set(from_checkpoint.unet) and set(final.text_encoder) == set(from_checkpoint.text_encoder)
+    assert {part: set(modules) for part, modules in final.parts().items()} == {
+        part: set(modules) for part, modules in from_checkpoint.parts().items()}
     for part, path, module in final.modules():
         other = from_checkpoint.parts()[part][path]
         assert torch.equal(other.down, module.down) and torch.equal(other.up, module.up) and other.alpha == module.alpha
@@ -606,9 +628,9 @@ def test_merge_of_several_adapters_adds_their_weighted_updates(run, pipe, tmp_pa
         assert all(k.startswith("text_model.") for k in f.keys())  # the names transformers 4 stacks read too
     first, second = read_adapter(run), read_adapter(style)
     base = dict(pipe.unet.named_modules())
-    for path in set(first.unet) | set(second.unet):
-        expected = sum(w * a.unet[path].delta().reshape(base[path].weight.shape)
-                       for a, w in ((first, 0.7), (second, -0.5)) if path in a.unet)
+    for path in set(first.parts()[UNET]) | set(second.parts()[UNET]):
+        expected = sum(w * a.parts()[UNET][path].delta().reshape(base[path].weight.shape)
+                       for a, w in ((first, 0.7), (second, -0.5)) if path in a.parts()[UNET])
         got = merged.unet.get_submodule(path).weight - base[path].weight
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 

@@ -32,6 +32,7 @@ from balora_diffusion import paths
 from balora_diffusion.atomic import atomic_path, write_json_atomic
 from balora_diffusion.concept import Concept, fidelity_batch, load_concept
 from balora_diffusion.errors import UserError
+from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET
 
 CONCEPT_FOLDERS = (paths.DEMO_CONCEPT, paths.RING_CONCEPT)
 FUSIONS = ("sum", "gradient")
@@ -244,8 +245,8 @@ def part_study(scorer: Scorer, method: str, adapters: list, concepts: list[Conce
     for k, concept in enumerate(concepts):
         other = adapters[1 - k]
         for label, (unet, text) in PARTS.items():
-            part = dataclasses.replace(other, unet=other.unet if unet else {},
-                                       text_encoder=other.text_encoder if text else {})
+            part = dataclasses.replace(other, part_modules={UNET: other.parts()[UNET] if unet else {},
+                                                            TEXT_ENCODER: other.parts()[TEXT_ENCODER] if text else {}})
             scores, _ = scorer.score([adapters[k], part], [concept])
             rows.append({"method": method, "concept": concept.token, "with": label,
                          "fidelity": scores[concept.token]["fidelity"]})

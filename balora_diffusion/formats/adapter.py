@@ -16,8 +16,10 @@ import torch
 
 from balora_diffusion.errors import UserError
 
-UNET, TEXT_ENCODER = "unet", "text_encoder"
-PARTS = (UNET, TEXT_ENCODER)
+UNET, TEXT_ENCODER, TEXT_ENCODER_2 = "unet", "text_encoder", "text_encoder_2"
+# The parts an adapter may hold, in the order files list them: the pipeline components they adapt.
+PARTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+TEXT_PARTS = (TEXT_ENCODER, TEXT_ENCODER_2)
 
 
 @dataclass
@@ -101,11 +103,10 @@ def alpha_number(name: str, value: object) -> float:
 
 @dataclass
 class Adapter:
-    """LoRA modules of the UNet and the text encoder, the new tokens' embeddings and what is known
-    of the training, as read from (or to be written to) one of the formats."""
+    """LoRA modules per named part (a pipeline component, one of PARTS), the new tokens' embeddings and
+    what is known of the training, as read from (or to be written to) one of the formats."""
 
-    unet: dict[str, LoraModule] = field(default_factory=dict)
-    text_encoder: dict[str, LoraModule] = field(default_factory=dict)
+    part_modules: dict[str, dict[str, LoraModule]] = field(default_factory=dict)
     tokens: list[str] = field(default_factory=list)
     embedding: torch.Tensor | None = None  # (len(tokens), hidden) rows of the new tokens
     info: dict[str, object] = field(default_factory=dict)  # training facts (method, rank, lrs, steps, ...)
@@ -113,6 +114,11 @@ class Adapter:
     source: str = ""
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.part_modules) - set(PARTS))
+        if unknown:
+            raise UserError(f"{self.source or 'an adapter'}: unknown part(s) {', '.join(unknown)}; "
+                            f"expected {', '.join(PARTS)}")
+        self.part_modules = {part: self.part_modules.get(part, {}) for part in PARTS}
         if self.embedding is None:
             return
         shape = list(self.embedding.shape)
@@ -123,7 +129,8 @@ class Adapter:
         self.embedding = self.embedding.float()
 
     def parts(self) -> dict[str, dict[str, LoraModule]]:
-        return {UNET: self.unet, TEXT_ENCODER: self.text_encoder}
+        """Every part in PARTS order, each a (possibly empty) {module path: module}."""
+        return self.part_modules
 
     def modules(self) -> list[tuple[str, str, LoraModule]]:
         return [(part, path, module) for part, found in self.parts().items() for path, module in found.items()]

@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, UNET, Adapter, Factors, LoraModule, add_factor,
-                                              alpha_number, assemble, info_from_metadata, info_metadata)
+from balora_diffusion.formats.adapter import (PARTS, TEXT_ENCODER, TEXT_PARTS, UNET, Adapter, Factors, LoraModule,
+                                              add_factor, alpha_number, assemble, info_from_metadata, info_metadata)
 from balora_diffusion.formats.names import text_encoder_path
 from balora_diffusion.formats.safetensors_io import read_file, write_file
 
@@ -31,13 +31,14 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
 _FACTOR = {"lora_A": "down", "lora_B": "up", "lora.down": "down", "lora.up": "up",
            "lora_down": "down", "lora_up": "up"}
-_KEY = re.compile(r"(?:(unet|text_encoder)|base_model\.model)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|"
-                  r"lora_up)(?:\.default)?\.weight|(unet|text_encoder)\.(.+)\.alpha")
+_PART = "|".join(sorted(PARTS, key=len, reverse=True))  # text_encoder_2 before text_encoder
+_KEY = re.compile(rf"(?:({_PART})|base_model\.model)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|"
+                  rf"lora_up)(?:\.default)?\.weight|({_PART})\.(.+)\.alpha")
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)$")
 
 
 def _file_path(part: str, path: str) -> str:
-    return f"{part}.text_model.{path}" if part == TEXT_ENCODER else f"{part}.{path}"
+    return f"{part}.text_model.{path}" if part in TEXT_PARTS else f"{part}.{path}"
 
 
 def write_diffusers(folder: Path, adapter: Adapter) -> Path:
@@ -71,11 +72,12 @@ def _lora_config(modules: dict[str, LoraModule]) -> dict[str, object]:
 
 
 def _module_path(part: str | None, raw: str) -> tuple[str, str] | None:
-    """(part, canonical module path) of a key's module name, or None when it names no SD 1.x layer."""
+    """(part, canonical module path) of a key's module name, or None when it names no layer of a text
+    encoder it says it adapts. peft's own files name no part: a text-encoder layer there is the first's."""
     raw = _PROCESSOR.sub(lambda m: "." + m.group(1) + (".0" if m.group(1) == "to_out" else ""), raw)
     te_path = text_encoder_path(raw)
-    if part == TEXT_ENCODER or (part is None and te_path is not None):
-        return (TEXT_ENCODER, te_path) if te_path is not None else None
+    if part in TEXT_PARTS or (part is None and te_path is not None):
+        return (part or TEXT_ENCODER, te_path) if te_path is not None else None
     return UNET, raw
 
 

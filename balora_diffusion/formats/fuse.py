@@ -15,13 +15,18 @@ from collections.abc import Sequence
 import torch
 
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule
+from balora_diffusion.formats.adapter import TEXT_PARTS, UNET, Adapter, LoraModule
 from balora_diffusion.formats.names import canonical_text_path
 
 
 def _layers(pipe) -> dict[str, dict[str, torch.nn.Module]]:
-    text = {canonical_text_path(name): module for name, module in pipe.text_encoder.named_modules()}
-    return {UNET: dict(pipe.unet.named_modules()), TEXT_ENCODER: text}
+    """{part: {module path: layer}} of each of the adapter parts the pipeline has (an empty table for
+    one it lacks, so an adapter for it is refused by name)."""
+    layers = {UNET: dict(pipe.unet.named_modules())}
+    for part in TEXT_PARTS:
+        model = getattr(pipe, part, None)
+        layers[part] = {} if model is None else {canonical_text_path(n): m for n, m in model.named_modules()}
+    return layers
 
 
 def fit(pipe, adapter: Adapter) -> list[tuple[torch.nn.Module, LoraModule]]:

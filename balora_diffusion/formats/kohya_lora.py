@@ -17,13 +17,16 @@ from pathlib import Path
 import torch
 
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import (TEXT_ENCODER, UNET, Adapter, Factors, add_factor, assemble,
-                                              info_from_metadata, info_metadata)
+from balora_diffusion.formats.adapter import (TEXT_ENCODER, TEXT_ENCODER_2, UNET, Adapter, Factors, add_factor,
+                                              assemble, info_from_metadata, info_metadata)
 from balora_diffusion.formats.names import text_encoder_path, unet_underscore_names
 from balora_diffusion.formats.safetensors_io import read_file, write_file
 
 UNET_PREFIX = "lora_unet_"
 TEXT_PREFIX = "lora_te_"
+# With two text encoders (SDXL) kohya numbers them; the first's prefix is then lora_te1_.
+NUMBERED_TEXT_PREFIXES = {TEXT_ENCODER: "lora_te1_", TEXT_ENCODER_2: "lora_te2_"}
+_PREFIX_PART = {"lora_unet": UNET, "lora_te": TEXT_ENCODER, "lora_te1": TEXT_ENCODER, "lora_te2": TEXT_ENCODER_2}
 _KEY = re.compile(r"(lora_unet|lora_te1?|lora_te2)_(\w+?)\.(lora_down\.weight|lora_up\.weight|alpha)")
 _OTHER_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_mid": "LoCon with a mid factor",
                 "oft_": "OFT", "diff": "full-weight difference"}
@@ -35,10 +38,12 @@ _SS = {"rank": "ss_network_dim", "alpha": "ss_network_alpha", "lr_unet": "ss_une
        "batch_size": "ss_batch_size_per_device", "num_images": "ss_num_train_images", "name": "ss_output_name"}
 
 
-def kohya_key(part: str, path: str) -> str:
-    if part == TEXT_ENCODER:
-        return f"{TEXT_PREFIX}text_model_{path.replace('.', '_')}"
-    return f"{UNET_PREFIX}{path.replace('.', '_')}"
+def kohya_key(part: str, path: str, numbered: bool = False) -> str:
+    """The kohya name of a module; `numbered` when the adapter holds a second text encoder."""
+    if part == UNET:
+        return f"{UNET_PREFIX}{path.replace('.', '_')}"
+    prefix = NUMBERED_TEXT_PREFIXES[part] if numbered else TEXT_PREFIX
+    return f"{prefix}text_model_{path.replace('.', '_')}"
 
 
 def _metadata(adapter: Adapter) -> dict[str, str]:
@@ -69,9 +74,9 @@ def _metadata(adapter: Adapter) -> dict[str, str]:
 
 def write_kohya(path: Path, adapter: Adapter) -> Path:
     """`adapter` as one kohya .safetensors file (the token embedding goes to its own file)."""
-    tensors = {}
+    tensors, numbered = {}, bool(adapter.parts()[TEXT_ENCODER_2])
     for part, module_path, module in adapter.modules():
-        key = kohya_key(part, module_path)
+        key = kohya_key(part, module_path, numbered)
         tensors[f"{key}.lora_down.weight"] = module.down
         tensors[f"{key}.lora_up.weight"] = module.up
         tensors[f"{key}.alpha"] = torch.tensor(float(module.alpha))
@@ -79,13 +84,12 @@ def write_kohya(path: Path, adapter: Adapter) -> Path:
 
 
 def is_kohya(keys) -> bool:
-    return all(key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for key in keys)
+    return all(key.startswith(tuple(f"{prefix}_" for prefix in _PREFIX_PART)) for key in keys)
 
 
 def _module_path(prefix: str, name: str, key: str, path: Path) -> tuple[str, str]:
-    if prefix == "lora_te2":
-        raise UserError(f"{path} is an SDXL LoRA (second text encoder, {key!r}); this toolkit runs SD 1.x")
-    if prefix == "lora_unet":
+    part = _PREFIX_PART[prefix]
+    if part == UNET:
         found = unet_underscore_names().get(name)
         if found is None:
             raise UserError(f"{path}: {key!r} names no layer of a Stable Diffusion 1.x UNet "
@@ -93,8 +97,8 @@ def _module_path(prefix: str, name: str, key: str, path: Path) -> tuple[str, str
         return UNET, found
     found = text_encoder_path(name)
     if found is None:
-        raise UserError(f"{path}: {key!r} names no layer of the SD 1.x text encoder")
-    return TEXT_ENCODER, found
+        raise UserError(f"{path}: {key!r} names no layer of a CLIP text encoder")
+    return part, found
 
 
 def read_kohya(path: Path) -> Adapter:

@@ -18,7 +18,8 @@ from balora_diffusion import checkpoint as ckpt
 from balora_diffusion import paths
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET, Adapter, LoraModule, read_module, token_stem
+from balora_diffusion.formats.adapter import (TEXT_ENCODER, TEXT_ENCODER_2, TEXT_PARTS, UNET, Adapter, LoraModule,
+                                              read_module, token_stem)
 from balora_diffusion.formats.diffusers_lora import write_diffusers
 from balora_diffusion.formats.embedding import write_embedding
 from balora_diffusion.formats.kohya_lora import write_kohya
@@ -27,13 +28,13 @@ from balora_diffusion.versions import installed_version
 
 DIFFUSERS_FOLDER = "adapter"
 KOHYA_FOLDER = "kohya"
-_TRAINABLE = re.compile(r"(unet|text_encoder)\.(.+)\.lora_([AB])\.default\.weight")
+_TRAINABLE = re.compile(r"(unet|text_encoder_2|text_encoder)\.(.+)\.lora_([AB])\.default\.weight")
 _EMBEDDING = re.compile(r"text_encoder\.(?:text_model\.)?embeddings\.token_embedding\.extra")
 _CHECKPOINT_CONFIG = {"alpha", "text_alpha", "output_dir", "token"}
 
 
 def _canonical(part: str, path: str) -> str:
-    return canonical_text_path(path) if part == TEXT_ENCODER else path
+    return canonical_text_path(path) if part in TEXT_PARTS else path
 
 
 def _sha256(file: Path) -> str:
@@ -68,13 +69,15 @@ def training_info(cfg: dict, step: int, name: str) -> dict[str, object]:
     return info
 
 
-def adapter_from_models(unet, text_encoder, embedding, tokens: list[str], info: dict) -> Adapter:
-    """The peft LoRA layers ("default" adapter) of the trained models and the new tokens' rows."""
+def adapter_from_models(unet, text_encoder, embedding, tokens: list[str], info: dict,
+                        text_encoder_2=None) -> Adapter:
+    """The peft LoRA layers ("default" adapter) of the trained models (None: a model not adapted) and the
+    new tokens' rows."""
     from peft.tuners.lora import LoraLayer
 
     adapter = Adapter(tokens=list(tokens), info=info, format="balora run",
                       embedding=None if embedding is None else embedding.extra.detach().float().cpu())
-    for part, model in ((UNET, unet), (TEXT_ENCODER, text_encoder)):
+    for part, model in ((UNET, unet), (TEXT_ENCODER, text_encoder), (TEXT_ENCODER_2, text_encoder_2)):
         if model is None:
             continue
         for path, layer in model.named_modules():
@@ -92,7 +95,7 @@ def adapter_from_checkpoint(folder: Path) -> Adapter:
     if (problem := ckpt.damage(folder)) is not None:
         raise UserError(f"checkpoint {folder} is damaged ({problem})")
     trainable, cfg, step = _checkpoint_trees(folder)
-    alphas = {UNET: ("config alpha", cfg["alpha"]), TEXT_ENCODER: ("config text_alpha", cfg["text_alpha"])}
+    alphas = {UNET: ("config alpha", cfg["alpha"]), **{part: ("config text_alpha", cfg["text_alpha"]) for part in TEXT_PARTS}}
     factors: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
     embedding = None
     for key, tensor in trainable.items():

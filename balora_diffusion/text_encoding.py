@@ -34,10 +34,12 @@ def _last_hidden_state(text_encoder: torch.nn.Module, rows: torch.Tensor) -> tup
 
 
 def encoded_rows(text_encoder: torch.nn.Module, ids: torch.Tensor, device: torch.device,
-                 read: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+                 read: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, ...]],
+                 distinct: bool = True) -> tuple[torch.Tensor, ...]:
     """`read(text_encoder, rows)`'s tensors (each one row per caption first) for the token rows `ids`
-    (on the CPU, where the distinct rows are found without a device synchronisation)."""
-    if has_active_dropout(text_encoder):
+    (on the CPU, where the distinct rows are found without a device synchronisation); `distinct=False`
+    encodes every row as given."""
+    if not distinct or has_active_dropout(text_encoder):
         return read(text_encoder, ids.to(device))
     unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
     if len(unique) == len(ids):
@@ -46,6 +48,7 @@ def encoded_rows(text_encoder: torch.nn.Module, ids: torch.Tensor, device: torch
     return tuple(t.index_select(0, inverse) for t in read(text_encoder, unique.to(device)))
 
 
-def encode_captions(text_encoder: torch.nn.Module, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+def encode_captions(text_encoder: torch.nn.Module, ids: torch.Tensor, device: torch.device,
+                    distinct: bool = True) -> torch.Tensor:
     """Last hidden states [batch, tokens, width] for the token rows `ids`."""
-    return encoded_rows(text_encoder, ids, device, _last_hidden_state)[0]
+    return encoded_rows(text_encoder, ids, device, _last_hidden_state, distinct)[0]

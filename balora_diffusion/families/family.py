@@ -53,7 +53,8 @@ class Family:
     config_dir: Path                            # component configs for loading a single file
     single_file_marker: str                     # a key prefix only this family's single files have
     single_file_text: Mapping[str, Callable]    # text encoder -> its tensors under their single-file names
-    encode: Callable                            # (encoders, ids per encoder, device, sizes) -> Conditioning
+    encode: Callable                            # (encoders, ids per encoder, device, sizes, distinct=True)
+                                                # -> Conditioning (text_encoding.encoded_rows: `distinct`)
     kohya_text_prefixes: Mapping[str, str]      # text-encoder part -> kohya key prefix
     kohya_metadata: Mapping[str, str]           # the header entries that tell kohya's readers the base model
     unet_ldm_name: Callable                     # (diffusers UNet weight name, UNet config) -> original name

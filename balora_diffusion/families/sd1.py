@@ -15,9 +15,9 @@ from balora_diffusion.text_encoding import encode_captions
 
 
 def encode(encoders: list[torch.nn.Module], ids: list[torch.Tensor], device: torch.device,
-           sizes: list[SizeCondition] | None = None) -> Conditioning:
+           sizes: list[SizeCondition] | None = None, distinct: bool = True) -> Conditioning:
     """The text encoder's last hidden states; the image's size and crop are not the UNet's concern."""
-    return Conditioning(encode_captions(encoders[0], ids[0], device))
+    return Conditioning(encode_captions(encoders[0], ids[0], device, distinct))
 
 
 SD1 = Family(

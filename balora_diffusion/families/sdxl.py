@@ -32,11 +32,11 @@ def time_ids(sizes: list[SizeCondition], device: torch.device) -> torch.Tensor:
 
 
 def encode(encoders: list[torch.nn.Module], ids: list[torch.Tensor], device: torch.device,
-           sizes: list[SizeCondition] | None = None) -> Conditioning:
+           sizes: list[SizeCondition] | None = None, distinct: bool = True) -> Conditioning:
     if sizes is None or len(sizes) != len(ids[0]):
         raise ValueError("SDXL conditioning needs each image's size and crop")
-    first = encoded_rows(encoders[0], ids[0], device, _penultimate)[0]
-    second, pooled = encoded_rows(encoders[1], ids[1], device, _penultimate_and_pooled)
+    first = encoded_rows(encoders[0], ids[0], device, _penultimate, distinct)[0]
+    second, pooled = encoded_rows(encoders[1], ids[1], device, _penultimate_and_pooled, distinct)
     return Conditioning(torch.cat([first, second], dim=-1), {"text_embeds": pooled, "time_ids": time_ids(sizes, device)})
 
 

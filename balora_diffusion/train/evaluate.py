@@ -11,17 +11,27 @@ from pathlib import Path
 import torch
 
 from balora_diffusion import checkpoint as ckpt
+from balora_diffusion import families
 from balora_diffusion.data import ConceptData
 from balora_diffusion.formats.run_files import adapter_from_models, training_info
 from balora_diffusion.generate import generate, write_grid
 from balora_diffusion.lora import balance_diagnostics
 from balora_diffusion.runlog import RunLog
-from balora_diffusion.train.objective import denoising_loss, encode_latents, tokenize
+from balora_diffusion.train.objective import denoising_loss, encode_latents
 from balora_diffusion.train.state import set_trainable, trainable_parameters
+from balora_diffusion.train.text import TextEncoders
 from balora_diffusion.train_config import TrainConfig
 
 
-def fixed_triples(cfg: TrainConfig, data: ConceptData, examples, vae, tokenizer, scheduler, device) -> dict:
+def run_adapter(cfg: TrainConfig, step: int, name: str, accelerator, unet, text: TextEncoders):
+    """The adapter of the trained models as they are at `step` (formats.Adapter): the LoRA of the UNet
+    and of the adapted text encoders, the new tokens' rows."""
+    encoders = [m if adapted else None for m, adapted in zip(text.unwrapped(accelerator).models, text.adapted)]
+    return adapter_from_models(accelerator.unwrap_model(unet), encoders[0], text.embeddings[0], cfg.token,
+                               training_info(asdict(cfg), step, name), *encoders[1:])
+
+
+def fixed_triples(cfg: TrainConfig, data: ConceptData, examples, vae, text: TextEncoders, scheduler, device) -> dict:
     """Fixed (image, noise, timestep) triples of `examples` from `cfg.heldout_seed`, the same for
     every method and run seed, with timesteps stratified over the schedule so one draw does not
     dominate. The images are data.square_view's, masked as training is."""
@@ -34,31 +44,34 @@ def fixed_triples(cfg: TrainConfig, data: ConceptData, examples, vae, tokenizer,
     T = scheduler.config.num_train_timesteps
     timesteps = ((torch.arange(n) + torch.rand(n, generator=gen)) * T / n).long().clamp(max=T - 1)
     noise = torch.randn(latents.shape, generator=gen).to(device)
-    ids = tokenize(tokenizer, [examples[i % len(examples)].caption for i in range(n)])
+    ids = text.ids([examples[i % len(examples)].caption for i in range(n)])
+    sizes = [data.square_size_condition(examples[i % len(examples)]) for i in range(n)]
     masks = torch.stack([m for _, m in views]).to(device) if data.masked else None
-    return {"latents": latents, "noise": noise, "timesteps": timesteps.to(device), "ids": ids.to(device),
-            "masks": masks, "unmasked_weight": cfg.unmasked_weight, "batch": cfg.batch_size}
+    return {"latents": latents, "noise": noise, "timesteps": timesteps.to(device), "ids": [t.to(device) for t in ids],
+            "sizes": sizes, "masks": masks, "unmasked_weight": cfg.unmasked_weight, "batch": cfg.batch_size}
 
 
 @torch.no_grad()
-def fixed_noise_loss(heldout: dict, accelerator, unet, text_encoder, scheduler) -> float:
+def fixed_noise_loss(heldout: dict, accelerator, unet, text: TextEncoders, scheduler) -> float:
     total, n = 0.0, heldout["latents"].shape[0]
     for i in range(0, n, heldout["batch"]):
         sl = slice(i, i + heldout["batch"])
         masks = None if heldout["masks"] is None else heldout["masks"][sl]
         with accelerator.autocast():
-            loss = denoising_loss(unet, text_encoder, scheduler, heldout["latents"][sl], heldout["noise"][sl],
-                                  heldout["timesteps"][sl], heldout["ids"][sl], masks, heldout["unmasked_weight"])
+            cond = text.condition([ids[sl] for ids in heldout["ids"]], heldout["latents"].device,
+                                  heldout["sizes"][sl], distinct=False)
+            loss = denoising_loss(unet, cond, scheduler, heldout["latents"][sl], heldout["noise"][sl],
+                                  heldout["timesteps"][sl], masks, heldout["unmasked_weight"])
         total += loss.item() * heldout["latents"][sl].shape[0]
     return total / n
 
 
-def evaluate(log: RunLog, step: int, fixed: dict[str, dict], accelerator, unet, text_encoder, scheduler,
+def evaluate(log: RunLog, step: int, fixed: dict[str, dict], accelerator, unet, text: TextEncoders, scheduler,
              pairs) -> None:
     """`fixed`: the fixed triples of the training images ("fit") and of the held-out ones ("holdout",
     with --holdout). `heldout_loss` repeats fit_loss, the value it always held, for its readers."""
     for name, triples in fixed.items():
-        value = fixed_noise_loss(triples, accelerator, unet, text_encoder, scheduler)
+        value = fixed_noise_loss(triples, accelerator, unet, text, scheduler)
         log.scalar(step, f"{name}_loss", value)
         if name == "fit":
             log.scalar(step, "heldout_loss", value)
@@ -82,9 +95,10 @@ class ScoredCheckpoints:
 
     BEST_TREE = "best_so_far"
 
-    def __init__(self, cfg: TrainConfig, out: Path, models: dict, accelerator, trained, embedding):
+    def __init__(self, cfg: TrainConfig, out: Path, models: dict, accelerator, unet, text: TextEncoders):
         self.cfg, self.out, self.models, self.accelerator = cfg, out, models, accelerator
-        self.trained, self.embedding = trained, embedding  # (unet, text_encoder) as prepared
+        self.unet, self.text = unet, text  # as prepared
+        self.trained = {"unet": unet, **text.named()}
         self.every = cfg.eval_metrics_every or cfg.checkpoint_every
         self.best: dict | None = None
         self._scorer = None
@@ -94,9 +108,7 @@ class ScoredCheckpoints:
         return step % self.every == 0 or step == self.cfg.steps
 
     def _adapter(self, step: int):
-        unet, te = (self.accelerator.unwrap_model(m) for m in self.trained)
-        return adapter_from_models(unet, te if self.cfg.train_text_encoder else None, self.embedding, self.cfg.token,
-                                   training_info(asdict(self.cfg), step, self.out.name))
+        return run_adapter(self.cfg, step, self.out.name, self.accelerator, self.unet, self.text)
 
     def _scorer_of_run(self):
         if self._scorer is None:
@@ -182,8 +194,10 @@ def validation_grid(path: Path, cfg: TrainConfig, pipe, accelerator) -> None:
     Under autocast like training: the fp32 LoRA factors turn a half-precision layer's output into
     fp32, which the next half-precision layer refuses outside autocast."""
     prompts = cfg.grid_prompts or [cfg.caption_template.format(token=" ".join(cfg.token))]
-    was_training = pipe.unet.training, pipe.text_encoder.training
-    pipe.unet.eval(), pipe.text_encoder.eval()
+    models = [pipe.unet, *families.of_pipeline(pipe).encoders(pipe)]
+    was_training = [m.training for m in models]
+    for model in models:
+        model.eval()
     columns = [[] for _ in prompts]
     for w in cfg.fusion:
         with accelerator.autocast():
@@ -191,7 +205,8 @@ def validation_grid(path: Path, cfg: TrainConfig, pipe, accelerator) -> None:
                               guidance_scale=cfg.guidance_scale, progress=False, cross_attention_kwargs={"scale": w})
         for row, imgs in zip(columns, images):
             row.extend(imgs)
-    pipe.unet.train(was_training[0]), pipe.text_encoder.train(was_training[1])
+    for model, mode in zip(models, was_training):
+        model.train(mode)
     labels = [f"w={w:g} seed {s}" for w in cfg.fusion for s in cfg.grid_seeds]
     write_grid(path, columns, row_labels=prompts, col_labels=labels,
                title=f"{cfg.method}: rows = prompts, columns = fusion coefficient x seed")

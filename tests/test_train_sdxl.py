@@ -80,3 +80,57 @@ def test_a_resumed_run_is_the_uninterrupted_one(run, tiny_sdxl, tmp_path):
     want, got = _trainable(run, 4), _trainable(resumed, 4)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
+
+
+PLAIN_DIFFUSERS = """
+import sys, numpy as np, torch
+from safetensors.torch import load_file
+from diffusers import StableDiffusionXLPipeline
+model, adapter, embedding, out = sys.argv[1:5]
+pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=torch.float32, local_files_only=True)
+pipe.load_lora_weights(adapter)
+rows = load_file(embedding)
+pipe.load_textual_inversion(rows["clip_l"], token="<zorb>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+pipe.load_textual_inversion(rows["clip_g"], token="<zorb>", text_encoder=pipe.text_encoder_2,
+                            tokenizer=pipe.tokenizer_2)
+image = pipe(prompt=["a <zorb>"], generator=[torch.Generator("cpu").manual_seed(7)], num_inference_steps=4,
+             guidance_scale=5.0).images[0]
+np.save(out, np.asarray(image))
+"""
+
+
+def test_a_fresh_diffusers_process_draws_the_toolkits_image_from_the_run_files(run, tiny_sdxl, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from balora_diffusion.formats.fuse import Fused
+    from balora_diffusion.formats.read import read_adapter
+    from balora_diffusion.generate import generate
+    from balora_diffusion.models import load_pipeline
+
+    pipe = load_pipeline(tiny_sdxl, device="cpu")
+
+    def draw(prompt: str) -> np.ndarray:
+        image = generate(pipe, [prompt], [7], steps=4, guidance_scale=5.0, progress=False)[0][0]
+        return np.asarray(image, dtype=np.int16)
+
+    adapter = read_adapter(run)
+    assert adapter.embedding is not None and adapter.embedding_2 is not None
+    with Fused(pipe, [(adapter, 1.0)]):
+        ours = draw("a <zorb>")
+    with Fused(pipe, [(adapter, 0.0)]):
+        base = draw("a <zorb>")  # the token alone, no LoRA
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_DIFFUSERS)
+    result = subprocess.run([sys.executable, str(script), str(tiny_sdxl), str(run / "adapter"),
+                             str(run / "adapter" / "zorb.safetensors"), str(tmp_path / "plain.npy")],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "not loaded" not in result.stderr and "unexpected" not in result.stderr.lower(), result.stderr[-3000:]
+    theirs = np.load(tmp_path / "plain.npy").astype(np.int16)
+    assert np.abs(ours - base).mean() > 0.5  # the LoRA changes the image: the comparison below means something
+    assert np.abs(ours - theirs).max() <= 3 and np.abs(ours - theirs).mean() < 0.2

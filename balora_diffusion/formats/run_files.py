@@ -29,7 +29,7 @@ from balora_diffusion.versions import installed_version
 DIFFUSERS_FOLDER = "adapter"
 KOHYA_FOLDER = "kohya"
 _TRAINABLE = re.compile(r"(unet|text_encoder_2|text_encoder)\.(.+)\.lora_([AB])\.default\.weight")
-_EMBEDDING = re.compile(r"text_encoder\.(?:text_model\.)?embeddings\.token_embedding\.extra")
+_EMBEDDING = re.compile(r"(text_encoder|text_encoder_2)\.(?:text_model\.)?embeddings\.token_embedding\.extra")
 _CHECKPOINT_CONFIG = {"alpha", "text_alpha", "output_dir", "token"}
 
 
@@ -70,13 +70,14 @@ def training_info(cfg: dict, step: int, name: str) -> dict[str, object]:
 
 
 def adapter_from_models(unet, text_encoder, embedding, tokens: list[str], info: dict,
-                        text_encoder_2=None) -> Adapter:
+                        text_encoder_2=None, embedding_2=None) -> Adapter:
     """The peft LoRA layers ("default" adapter) of the trained models (None: a model not adapted) and the
     new tokens' rows."""
     from peft.tuners.lora import LoraLayer
 
     adapter = Adapter(tokens=list(tokens), info=info, format="balora run",
-                      embedding=None if embedding is None else embedding.extra.detach().float().cpu())
+                      embedding=None if embedding is None else embedding.extra.detach().float().cpu(),
+                      embedding_2=None if embedding_2 is None else embedding_2.extra.detach().float().cpu())
     for part, model in ((UNET, unet), (TEXT_ENCODER, text_encoder), (TEXT_ENCODER_2, text_encoder_2)):
         if model is None:
             continue
@@ -97,14 +98,15 @@ def adapter_from_checkpoint(folder: Path) -> Adapter:
     trainable, cfg, step = _checkpoint_trees(folder)
     alphas = {UNET: ("config alpha", cfg["alpha"]), **{part: ("config text_alpha", cfg["text_alpha"]) for part in TEXT_PARTS}}
     factors: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
-    embedding = None
+    rows: dict[str, torch.Tensor] = {}
     for key, tensor in trainable.items():
-        if _EMBEDDING.fullmatch(key):
-            embedding = tensor
+        if found := _EMBEDDING.fullmatch(key):
+            rows[found.group(1)] = tensor
         elif match := _TRAINABLE.fullmatch(key):
             module = (match.group(1), _canonical(match.group(1), match.group(2)))
             factors.setdefault(module, {})[match.group(3)] = (key, tensor)
-    adapter = Adapter(tokens=list(cfg["token"]) if embedding is not None else [], embedding=embedding,
+    adapter = Adapter(tokens=list(cfg["token"]) if rows else [], embedding=rows.get(TEXT_ENCODER),
+                      embedding_2=rows.get(TEXT_ENCODER_2),
                       info=training_info(cfg, step, Path(cfg["output_dir"]).name),
                       format=f"balora checkpoint (step {step})", source=str(folder))
     for (part, path), found in factors.items():
@@ -146,7 +148,7 @@ def write_run_adapters(out: Path, adapter: Adapter) -> None:
         tmp.mkdir(parents=True)
         write_diffusers(tmp, adapter)
         if adapter.embedding is not None:
-            write_embedding(tmp, adapter.tokens, adapter.embedding)
+            write_embedding(tmp, adapter.tokens, adapter.embedding, adapter.embedding_2)
     with atomic_path(out / KOHYA_FOLDER) as tmp:
         tmp.mkdir(parents=True)
         lora_name = kohya_file_name(name)
@@ -154,4 +156,4 @@ def write_run_adapters(out: Path, adapter: Adapter) -> None:
             lora_name = kohya_file_name(f"{name}-lora")  # the two files must not share the prompt word
         write_kohya(tmp / lora_name, adapter)
         if adapter.embedding is not None:
-            write_embedding(tmp, adapter.tokens, adapter.embedding)
+            write_embedding(tmp, adapter.tokens, adapter.embedding, adapter.embedding_2)

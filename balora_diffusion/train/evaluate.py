@@ -27,8 +27,9 @@ def run_adapter(cfg: TrainConfig, step: int, name: str, accelerator, unet, text:
     """The adapter of the trained models as they are at `step` (formats.Adapter): the LoRA of the UNet
     and of the adapted text encoders, the new tokens' rows."""
     encoders = [m if adapted else None for m, adapted in zip(text.unwrapped(accelerator).models, text.adapted)]
+    second = (encoders[1], text.embeddings[1]) if len(encoders) > 1 else ()
     return adapter_from_models(accelerator.unwrap_model(unet), encoders[0], text.embeddings[0], cfg.token,
-                               training_info(asdict(cfg), step, name), *encoders[1:])
+                               training_info(asdict(cfg), step, name), *second)
 
 
 def fixed_triples(cfg: TrainConfig, data: ConceptData, examples, vae, text: TextEncoders, scheduler, device) -> dict:

@@ -99,7 +99,8 @@ np.save(out, np.asarray(image))
 """
 
 
-def test_a_fresh_diffusers_process_draws_the_toolkits_image_from_the_run_files(run, tiny_sdxl, tmp_path):
+@pytest.mark.parametrize("layout", ["adapter", "kohya"])
+def test_a_fresh_diffusers_process_draws_the_toolkits_image_from_the_run_files(run, tiny_sdxl, tmp_path, layout):
     import os
     import subprocess
     import sys
@@ -125,8 +126,9 @@ def test_a_fresh_diffusers_process_draws_the_toolkits_image_from_the_run_files(r
         base = draw("a <zorb>")  # the token alone, no LoRA
     script = tmp_path / "plain.py"
     script.write_text(PLAIN_DIFFUSERS)
-    result = subprocess.run([sys.executable, str(script), str(tiny_sdxl), str(run / "adapter"),
-                             str(run / "adapter" / "zorb.safetensors"), str(tmp_path / "plain.npy")],
+    lora = run / "adapter" if layout == "adapter" else run / "kohya" / "run.safetensors"
+    result = subprocess.run([sys.executable, str(script), str(tiny_sdxl), str(lora),
+                             str(run / layout / "zorb.safetensors"), str(tmp_path / "plain.npy")],
                             capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -134,3 +136,21 @@ def test_a_fresh_diffusers_process_draws_the_toolkits_image_from_the_run_files(r
     theirs = np.load(tmp_path / "plain.npy").astype(np.int16)
     assert np.abs(ours - base).mean() > 0.5  # the LoRA changes the image: the comparison below means something
     assert np.abs(ours - theirs).max() <= 3 and np.abs(ours - theirs).mean() < 0.2
+
+
+def test_the_kohya_file_has_sdxl_names_and_reads_back_as_the_adapter(run):
+    from balora_diffusion.formats.read import read_adapter
+
+    tensors = load_file(run / "kohya" / "run.safetensors")
+    prefixes = {key.split(".")[0].split("_text_model")[0] for key in tensors if key.startswith("lora_te")}
+    assert prefixes == {"lora_te1", "lora_te2"}
+    # SGM's names: the tiny UNet's cross-attention level is SDXL's second, input_blocks 4 and 5
+    assert any(key.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.") for key in tensors)
+    assert not any(key.startswith("lora_unet_down_blocks") for key in tensors)
+    kohya, ours = read_adapter(run / "kohya" / "run.safetensors"), read_adapter(run / "adapter")
+    assert kohya.info["model_family"] == ours.info["model_family"] == "sdxl"
+    for part, modules in ours.parts().items():
+        assert kohya.parts()[part].keys() == modules.keys(), part
+        for path, module in modules.items():
+            other = kohya.parts()[part][path]
+            assert torch.equal(other.delta(), module.delta()), path

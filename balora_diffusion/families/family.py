@@ -58,6 +58,7 @@ class Family:
     kohya_text_prefixes: Mapping[str, str]      # text-encoder part -> kohya key prefix
     kohya_metadata: Mapping[str, str]           # the header entries that tell kohya's readers the base model
     unet_ldm_name: Callable                     # (diffusers UNet weight name, UNet config) -> original name
+    kohya_unet_original: bool                   # kohya files name its UNet layers by their original names
     load_kwargs: Mapping[str, object] = field(default_factory=dict)  # for the pipeline's from_pretrained
     single_file_parts: Callable[[], dict] = dict  # parts a single file's config folder does not ship
     refuses: Mapping[str, str] = field(default_factory=dict)         # operation -> why it is refused

@@ -36,6 +36,7 @@ SD1 = Family(
     kohya_metadata={"ss_base_model_version": "sd_v1", "ss_v2": "False",
                     "modelspec.architecture": "stable-diffusion-v1/lora"},
     unet_ldm_name=unet_ldm_name,
+    kohya_unet_original=False,  # sd-scripts writes diffusers paths for SD 1.x; the LDM spelling is read too
     # the pipeline's safety checker is not part of these models; without these it warns at every load
     load_kwargs={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
 )

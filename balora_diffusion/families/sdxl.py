@@ -66,4 +66,5 @@ SDXL = Family(
     kohya_metadata={"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False",
                     "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"},
     unet_ldm_name=unet_sgm_param,
+    kohya_unet_original=True,
 )

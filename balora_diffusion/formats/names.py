@@ -16,7 +16,11 @@ from balora_diffusion import families
 from balora_diffusion.families import Family
 from balora_diffusion.families.clip_names import canonical_text_path, text_encoder_path
 
-__all__ = ["canonical_text_path", "meta_unet", "text_encoder_path", "unet_underscore_names"]
+__all__ = ["FAMILY_INFO", "adapter_family", "canonical_text_path", "kohya_file_family", "kohya_unet_name", "meta_unet",
+           "text_encoder_path", "unet_underscore_names"]
+
+# an adapter's `info` entry naming its model family; absent: the default family, as before families
+FAMILY_INFO = "model_family"
 
 @cache
 def meta_unet(family: Family = families.DEFAULT) -> torch.nn.Module:
@@ -38,3 +42,33 @@ def unet_underscore_names(family: Family = families.DEFAULT) -> dict[str, str]:
             table[path.replace(".", "_")] = path
             table[family.unet_ldm_name(f"{path}.weight", unet.config).removesuffix(".weight").replace(".", "_")] = path
     return table
+
+
+def kohya_unet_name(path: str, family: Family = families.DEFAULT) -> str:
+    """The name (dots as underscores, no prefix) a kohya file gives the UNet layer at diffusers `path`."""
+    if not family.kohya_unet_original:
+        return path.replace(".", "_")
+    unet = meta_unet(family)
+    return family.unet_ldm_name(f"{path}.weight", unet.config).removesuffix(".weight").replace(".", "_")
+
+
+def adapter_family(adapter) -> Family:
+    """The family an adapter (formats.Adapter) was trained for: what its info says, else the first
+    (the default first) with every text encoder the adapter adapts or holds token rows for."""
+    named = adapter.info.get(FAMILY_INFO)
+    if isinstance(named, str):
+        return families.by_name(named)
+    used = {part for part, modules in adapter.parts().items() if modules and part != "unet"} | set(adapter.embeddings())
+    return next(f for f in (families.DEFAULT, *families.FAMILIES) if used <= set(f.text_encoders))
+
+
+def kohya_file_family(keys, metadata: dict[str, str]) -> Family:
+    """The family of a kohya file: kohya's base-model entry, else its text encoders' prefixes, else the default."""
+    for family in families.FAMILIES:
+        if metadata.get("ss_base_model_version") == family.kohya_metadata["ss_base_model_version"]:
+            return family
+    # numbered encoders first: a file may spell SDXL's first encoder lora_te_ beside a lora_te2_
+    for family in sorted(families.FAMILIES, key=lambda f: -len(f.kohya_text_prefixes)):
+        if any(key.startswith(tuple(family.kohya_text_prefixes.values())) for key in keys):
+            return family
+    return families.DEFAULT

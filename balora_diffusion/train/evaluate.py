@@ -13,6 +13,7 @@ import torch
 from balora_diffusion import checkpoint as ckpt
 from balora_diffusion import families
 from balora_diffusion.data import ConceptData
+from balora_diffusion.formats.names import FAMILY_INFO
 from balora_diffusion.formats.run_files import adapter_from_models, training_info
 from balora_diffusion.generate import generate, write_grid
 from balora_diffusion.lora import balance_diagnostics
@@ -28,8 +29,11 @@ def run_adapter(cfg: TrainConfig, step: int, name: str, accelerator, unet, text:
     and of the adapted text encoders, the new tokens' rows."""
     encoders = [m if adapted else None for m, adapted in zip(text.unwrapped(accelerator).models, text.adapted)]
     second = (encoders[1], text.embeddings[1]) if len(encoders) > 1 else ()
-    return adapter_from_models(accelerator.unwrap_model(unet), encoders[0], text.embeddings[0], cfg.token,
-                               training_info(asdict(cfg), step, name), *second)
+    info = training_info(asdict(cfg), step, name)
+    if text.family is not families.DEFAULT:  # the default family's files say nothing, as they always did
+        info[FAMILY_INFO] = text.family.name
+    return adapter_from_models(accelerator.unwrap_model(unet), encoders[0], text.embeddings[0], cfg.token, info,
+                               *second)
 
 
 def fixed_triples(cfg: TrainConfig, data: ConceptData, examples, vae, text: TextEncoders, scheduler, device) -> dict:

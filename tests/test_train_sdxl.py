@@ -154,3 +154,17 @@ def test_the_kohya_file_has_sdxl_names_and_reads_back_as_the_adapter(run):
         for path, module in modules.items():
             other = kohya.parts()[part][path]
             assert torch.equal(other.delta(), module.delta()), path
+
+
+def test_inspect_export_and_generate_take_an_sdxl_run(run, tiny_sdxl, tmp_path, capsys):
+    from balora_diffusion.cli import main as cli_main
+
+    assert cli_main(["inspect", str(run)]) == 0
+    assert "architecture  Stable Diffusion XL" in capsys.readouterr().out
+    checkpoint = list_checkpoints(run / "checkpoints")[0]
+    assert cli_main(["export", str(checkpoint), "--format", "kohya", "--out", str(tmp_path / "x.safetensors")]) == 0
+    assert set(load_file(tmp_path / "zorb.safetensors")) == {"clip_l", "clip_g"}
+    assert load_file(tmp_path / "x.safetensors").keys() == load_file(run / "kohya" / "run.safetensors").keys()
+    assert cli_main(["generate", "--base-model", str(tiny_sdxl), "--adapter", str(run), "--prompt", "a <zorb>",
+                     "--seeds", "1", "--steps", "2", "--out", str(tmp_path / "drawn")]) == 0
+    assert len(list((tmp_path / "drawn" / "images").glob("*.png"))) == 1

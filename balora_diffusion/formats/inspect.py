@@ -5,6 +5,7 @@ import re
 from collections import Counter
 
 from balora_diffusion.formats.adapter import Adapter
+from balora_diffusion.formats.names import adapter_family
 from balora_diffusion.lora import balance_diagnostics
 from balora_diffusion.rules.pairs import LoRAPair
 
@@ -34,7 +35,7 @@ def summary(adapter: Adapter) -> dict:
                 "alpha": _spread([m.alpha for m in modules.values()]),
             }
     return {
-        "source": adapter.source, "format": adapter.format, "architecture": "Stable Diffusion 1.x",
+        "source": adapter.source, "format": adapter.format, "architecture": adapter_family(adapter).title,
         "parts": parts, "tokens": adapter.tokens,
         "embedding_norms": [] if adapter.embedding is None else adapter.embedding.norm(dim=1).tolist(),
         "training": adapter.info,

@@ -168,3 +168,31 @@ def test_inspect_export_and_generate_take_an_sdxl_run(run, tiny_sdxl, tmp_path, 
     assert cli_main(["generate", "--base-model", str(tiny_sdxl), "--adapter", str(run), "--prompt", "a <zorb>",
                      "--seeds", "1", "--steps", "2", "--out", str(tmp_path / "drawn")]) == 0
     assert len(list((tmp_path / "drawn" / "images").glob("*.png"))) == 1
+
+
+def test_merge_writes_an_sdxl_folder_and_single_file_that_draw_the_fused_image(run, tiny_sdxl, tmp_path):
+    import numpy as np
+
+    from balora_diffusion.cli import main as cli_main
+    from balora_diffusion.formats.fuse import Fused
+    from balora_diffusion.formats.read import read_adapter
+    from balora_diffusion.generate import generate
+    from balora_diffusion.models import load_pipeline
+
+    def draw(pipe) -> np.ndarray:
+        image = generate(pipe, ["a <zorb>"], [3], steps=3, guidance_scale=5.0, progress=False)[0][0]
+        return np.asarray(image, dtype=np.int16)
+
+    base = load_pipeline(tiny_sdxl, device="cpu")
+    with Fused(base, [(read_adapter(run), 1.0)]):
+        fused = draw(base)
+    assert cli_main(["merge", "--adapter", str(run), "--base-model", str(tiny_sdxl), "--out", str(tmp_path / "dir")]) == 0
+    assert np.abs(draw(load_pipeline(tmp_path / "dir", device="cpu")) - fused).max() <= 2
+    assert cli_main(["merge", "--adapter", str(run), "--base-model", str(tiny_sdxl), "--save-dtype", "fp32",
+                     "--out", str(tmp_path / "one.safetensors")]) == 0
+    assert set(load_file(tmp_path / "zorb.safetensors")) == {"clip_l", "clip_g"}  # beside: a file has no token
+    config = tmp_path / "config"
+    shutil.copytree(tiny_sdxl, config, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer*"))
+    single = load_pipeline(tmp_path / "one.safetensors", device="cpu", single_file_config=config)
+    with Fused(single, [(read_adapter(tmp_path / "zorb.safetensors"), 1.0)]):
+        assert np.abs(draw(single) - fused).max() <= 2

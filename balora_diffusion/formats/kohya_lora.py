@@ -1,8 +1,8 @@
-"""The kohya LoRA format for SD 1.x: what A1111, ComfyUI, Forge, InvokeAI and kohya's sd-scripts read.
+"""The kohya LoRA format: what A1111, ComfyUI, Forge, InvokeAI and kohya's sd-scripts read.
 
-Keys are `lora_unet_<module path, dots as underscores>` and
-`lora_te_text_model_encoder_layers_<i>_<layer>` (with `text_model_` whatever transformers names
-the module: that is the name those tools match), each with `.lora_down.weight`, `.lora_up.weight`
+Keys are `lora_unet_<module path, dots as underscores>` (SDXL: its SGM path, names.kohya_unet_name)
+and `lora_te_text_model_encoder_layers_<i>_<layer>` (SDXL: `lora_te1_`, `lora_te2_`; with
+`text_model_` whatever transformers names the module: that is the name those tools match), each with `.lora_down.weight`, `.lora_up.weight`
 and a 0-d `.alpha`: the strength every kohya consumer applies is alpha / rank, so each module's
 real alpha is written. The `ss_*` and `modelspec.*` header entries are what those tools show a person
 about a file; `balora.*` entries keep the rest of what we know.
@@ -102,7 +102,7 @@ def _module_path(prefix: str, name: str, key: str, path: Path, family: Family) -
 
 
 def read_kohya(path: Path) -> Adapter:
-    """An Adapter from a kohya-layout SD 1.x LoRA; every key must be used (no partial loads)."""
+    """An Adapter from a kohya-layout LoRA of a known family; every key must be used (no partial loads)."""
     tensors, metadata = read_file(path)
     factors: Factors = {}
     family = kohya_file_family(tensors, metadata)

@@ -2,8 +2,9 @@
 
 A family names its pipeline's parts (the UNet, the text encoders and their tokenizers), turns
 token rows into the UNet's conditioning, gives the configs for loading one of its single files and
-the names its layers have in other tools' files, and says what it refuses. The code outside
-`families/` asks a Family and names no architecture itself.
+the names its layers have in other tools' files. The code outside `families/` asks a Family and
+names no architecture itself. A model's training resolution is not a family's: it is the model's
+own (its UNet's sample size times the VAE's factor), right for fine-tunes of other sizes too.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from balora_diffusion.errors import UserError
 
 
 @dataclass
@@ -49,7 +49,6 @@ class Family:
     class_names: tuple[str, ...]                # model_index.json `_class_name`s of its folders
     text_encoders: tuple[str, ...]              # the pipeline's text-encoder attributes, in kohya's order
     tokenizers: tuple[str, ...]                 # their tokenizers, in the same order
-    default_resolution: int                     # pixels its full-size models were trained at
     config_dir: Path                            # component configs for loading a single file
     single_file_marker: str                     # a key prefix only this family's single files have
     single_file_text: Mapping[str, Callable]    # text encoder -> its tensors under their single-file names
@@ -61,7 +60,6 @@ class Family:
     kohya_unet_original: bool                   # kohya files name its UNet layers by their original names
     load_kwargs: Mapping[str, object] = field(default_factory=dict)  # for the pipeline's from_pretrained
     single_file_parts: Callable[[], dict] = dict  # parts a single file's config folder does not ship
-    refuses: Mapping[str, str] = field(default_factory=dict)         # operation -> why it is refused
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -82,8 +80,3 @@ class Family:
 
     def tokenizers_of(self, pipe) -> list:
         return self.parts(pipe, self.tokenizers)
-
-    def check_supports(self, operation: str) -> None:
-        """UserError where this family refuses `operation` (a key of `refuses`)."""
-        if operation in self.refuses:
-            raise UserError(f"{self.title}: {self.refuses[operation]}")

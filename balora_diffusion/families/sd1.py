@@ -27,7 +27,6 @@ SD1 = Family(
     class_names=("StableDiffusionPipeline",),
     text_encoders=("text_encoder",),
     tokenizers=("tokenizer",),
-    default_resolution=512,
     config_dir=paths.SD15_CONFIG,
     single_file_marker="cond_stage_model.transformer.",
     single_file_text={"text_encoder": prefixed("cond_stage_model.transformer.text_model.")},

@@ -56,7 +56,6 @@ SDXL = Family(
     class_names=("StableDiffusionXLPipeline",),
     text_encoders=("text_encoder", "text_encoder_2"),
     tokenizers=("tokenizer", "tokenizer_2"),
-    default_resolution=1024,
     config_dir=paths.SDXL_CONFIG,
     single_file_marker=TEXT2_PREFIX,
     single_file_text={"text_encoder": prefixed(TEXT1_PREFIX), "text_encoder_2": open_clip_tensors},

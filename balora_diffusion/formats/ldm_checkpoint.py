@@ -94,7 +94,6 @@ def save_single_file(pipe, path: str | Path, dtype: torch.dtype = torch.float16)
     """Write the pipeline's UNet, VAE and text encoder(s) as one original-layout .safetensors file
     (floating-point tensors cast to `dtype`), atomically."""
     family = families.of_pipeline(pipe)
-    family.check_supports("write_single_file")
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: a single-file checkpoint is written as .safetensors")

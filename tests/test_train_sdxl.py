@@ -68,6 +68,18 @@ def test_the_second_encoders_lora_is_optional_its_token_row_still_trains(tiny_sd
     assert _row(trainable, "text_encoder_2") is not None
 
 
+def test_trains_from_an_sdxl_single_file_offline(tiny_sdxl, tmp_path):
+    from balora_diffusion.formats.ldm_checkpoint import save_single_file
+    from balora_diffusion.models import load_pipeline
+
+    path = save_single_file(load_pipeline(tiny_sdxl, device="cpu"), tmp_path / "xl.safetensors", dtype=torch.float32)
+    config = tmp_path / "config"  # the tiny model's component configs; the tokenizers come from the family
+    shutil.copytree(tiny_sdxl, config, ignore=shutil.ignore_patterns("*.safetensors", "tokenizer*"))
+    out = train(_config(path, tmp_path / "run", base_config=str(config), steps=2))
+    assert _row(_trainable(out), "text_encoder_2") is not None
+    assert set(load_file(out / "adapter" / "zorb.safetensors")) == {"clip_l", "clip_g"}
+
+
 def test_a_resumed_run_is_the_uninterrupted_one(run, tiny_sdxl, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed, ignore=shutil.ignore_patterns("step-0000004"))  # killed after step 2

@@ -61,7 +61,9 @@ def test_the_unet_and_both_text_encoders_train_and_the_token_in_both_tables(run,
 
 
 def test_the_second_encoders_lora_is_optional_its_token_row_still_trains(tiny_sdxl, tmp_path):
-    out = train(_config(tiny_sdxl, tmp_path / "one", steps=2, train_text_encoder_2=False))
+    # with prior preservation: the base model's answer is conditioned through both encoders as well
+    out = train(_config(tiny_sdxl, tmp_path / "one", steps=2, train_text_encoder_2=False, prior_prompt="a heart",
+                        prior_weight=0.5))
     trainable = _trainable(out)
     assert not any(k.startswith("text_encoder_2.") and "lora" in k for k in trainable)
     assert any(k.startswith("text_encoder.") and "lora" in k for k in trainable)

@@ -14,8 +14,8 @@ from balora_diffusion.families.sdxl import SDXL
 FAMILIES: tuple[Family, ...] = (SD1, SDXL)
 DEFAULT = SD1
 
-__all__ = ["DEFAULT", "FAMILIES", "Conditioning", "Family", "SizeCondition", "by_name", "of_class_name",
-           "of_file_keys", "of_pipeline"]
+__all__ = ["DEFAULT", "FAMILIES", "SD1", "SDXL", "Conditioning", "Family", "SizeCondition", "by_name",
+           "of_class_name", "of_file_keys", "of_pipeline"]
 
 
 def _known() -> str:

@@ -63,12 +63,17 @@ def adapter_family(adapter) -> Family:
 
 
 def kohya_file_family(keys, metadata: dict[str, str]) -> Family:
-    """The family of a kohya file: kohya's base-model entry, else its text encoders' prefixes, else the default."""
+    """The family of a kohya file: kohya's base-model entry, else the family whose text-encoder prefixes
+    the file uses (numbered ones first: a file may spell SDXL's first encoder lora_te_ beside a lora_te2_),
+    else the first whose UNet has every layer it names; a family is only chosen where its UNet has
+    them all."""
     for family in families.FAMILIES:
         if metadata.get("ss_base_model_version") == family.kohya_metadata["ss_base_model_version"]:
             return family
-    # numbered encoders first: a file may spell SDXL's first encoder lora_te_ beside a lora_te2_
-    for family in sorted(families.FAMILIES, key=lambda f: -len(f.kohya_text_prefixes)):
+    keys = list(keys)
+    unet = {key.split(".")[0].removeprefix("lora_unet_") for key in keys if key.startswith("lora_unet_")}
+    fitting = [f for f in (families.DEFAULT, *families.FAMILIES) if unet <= unet_underscore_names(f).keys()]
+    for family in sorted(fitting, key=lambda f: -len(f.kohya_text_prefixes)):
         if any(key.startswith(tuple(family.kohya_text_prefixes.values())) for key in keys):
             return family
-    return families.DEFAULT
+    return fitting[0] if fitting else families.DEFAULT

@@ -26,6 +26,7 @@ from balora_diffusion.app.training import MAX_FILE_MB, MAX_IMAGES, MIN_IMAGES, J
 from balora_diffusion.errors import UserError
 from balora_diffusion.rules import METHODS
 from balora_diffusion.atomic import atomic_path
+from balora_diffusion.run_layout import CONFIG, RUN
 from balora_diffusion.runs import COLUMNS, list_runs, own_file, read_run
 
 POLL_SECONDS = 1.0
@@ -112,7 +113,7 @@ def run_prompts(run) -> list[str]:
     """A run's validation prompts (its config's grid_prompts), else the one the listing shows."""
     from balora_diffusion.runs import read_json  # the listing's own reading of a run's files
 
-    config = read_json(run.path, "run.json").get("config") or read_json(run.path, "config.json")
+    config = read_json(run.path, RUN).get("config") or read_json(run.path, CONFIG)
     prompts = [str(p) for p in config.get("grid_prompts") or [] if str(p).strip()]
     return prompts or ([run.prompt] if run.prompt else [])
 

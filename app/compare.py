@@ -24,6 +24,7 @@ from balora_diffusion.app.engine import Engine, Sampling
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.errors import UserError
 from balora_diffusion.generate import image_grid
+from balora_diffusion.run_layout import CHECKPOINTS
 from balora_diffusion.runs import RunInfo, inside, own_file
 
 BASE = "base model"  # the entry of the run choice that draws without any adapter
@@ -86,7 +87,7 @@ def adapters_of(run: RunInfo, with_checkpoints: bool) -> list[int | None]:
     from balora_diffusion import checkpoint as ckpt
 
     # the last checkpoint of a finished run holds its final adapter: drawn once, as "final"
-    steps = [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(inside(run.path, run.path / "checkpoints"))]
+    steps = [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(inside(run.path, run.path / CHECKPOINTS))]
     found = [s for s in steps if not final or s < run.steps] + final
     if not found:
         raise UserError(f"run {run.name} has neither an adapter nor a checkpoint yet")

@@ -9,16 +9,16 @@ import json
 import math
 from pathlib import Path
 
+from balora_diffusion.run_layout import EVAL_RECORD
 from balora_diffusion.runlog import SCORE_PREFIX
 from balora_diffusion.runs import RunInfo, own_file, read_metrics
 
 METRICS = ["clip-t", "clip-i", "dino", "fidelity", "adherence"]  # balora eval's, in its order
-EVAL_FILE = "eval.json"
 
 
 def _eval_files(root: Path) -> list[Path]:
     """Every eval.json below `root` that is its own file (not a link out), hidden folders skipped."""
-    return [found for path in sorted(Path(root).rglob(EVAL_FILE))
+    return [found for path in sorted(Path(root).rglob(EVAL_RECORD))
             if not any(part.startswith(".") for part in path.relative_to(root).parts)
             and (found := own_file(root, path.relative_to(root)))]
 

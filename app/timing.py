@@ -24,6 +24,7 @@ from pathlib import Path
 from balora_diffusion.app.app import SAMPLE_POLL_SECONDS, App
 from balora_diffusion.app.training import newest_samples
 from balora_diffusion.atomic import atomic_path
+from balora_diffusion.run_layout import SUMMARY
 
 POLL_SECONDS = 0.1
 
@@ -110,7 +111,7 @@ def sweep_made(runs: Path) -> str:
     import json
 
     try:
-        sweep = json.loads((runs / "summary.json").read_text(encoding="utf-8"))["protocol"]["sweep"]
+        sweep = json.loads((runs / SUMMARY).read_text(encoding="utf-8"))["protocol"]["sweep"]
         return (f" The runs are a `balora sweep --config {sweep['config']} --set {' '.join(sweep['set'])} --methods "
                 f"{' '.join(sweep['methods'])} --lrs {' '.join(map(str, sweep['lrs']))} --seeds "
                 f"{' '.join(map(str, sweep['seeds']))}` (its summary.json).")

@@ -22,7 +22,7 @@ from balora_diffusion import masks
 from balora_diffusion.atomic import atomic_path, temp_sibling
 from balora_diffusion.data import IMAGE_SUFFIXES, load_image, read_caption, read_concept_folder
 from balora_diffusion.errors import UserError
-from balora_diffusion.runfolder import STEP_GRIDS
+from balora_diffusion.run_layout import CHECKPOINTS, GRID, RUN, STEP_GRIDS
 from balora_diffusion.runs import new_run_folder, own_file, read_metrics, read_run, resolve_run
 from balora_diffusion.stop_request import STOP_SIGNAL
 
@@ -165,7 +165,7 @@ class Job:
 
 def stopped_message(name: str, folder: Path, steps: int) -> str:
     """What the page can do with a stopped run: the CLI's advice names a command nobody typed."""
-    newest, _ = ckpt.newest_intact(folder / "checkpoints")
+    newest, _ = ckpt.newest_intact(folder / CHECKPOINTS)
     if newest is None:
         return f"{name} stopped before its first checkpoint: tick Overwrite and press Train to start it again"
     return (f"{name} stopped at step {ckpt.checkpoint_step(newest)} of {steps}: Continue goes on from there; "
@@ -175,7 +175,7 @@ def stopped_message(name: str, folder: Path, steps: int) -> str:
 def newest_samples(folder: Path) -> tuple[Path, str] | None:
     """The newest validation grid of a run folder and what it shows: a finished run's final
     grid.png, else the grid-stepN.png of the highest step (train's `grid_every`); None before one."""
-    if own_file(folder, "run.json") and (final := own_file(folder, "grid.png")):
+    if own_file(folder, RUN) and (final := own_file(folder, GRID)):
         return final, "samples of the finished run"
     grids = sorted(p for p in folder.glob(STEP_GRIDS) if own_file(folder, p.name))
     if not grids:
@@ -244,9 +244,9 @@ class Trainer:
         with self._lock:
             self._refuse_a_second()
             folder = self._own_run(name)
-            if (folder / "run.json").exists():
+            if (folder / RUN).exists():
                 raise UserError(f"{name} has finished: there is nothing to continue")
-            if ckpt.newest_intact(folder / "checkpoints")[0] is None:
+            if ckpt.newest_intact(folder / CHECKPOINTS)[0] is None:
                 raise UserError(f"{name} stopped before its first checkpoint: tick Overwrite and press Train to "
                                 "start it again")
             steps = TrainConfig(**read_toml(TrainConfig, folder / CONFIG_FILE)).steps

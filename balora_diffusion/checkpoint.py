@@ -22,9 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from balora_diffusion.atomic import atomic_path
-
-PREFIX = "step-"
-MANIFEST = "manifest.json"
+from balora_diffusion.run_layout import CHECKPOINT_PREFIX as PREFIX, MANIFEST, checkpoint_name
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -70,7 +68,7 @@ def load_tree(folder: Path, name: str, device: torch.device | str = "cpu") -> An
 
 def write_checkpoint(root: Path, step: int, trees: dict[str, Any], keep: int = 2) -> Path:
     """Write `trees` (name -> state tree) as checkpoint `step` under `root`; keep the newest `keep`."""
-    final = root / f"{PREFIX}{step:07d}"
+    final = root / checkpoint_name(step)
     with atomic_path(final) as tmp:  # a dot-name while written: list_checkpoints never sees it
         tmp.mkdir()
         for name, tree in trees.items():

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from balora_diffusion.errors import UserError
+from balora_diffusion.run_layout import BEST, BEST_RECORD
 
 CLIP_METRICS = ("clip-t", "clip-i")
 MODEL_METRICS = (*CLIP_METRICS, "dino")  # any concept's
 PIXEL_METRICS = ("fidelity", "adherence")  # the toy world's: they read concept.toml
 METRICS = [*MODEL_METRICS, *PIXEL_METRICS]
-BEST_RECORD = "best.json"
 
 
 def twice_problem(metrics: list[str]) -> str | None:
@@ -73,7 +73,7 @@ def world_adherence(images, prompts, concept) -> float | None:
     """The share of the background, size and position each prompt names that its image shows (sizes and
     positions calibrated on the concept's captioned images); None when no prompt names any."""
     from balora_diffusion import scoring
-    from balora_diffusion.bench.cell_scores import concept_prompts
+    from balora_diffusion.experiments.cell_scores import concept_prompts
 
     _, calibration = concept_prompts(concept, 0)
     return scoring.adherence_score([scoring.adherence(image, scoring.parse_context(prompt), calibration)
@@ -167,7 +167,6 @@ def write_best(run: Path, adapter, record: dict) -> Path:
     """RUN/best/: `adapter` in every format and best.json (`record`), swapped in whole."""
     from balora_diffusion.atomic import atomic_path, write_json_atomic
     from balora_diffusion.formats.run_files import write_run_adapters
-    from balora_diffusion.runfolder import BEST
 
     best = run / BEST
     if best.is_symlink() or best.is_file():  # replaced itself, never written through nor its target deleted
@@ -182,8 +181,6 @@ def write_best(run: Path, adapter, record: dict) -> Path:
 def read_best(run: Path) -> dict | None:
     """RUN/best/best.json, or None where there is none (or it cannot be read)."""
     import json
-
-    from balora_diffusion.runfolder import BEST
 
     try:
         return json.loads((run / BEST / BEST_RECORD).read_text(encoding="utf-8"))

@@ -17,7 +17,7 @@ from balora_diffusion import checkpoint as ckpt
 from balora_diffusion.concept import Concept, load_concept
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.diffusers_lora import LORA_FILE, PEFT_FILE
-from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER
+from balora_diffusion.run_layout import CHECKPOINTS, CONFIG, DIFFUSERS_FOLDER, RUN
 from balora_diffusion.runs import is_run as _is_run
 from balora_diffusion.runs import list_runs
 
@@ -56,7 +56,7 @@ class Subject:
 
 def run_config(folder: Path) -> dict:
     """The training config a run folder records (run.json's, else config.json)."""
-    for name, key in (("run.json", "config"), ("config.json", None)):
+    for name, key in ((RUN, "config"), (CONFIG, None)):
         path = folder / name
         if path.is_file():
             try:
@@ -74,7 +74,7 @@ def _held_out(run: Path, examples: list, count: int, seed: int) -> tuple[list, l
     else (a run that has not finished) by repeating the training's seeded draw."""
     from balora_diffusion.data import split_holdout
 
-    record = json.loads((run / "run.json").read_text(encoding="utf-8")) if (run / "run.json").is_file() else {}
+    record = json.loads((run / RUN).read_text(encoding="utf-8")) if (run / RUN).is_file() else {}
     names = record.get("holdout_images")
     if not isinstance(names, list):
         return split_holdout(examples, count, seed)
@@ -92,7 +92,7 @@ def _run_entries(folder: Path, name: str) -> list[Entry]:
     if (folder / DIFFUSERS_FOLDER / LORA_FILE).is_file():
         final_step = run_config(folder).get("steps")
         found.append(Entry(f"{name} final", folder / DIFFUSERS_FOLDER, folder, final_step))
-    for checkpoint in ckpt.list_checkpoints(folder / "checkpoints"):
+    for checkpoint in ckpt.list_checkpoints(folder / CHECKPOINTS):
         step = ckpt.checkpoint_step(checkpoint)
         if step != final_step and ckpt.damage(checkpoint) is None:
             found.append(Entry(f"{name} {checkpoint.name}", checkpoint, folder, step))
@@ -117,7 +117,7 @@ def list_entries(targets: list[Path]) -> list[Entry]:
             for run in runs:
                 entries.append(Entry(run.name, run.path, run.path, run.steps or None))
         else:
-            run = target.parent.parent if target.parent.name == "checkpoints" else None
+            run = target.parent.parent if target.parent.name == CHECKPOINTS else None
             step = ckpt.checkpoint_step(target) if run else None
             entries.append(Entry(target.name if not run else f"{run.name} {target.name}", target, run, step))
     return entries

@@ -193,17 +193,18 @@ def concept_prompts(path: Path, adapter: Adapter, lines: list[str] | None) -> li
 
 
 def _run_config(path: Path) -> dict:
+    from balora_diffusion.run_layout import CONFIG, RUN
     from balora_diffusion.runs import own_file
 
     if not path.is_dir():
         return {}
-    for name in ("config.json", "run.json"):
+    for name in (CONFIG, RUN):
         if (found := own_file(path, name)) is not None:
             try:
                 data = json.loads(found.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue
-            data = data.get("config", data) if name == "run.json" else data
+            data = data.get("config", data) if name == RUN else data
             if isinstance(data, dict):
                 return data
     return {}

@@ -18,22 +18,10 @@ from typing import TypeVar
 from balora_diffusion import checkpoint as ckpt
 from balora_diffusion.atomic import remove_leftovers, temp_sibling
 from balora_diffusion.errors import UserError
-from balora_diffusion.runlog import PLOTS
+from balora_diffusion.run_layout import BEST, CHECKPOINTS, CONFIG_TREE, LOCK, META_TREE, RUN_OUTPUTS, STEP_GRIDS
 from balora_diffusion.train_config import TrainConfig
 
 T = TypeVar("T")
-
-# An OS lock (flock) on this file, not the file itself, says a training is running: the kernel
-# drops it when its process dies, so a killed run never blocks the next one.
-LOCK = ".balora.lock"
-# What a training (and the demo after it) writes into its folder: any of them means that the
-# folder holds a run, and --overwrite true deletes exactly these, never other files kept there.
-# `balora eval --best-by` exports the best checkpoint's adapter into BEST: an output of the run, so
-# starting the run over deletes it with the rest.
-BEST = "best"
-RUN_OUTPUTS = ("checkpoints", "adapter", "kohya", "run.json", "config.json", "metrics.jsonl", "tensorboard",
-               "grid.png", *PLOTS, "demo.png", "demo.json", BEST)
-STEP_GRIDS = "grid-step*.png"
 
 # TrainConfig keys that a resumed run may set differently from its checkpoint: how long to train,
 # how often to checkpoint, evaluate, score and draw (the best so far is the best of the steps scored), where to write, and settings of speed and memory
@@ -60,7 +48,7 @@ def resume_checkpoint(out: Path, cfg: TrainConfig) -> Path:
     """The checkpoint that `cfg.resume` names, intact and written by a training `cfg` may continue.
     `latest` passes over damaged checkpoints to the newest intact one, with a warning."""
     if cfg.resume == "latest":
-        root = out / "checkpoints"
+        root = out / CHECKPOINTS
         folder, skipped = ckpt.newest_intact(root)
         if folder is None:
             raise UserError(f"--resume latest: no intact checkpoint in {root}: {'; '.join(skipped)}" if skipped
@@ -73,7 +61,7 @@ def resume_checkpoint(out: Path, cfg: TrainConfig) -> Path:
         damage = ckpt.damage(folder)
         if damage:
             raise UserError(f"--resume {cfg.resume}: not an intact checkpoint folder ({damage})")
-    check_resumable(ckpt.load_tree(folder, "config"), cfg, folder)
+    check_resumable(ckpt.load_tree(folder, CONFIG_TREE), cfg, folder)
     check_steps_left(folder, cfg)
     return folder
 
@@ -82,7 +70,7 @@ def check_steps_left(folder: Path, cfg: TrainConfig) -> None:
     """Refuse a resume whose --steps end before the checkpoint's step: it would train nothing and
     rewrite the run's outputs as a shorter run that it never was. Equal steps go on: a run killed
     after its last checkpoint still writes its adapter that way."""
-    step = int(ckpt.load_tree(folder, "meta")["step"])  # the folder's name may have been changed
+    step = int(ckpt.load_tree(folder, META_TREE)["step"])  # the folder's name may have been changed
     if cfg.steps < step:
         raise UserError(f"--resume: {folder} is at step {step}, past --steps {cfg.steps}: give --steps {step} or "
                         "more to continue it, or train a shorter run into another --output-dir")
@@ -152,7 +140,7 @@ class RunFolder:
             raise UserError("--resume continues the run in the folder and --overwrite true deletes it: "
                             "give one of them")
         self._lock()
-        for folder in (out, out / "checkpoints"):
+        for folder in (out, out / CHECKPOINTS):
             remove_leftovers(folder)
         held = held_outputs(out)
         if held and not cfg.resume:
@@ -218,7 +206,7 @@ class RunFolder:
             pass
 
     def _how_to_go_on(self) -> str:
-        found = ckpt.list_checkpoints(self.out / "checkpoints")
+        found = ckpt.list_checkpoints(self.out / CHECKPOINTS)
         if not found:
             return f"interrupted before the first checkpoint of {self.out}; start again with --overwrite true"
         instead = " instead of --overwrite true" if self.cfg.overwrite else ""

@@ -13,15 +13,15 @@ from pathlib import Path
 
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.errors import UserError
+from balora_diffusion.run_layout import BALANCE_PLOT, HELDOUT_PLOT, LOSS_PLOT, METRICS, SCORES_PLOT, TENSORBOARD
 
 # train --eval-metrics logs each metric as "eval/METRIC" and redraws its plot at every scored step
 SCORE_PREFIX = "eval/"
-SCORES_PLOT = "scores.png"
 # Plots written at the end of a run: file name -> (title, metric-name prefixes, log y axis)
 PLOTS = {
-    "loss.png": ("training loss", ("loss",), True),
-    "heldout_loss.png": ("held-out denoising loss (fixed image, noise, timestep triples)", ("heldout_loss",), False),
-    "balance.png": ("balance diagnostics (median over pairs)", ("balance/",), True),
+    LOSS_PLOT: ("training loss", ("loss",), True),
+    HELDOUT_PLOT: ("held-out denoising loss (fixed image, noise, timestep triples)", ("heldout_loss",), False),
+    BALANCE_PLOT: ("balance diagnostics (median over pairs)", ("balance/",), True),
     SCORES_PLOT: ("scores of the adapter (w = 1) at the scored checkpoints", (SCORE_PREFIX,), False),
 }
 
@@ -29,7 +29,7 @@ PLOTS = {
 class RunLog:
     def __init__(self, out: Path, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
-        self.path = out / "metrics.jsonl"
+        self.path = out / METRICS
         self.out = out
         self.series: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.writer = None
@@ -46,7 +46,7 @@ class RunLog:
         self.file = self.path.open("a")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.writer = SummaryWriter(str(out / TENSORBOARD), purge_step=resume_step + 1 if resume_step else None)
 
     def _records(self) -> list[tuple[str, dict]]:
         text = self.path.read_text() if self.path.is_file() else ""

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from balora_diffusion.errors import UserError
-from balora_diffusion.runfolder import LOCK
+from balora_diffusion.run_layout import (CONFIG, DIFFUSERS_FOLDER, KOHYA_FOLDER, LOCK, MANIFEST, METRICS, RUN,
+                                         RUN_MARKERS)
 
 # A sweep keeps its cells in a folder of its own, and runs folders are often grouped by project:
 # runs are looked for this many folders down, no further.
 MAX_DEPTH = 3
-RUN_MARKERS = ("config.json", "run.json")
 # run.json's "final" keys and the metrics' names: what the listing shows of a run's training
 HELDOUT = "heldout_loss"
 
@@ -74,8 +74,6 @@ def own_file(folder: Path, name: str | Path) -> Path | None:
 def is_run(folder: Path) -> bool:
     """Whether `folder` holds a run. A checkpoint folder holds a config.json too (its training state's
     config tree): one with a checkpoint's manifest is a checkpoint, never a run."""
-    from balora_diffusion.checkpoint import MANIFEST
-
     return not own_file(folder, MANIFEST) and any(own_file(folder, marker) for marker in RUN_MARKERS)
 
 
@@ -164,8 +162,8 @@ def _training(folder: Path) -> bool:
 
 def read_run(root: Path, name: str) -> RunInfo:
     folder = resolve_run(root, name)
-    run = read_json(folder, "run.json")
-    config = run.get("config") or read_json(folder, "config.json")
+    run = read_json(folder, RUN)
+    config = run.get("config") or read_json(folder, CONFIG)
     metrics = read_metrics(folder)
     last = {key: points[-1][1] for key, points in metrics.items() if points}
     state = "finished" if run else "training" if _training(folder) else "stopped"
@@ -195,7 +193,7 @@ def read_metrics(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """metrics.jsonl as {name: [(step, value), ...]}. A line that does not parse is skipped: a
     training that is running may be half-way through writing it."""
     series: dict[str, list[tuple[int, float]]] = {}
-    path = own_file(folder, "metrics.jsonl")
+    path = own_file(folder, METRICS)
     if path is None:
         return series
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -212,8 +210,6 @@ def adapter_files(folder: Path) -> list[Path]:
     """The adapter files a run holds, whatever formats it was written or exported in: every
     safetensors file in its diffusers and kohya folders and beside them (never its checkpoints,
     which are training state), each inside the run folder once symlinks are followed."""
-    from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER, KOHYA_FOLDER
-
     folder = Path(folder)
     found = [p for sub in (DIFFUSERS_FOLDER, KOHYA_FOLDER, ".") for p in sorted((folder / sub).glob("*.safetensors"))]
     return [real for path in found if (real := own_file(folder, path.relative_to(folder)))]

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from balora_diffusion.bench import concept as bench
-from balora_diffusion.bench import results
+from balora_diffusion.experiments import results
 from balora_diffusion.cli import main
 
 KEYS = ("best_lr", "steps_to_lora_final", "ratio_to_lora", "final_heldout_spread", "fidelity", "adherence")

@@ -241,7 +241,7 @@ def test_best_by_a_score_that_no_step_got_ends_in_a_line_not_a_traceback(random_
 
 
 def test_the_sweep_grid_names_the_prompt_its_cells_drew_on_a_plain_concept(random_sd_dir, tiny_clip_dir, tmp_path):
-    from balora_diffusion.bench.sweep import SweepConfig, expand, sample_prompt
+    from balora_diffusion.experiments.sweep import SweepConfig, expand, sample_prompt
 
     plain = tmp_path / "plain"  # the demo concept's images and captions without its concept.toml
     plain.mkdir()

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from balora_diffusion import paths
-from balora_diffusion.bench.sweep import parse_set
+from balora_diffusion.experiments.sweep import parse_set
 from balora_diffusion.buckets import auto_buckets, choose_buckets, nearest
 from balora_diffusion.data import ConceptData, draw_view, read_concept_folder, split_holdout, view_mask
 from balora_diffusion.errors import UserError

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from balora_diffusion.bench import concept as bench
-from balora_diffusion.bench import results
+from balora_diffusion.experiments import results
 from balora_diffusion.cli import main
 from test_sweep import plain_concept, sweep_args
 

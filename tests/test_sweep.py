@@ -8,8 +8,8 @@ import pytest
 
 from balora_diffusion import checkpoint as ckpt
 from balora_diffusion import paths
-from balora_diffusion.bench import cell as cell_module
-from balora_diffusion.bench.sweep import SweepConfig, expand, parse_lr, parse_set
+from balora_diffusion.experiments import cell as cell_module
+from balora_diffusion.experiments.sweep import SweepConfig, expand, parse_lr, parse_set
 from balora_diffusion.cli import main
 from balora_diffusion.commands.sweep import add_arguments
 from balora_diffusion.config import config_from_args
@@ -241,7 +241,7 @@ def test_sort_by_orders_the_summary_table_best_first(clip_swept):
 
 
 def test_sort_records_puts_lowest_loss_first_and_unscored_cells_last():
-    from balora_diffusion.bench.sweep import sort_records
+    from balora_diffusion.experiments.sweep import sort_records
 
     records = [{"name": "a", "final_heldout_loss": 0.3, "clip-t": {"1": 0.1}},
                {"name": "b", "final_heldout_loss": None, "clip-t": None},
@@ -264,7 +264,7 @@ def test_bad_metric_options_fail_in_one_line_before_any_cell_trains(extra, messa
 
 def test_without_a_clip_model_at_hand_a_plain_concept_is_left_unscored_with_a_warning(tmp_path, monkeypatch, capsys):
     from balora_diffusion import checkpoint_scoring
-    from balora_diffusion.bench.sweep import scoring_settings
+    from balora_diffusion.experiments.sweep import scoring_settings
 
     monkeypatch.setattr(checkpoint_scoring, "eval_default", lambda name: str(tmp_path / f"no-{name}"))
     sweep = SweepConfig(methods=["lora"], set=[f"data_dir={plain_concept(tmp_path / 'plain')}"], out=str(tmp_path / "s"))

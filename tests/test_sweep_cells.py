@@ -2,9 +2,9 @@ import json
 from pathlib import Path
 
 from balora_diffusion import paths
-from balora_diffusion.bench import sweep as sweep_module
-from balora_diffusion.bench.cell import CELL_FILE
-from balora_diffusion.bench.sweep import Cell, SweepConfig
+from balora_diffusion.experiments import sweep as sweep_module
+from balora_diffusion.run_layout import CELL_RECORD
+from balora_diffusion.experiments.sweep import Cell, SweepConfig
 
 
 class _Done:
@@ -22,7 +22,7 @@ def test_cells_of_two_sweeps_with_the_same_names_keep_their_own_records(tmp_path
     """A benchmark runs one sweep per concept together; their cells share names (method, lr, seed)."""
     first, second = tmp_path / "zorb" / "lora-s0", tmp_path / "quax" / "lora-s0"
     first.mkdir(parents=True)
-    (first / CELL_FILE).write_text(json.dumps({"name": "lora-s0", "status": "done", "wall_seconds": 1.0, "folder": "zorb"}))
+    (first / CELL_RECORD).write_text(json.dumps({"name": "lora-s0", "status": "done", "wall_seconds": 1.0, "folder": "zorb"}))
     cells = [Cell("lora-s0", {}, {"output_dir": str(first)}), Cell("lora-s0", {}, {"output_dir": str(second)})]
     submitted = []
 

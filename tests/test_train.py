@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from fnmatch import fnmatch
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,17 +15,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from balora_diffusion import paths
+from balora_diffusion import paths, run_layout
 from balora_diffusion.checkpoint import list_checkpoints, load_tree
 from balora_diffusion.cli import main as cli_main
 from balora_diffusion.formats.run_files import kohya_file_name
+from balora_diffusion.rules import NAMED_METHODS
 from balora_diffusion.runfolder import LOCK
 from balora_diffusion.train import TrainingDiverged, train
 from balora_diffusion.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONCEPT = paths.DEMO_CONCEPT
-METHODS = ["lora", "loraplus", "scaled", "ilora", "pilora", "balora", "balora+scaled", "hilora"]
+METHODS = [*NAMED_METHODS, "balora+scaled"]
 
 
 def _config(model_dir, out, **kw) -> TrainConfig:
@@ -56,6 +58,20 @@ def _heldout(out: Path) -> list[float]:
             if json.loads(line)["name"] == "heldout_loss"]
 
 
+def _assert_named_by_run_layout(out: Path) -> None:
+    """Every file and folder of the run, and of its checkpoints, has its name from run_layout."""
+    for entry in out.iterdir():
+        assert entry.name in (*run_layout.RUN_OUTPUTS, run_layout.LOCK) or fnmatch(entry.name, run_layout.STEP_GRIDS)
+    trees = (run_layout.TRAINABLE_TREE, run_layout.OPTIMIZER_TREE, run_layout.SCHEDULE_TREE, run_layout.META_TREE,
+             run_layout.CONFIG_TREE)
+    checkpoints = list_checkpoints(out / run_layout.CHECKPOINTS)
+    assert checkpoints
+    for checkpoint in checkpoints:
+        assert checkpoint.name == run_layout.checkpoint_name(load_tree(checkpoint, run_layout.META_TREE)["step"])
+        assert sorted(f.name for f in checkpoint.iterdir()) == sorted(
+            [run_layout.MANIFEST, *(f"{t}.json" for t in trees), *(f"{t}.safetensors" for t in trees)])
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_lowers_the_heldout_loss_and_writes_a_run(method, random_sd_dir, tmp_path):
     out = train(_config(random_sd_dir, tmp_path / method, method=method, steps=24, eval_every=24))
@@ -72,6 +88,7 @@ def test_every_method_lowers_the_heldout_loss_and_writes_a_run(method, random_sd
     assert sorted(p.name for p in (out / "kohya").iterdir()) == sorted([kohya_file_name(method), "zorb.safetensors"])
     for png in ("grid.png", "loss.png", "heldout_loss.png", "balance.png"):
         assert (out / png).stat().st_size > 0
+    _assert_named_by_run_layout(out)
     if method in ("balora", "balora+scaled"):
         # every trained pair sits on the balanced manifold at the end
         assert max(d["imbalance"] for d in run["diagnostics"].values()) < 1e-4

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from balora_diffusion.run_layout import CELL_RECORD, SUMMARY
+
 PAIRS = (("clip-t", "adherence"), ("clip-i", "fidelity"))
 # The other way round: a CLIP-T that follows fidelity as closely as adherence reads the concept, not its context.
 CROSS = (("clip-t", "fidelity"), ("clip-i", "adherence"))
@@ -129,7 +131,7 @@ def sd15_cost(images: int, sampling_steps: int, guidance: bool, training_steps: 
 
 
 def _cell_record(run: Path | None) -> dict:
-    path = run / "cell.json" if run else None
+    path = run / CELL_RECORD if run else None
     if path and path.is_file():
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -308,7 +310,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sweep_command(sweep: Path) -> str:
-    summary = sweep / "summary.json"
+    summary = sweep / SUMMARY
     try:
         data = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else {}
     except (OSError, ValueError):

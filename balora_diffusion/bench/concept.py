@@ -1,7 +1,7 @@
 """`balora bench concept`: every main method on the shipped concept and model, over a learning-rate
 grid and three seeds, iLoRA's lambda swept with the learning rate.
 
-The cells are an ordinary sweep (bench/sweep.py) of the shipped demo config, so the benchmark is
+The cells are an ordinary sweep (experiments/sweep.py) of the shipped demo config, so the benchmark is
 resumable and each cell is a `balora train` run folder. From the cells it measures, per method:
 the held-out loss against steps (median and range over seeds) at the method's best learning rate
 (smallest median final held-out loss); the steps it needs to reach plain LoRA's final held-out
@@ -31,9 +31,11 @@ from balora_diffusion.bench import curves as C
 from balora_diffusion.concept import load_concept
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_writable
+from balora_diffusion.rules.registry import NAMED_METHODS, parse_method
+from balora_diffusion.run_layout import CELLS
 
-METHODS = ("lora", "loraplus", "scaled", "ilora", "pilora", "balora", "balora+scaled", "hilora")
-LAMBDA_METHODS = ("ilora", "pilora")
+# every named method, and after BaLoRA BaLoRA with scaled LoRA's preconditioner
+METHODS = tuple(m for named in NAMED_METHODS for m in ((named, "balora+scaled") if named == "balora" else (named,)))
 LAMBDA_KEY = "ilora_lambda"
 TOP_FUSION = "1"
 
@@ -43,7 +45,7 @@ class Plan:
     """The grid and its sizes; FULL fits 60 minutes on 2 idle CPU cores with 2 workers."""
     methods: tuple[str, ...]
     lrs: tuple[str, ...]          # factors on demo.toml's lr_unet and lr_text
-    lambdas: tuple[float, ...]    # for LAMBDA_METHODS
+    lambdas: tuple[float, ...]    # for the methods that use ilora_lambda
     seeds: tuple[int, ...]
     steps: int
     eval_every: int
@@ -52,7 +54,7 @@ class Plan:
     workers: int
 
     def cells(self) -> int:
-        per_lr = len(self.methods) + sum(m in LAMBDA_METHODS for m in self.methods) * (len(self.lambdas) - 1)
+        per_lr = len(self.methods) + sum(uses_lambda(m) for m in self.methods) * (len(self.lambdas) - 1)
         return per_lr * len(self.lrs) * len(self.seeds)
 
 
@@ -62,17 +64,21 @@ QUICK = Plan(methods=("lora", "ilora"), lrs=("1", "4"), lambdas=(1.0, 10.0), see
              sample_steps=2, unseen_contexts=1, workers=1)
 
 
+def uses_lambda(method: str) -> bool:
+    return parse_method(method).uses_lambda
+
+
 def sweep_configs(plan: Plan, out: Path) -> list:
     """The benchmark as `balora sweep` configs: the methods without lambda, then the lambda family."""
-    from balora_diffusion.bench.sweep import SweepConfig
+    from balora_diffusion.experiments.sweep import SweepConfig
 
     common = [f"data_dir={paths.DEMO_CONCEPT}", f"steps={plan.steps}", f"eval_every={plan.eval_every}",
               f"checkpoint_every={max(plan.eval_every, plan.steps // 2)}", "grid_seeds=1", "fusion=1",
               f"sample_steps={plan.sample_steps}"]
-    kwargs = {"config": "demo", "lrs": list(plan.lrs), "seeds": list(plan.seeds), "out": str(out / "cells"),
+    kwargs = {"config": "demo", "lrs": list(plan.lrs), "seeds": list(plan.seeds), "out": str(out / CELLS),
               "workers": plan.workers, "unseen_contexts": plan.unseen_contexts}
-    plain = [m for m in plan.methods if m not in LAMBDA_METHODS]
-    family = [m for m in plan.methods if m in LAMBDA_METHODS]
+    plain = [m for m in plan.methods if not uses_lambda(m)]
+    family = [m for m in plan.methods if uses_lambda(m)]
     configs = [SweepConfig(methods=plain, set=common, **kwargs)] if plain else []
     if family:
         lambdas = ",".join(f"{v:g}" for v in plan.lambdas)
@@ -273,8 +279,8 @@ def _history(out: Path, entry: dict) -> list[dict]:
 def run_bench(plan: Plan, out: Path, max_minutes: float | None = None) -> dict:
     """Train the cells that are not finished (all of one seed before the next, so that a benchmark
     stopped by `max_minutes` has every method), then analyse the finished ones."""
-    from balora_diffusion.bench.cell import cell_result
-    from balora_diffusion.bench.sweep import check_sweep_folder, expand, run_cells, scoring_settings, write_summary
+    from balora_diffusion.experiments.cell import cell_result
+    from balora_diffusion.experiments.sweep import check_sweep_folder, expand, run_cells, scoring_settings, write_summary
 
     check_writable(out / "concept.json")
     configs = sweep_configs(plan, out)

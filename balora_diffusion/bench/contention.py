@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from balora_diffusion.errors import UserError
+from balora_diffusion.run_layout import RUN
 
 SETTINGS = ("auto", "per-core")
 QUICK = {"busy": 1, "settings": ["auto"]}
@@ -107,7 +108,7 @@ def timed_demo(folder: Path, setting: str, steps: str | None, quick: bool) -> di
     if result.returncode != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         raise UserError(f"the demo failed with exit {result.returncode}: {tail[0]}")
-    run = json.loads((folder / "run.json").read_text())
+    run = json.loads((folder / RUN).read_text())
     return {"seconds": seconds, "training_steps_per_second": run["training_steps_per_second"],
             "cpu_threads": run.get("cpu_threads")}
 

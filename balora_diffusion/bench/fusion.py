@@ -12,7 +12,7 @@ Gradient fusion records each concept's layer inputs on its training captions, ne
 prompts it is scored on. Fuse time for two and for more concepts is measured on this machine, and
 the cost on SD 1.5 computed from its layer shapes (bench/fusion_cost.py).
 
-The trainings are an ordinary sweep per concept (bench/sweep.py), so the benchmark is resumable.
+The trainings are an ordinary sweep per concept (experiments/sweep.py), so the benchmark is resumable.
 Outputs in --out: cells/ (run folders), fused/ (the fused run folders), fusion.json, fusion.md,
 fusion.png; --page FILE writes the page (and its figure beside it) there too.
 """
@@ -33,6 +33,7 @@ from balora_diffusion.atomic import atomic_path, write_json_atomic
 from balora_diffusion.concept import Concept, fidelity_batch, load_concept
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.adapter import TEXT_ENCODER, UNET
+from balora_diffusion.run_layout import CELLS
 
 CONCEPT_FOLDERS = (paths.DEMO_CONCEPT, paths.RING_CONCEPT)
 FUSIONS = ("sum", "gradient")
@@ -62,7 +63,7 @@ QUICK = Plan(methods=("lora", "balora"), seeds=(0,), steps=4, sample_steps=2, sc
 
 def sweep_configs(plan: Plan, out: Path) -> list:
     """One `balora sweep` of the demo config per concept, its token and initialiser set."""
-    from balora_diffusion.bench.sweep import SweepConfig
+    from balora_diffusion.experiments.sweep import SweepConfig
 
     configs = []
     for folder in CONCEPT_FOLDERS:
@@ -71,7 +72,7 @@ def sweep_configs(plan: Plan, out: Path) -> list:
                 f"steps={plan.steps}", f"eval_every={plan.steps}", f"checkpoint_every={plan.steps}",
                 "grid_seeds=1", "fusion=1", f"sample_steps={plan.sample_steps}"]
         configs.append(SweepConfig(config="demo", methods=list(plan.methods), lrs=["1"], seeds=list(plan.seeds),
-                                   set=sets, out=str(out / "cells" / concept.name), workers=plan.workers, score=False))
+                                   set=sets, out=str(out / CELLS / concept.name), workers=plan.workers, score=False))
     return configs
 
 
@@ -297,7 +298,7 @@ def time_eigh(widths: set[int]) -> dict[int, float]:
 
 def run_bench(plan: Plan, out: Path, command: str) -> dict:
     from balora_diffusion.bench.fusion_cost import sd15_layers
-    from balora_diffusion.bench.sweep import check_sweep_folder, expand, run_cells
+    from balora_diffusion.experiments.sweep import check_sweep_folder, expand, run_cells
     from balora_diffusion.formats.read import read_adapter
     from balora_diffusion.models import load_pipeline
     from balora_diffusion.threads import use_cpu_threads

@@ -32,10 +32,11 @@ from balora_diffusion.devices import pick_device
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import add_overwrite_flag
 from balora_diffusion.paths import DEMO_CONCEPT, TINY_SD
+from balora_diffusion.rules.registry import NAMED_METHODS
 from balora_diffusion.train_config import MAX_SIDE
 
 PHASES = ("data", "vae_encode", "text_encoder", "unet_forward", "backward", "optimizer", "rule")
-DEFAULT_METHODS = ["lora", "loraplus", "scaled", "ilora", "pilora", "balora", "hilora"]
+DEFAULT_METHODS = list(NAMED_METHODS)
 PLANS = {
     "cuda": {"warmup": 5, "rounds": 5, "steps_per_round": 4},
     "cpu": {"warmup": 3, "rounds": 5, "steps_per_round": 4},

@@ -8,21 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from balora_diffusion.rules.registry import NAMED_METHODS
+
+# what is measured beside a named method, right after it: combinations and BaLoRA's options
+_BESIDE: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
+    "scaled": {"scaled+loraplus": ("scaled+loraplus", {})},
+    "balora": {
+        "balora-unaligned": ("balora", {"align": False}),
+        "balora-reset_once": ("balora", {"state": "reset_once"}),
+        "balora-carry": ("balora", {"state": "carry"}),
+        "balora+scaled": ("balora+scaled", {}),
+        "balora+loraplus": ("balora+loraplus", {}),
+        "balora+scaled+loraplus": ("balora+scaled+loraplus", {}),
+    },
+}
 METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
-    "lora": ("lora", {}),
-    "loraplus": ("loraplus", {}),
-    "scaled": ("scaled", {}),
-    "scaled+loraplus": ("scaled+loraplus", {}),
-    "ilora": ("ilora", {}),
-    "pilora": ("pilora", {}),
-    "balora": ("balora", {}),
-    "balora-unaligned": ("balora", {"align": False}),
-    "balora-reset_once": ("balora", {"state": "reset_once"}),
-    "balora-carry": ("balora", {"state": "carry"}),
-    "balora+scaled": ("balora+scaled", {}),
-    "balora+loraplus": ("balora+loraplus", {}),
-    "balora+scaled+loraplus": ("balora+scaled+loraplus", {}),
-    "hilora": ("hilora", {}),
+    label: spec for named in NAMED_METHODS for label, spec in {named: (named, {}), **_BESIDE.get(named, {})}.items()
 }
 
 

@@ -43,6 +43,7 @@ from balora_diffusion import paths, scoring, world
 from balora_diffusion.atomic import atomic_path, write_json_atomic
 from balora_diffusion.concept import Concept, fidelity, load_concept
 from balora_diffusion.errors import UserError
+from balora_diffusion.run_layout import CELLS, RUN
 
 EDGE_CONCEPT = paths.CONCEPTS / "zorb-edge"
 PRIOR_PROMPT = "a heart"
@@ -100,7 +101,7 @@ def masked_folder(out: Path) -> Path:
 
 def sweep_configs(plan: Plan, out: Path, base_model: str | None) -> dict[str, object]:
     """arm -> the `balora sweep` of the demo config that trains its cells."""
-    from balora_diffusion.bench.sweep import SweepConfig
+    from balora_diffusion.experiments.sweep import SweepConfig
 
     common = [f"data_dir={paths.DEMO_CONCEPT}", f"steps={plan.steps}", f"eval_every={max(1, plan.steps // 3)}",
               f"checkpoint_every={plan.steps}", "grid_seeds=1", "fusion=1", f"sample_steps={plan.sample_steps}"]
@@ -110,7 +111,7 @@ def sweep_configs(plan: Plan, out: Path, base_model: str | None) -> dict[str, ob
     for arm, (_, _, sets) in ARMS.items():
         data = [f"data_dir={masked_folder(out)}"] if arm == "masked" else []
         configs[arm] = SweepConfig(config="demo", methods=["balora"], lrs=["1"], seeds=list(plan.seeds),
-                                   set=[*common, *data, *sets], out=str(out / "cells" / arm), workers=plan.workers,
+                                   set=[*common, *data, *sets], out=str(out / CELLS / arm), workers=plan.workers,
                                    score=False)
     return configs
 
@@ -122,7 +123,7 @@ def time_steps(configs: dict, plan: Plan, out: Path) -> dict:
     import json
     from dataclasses import replace
 
-    from balora_diffusion.bench.sweep import expand
+    from balora_diffusion.experiments.sweep import expand
     from balora_diffusion.train import train
     from balora_diffusion.train_config import TrainConfig
 
@@ -135,7 +136,7 @@ def time_steps(configs: dict, plan: Plan, out: Path) -> dict:
                           overwrite=True)
             before = os.getloadavg()[0]
             folder = train(cfg)
-            run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+            run = json.loads((folder / RUN).read_text(encoding="utf-8"))
             runs[arm].append({"round": r, "steps_per_second": run["training_steps_per_second"],
                               "threads": run["cpu_threads"], "load_average": [round(before, 2),
                                                                               round(os.getloadavg()[0], 2)]})
@@ -277,8 +278,8 @@ def summary(rows: list[dict]) -> dict[str, dict]:
 
 
 def run_bench(plan: Plan, out: Path, base_model: str | None, command: str) -> dict:
-    from balora_diffusion.bench.cell import cell_result
-    from balora_diffusion.bench.sweep import check_sweep_folder, expand, run_cells
+    from balora_diffusion.experiments.cell import cell_result
+    from balora_diffusion.experiments.sweep import check_sweep_folder, expand, run_cells
     from balora_diffusion.formats.read import read_adapter
     from balora_diffusion.models import load_pipeline
     from balora_diffusion.threads import use_cpu_threads

@@ -15,7 +15,7 @@ from balora_diffusion.commands.generate import DrawConfig
 from balora_diffusion.config import add_config_arguments, config_from_args, field
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_record_folder, claim
-from balora_diffusion.runfolder import BEST
+from balora_diffusion.run_layout import BEST, EVAL_RECORD, GRID
 
 METRICS = ["clip-t", "clip-i", "dino", "fidelity", "adherence"]
 WORLD_METRICS = ["fidelity", "adherence"]  # read from pixels; they need the concept's concept.toml
@@ -203,7 +203,7 @@ def clip_note(source: str) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(EvalConfig, args)
     out = Path(cfg.out)
-    check_record_folder(out, "eval.json", cfg.overwrite)
+    check_record_folder(out, EVAL_RECORD, cfg.overwrite)
 
     from balora_diffusion.atomic import atomic_path, write_json_atomic
     from balora_diffusion.collector import libraries_loading
@@ -244,10 +244,10 @@ def run(args: argparse.Namespace) -> int:
         (tmp / "images").mkdir(parents=True)
         for name, image in done.drawn_files:
             save_image(tmp / name, image)
-        save_image(tmp / "grid.png", image_grid(rows, row_labels, columns if len(subjects) == 1 else None,
+        save_image(tmp / GRID, image_grid(rows, row_labels, columns if len(subjects) == 1 else None,
                                                 title=f"{', '.join(done.metrics)}; {cfg.scheduler} {cfg.steps} steps, "
                                                       f"guidance {cfg.guidance:g}"))
-        write_json_atomic(tmp / "eval.json", {
+        write_json_atomic(tmp / EVAL_RECORD, {
             "settings": {**asdict(cfg), "metrics": done.metrics}, "targets": [str(t) for t in args.target],
             "subjects": [{"concept": str(s.folder), "references": [str(p) for p in s.references],
                           "reference_note": s.reference_note, "prompts": s.prompts,
@@ -263,5 +263,5 @@ def run(args: argparse.Namespace) -> int:
         print(clip_note(done.models["clip"].source))
     if best:
         print(f"best by {best['by']} at w={best['fusion']:g}: {best['label']}, exported to {best['folder']}")
-    print(f"eval.json and grid.png in {out}")
+    print(f"{EVAL_RECORD} and {GRID} in {out}")
     return 0

@@ -104,6 +104,7 @@ def write_fused(pipe, concepts: list, specs: list[tuple[str, float]], out: Path,
     from balora_diffusion.formats.run_files import write_run_adapters
     from balora_diffusion.fusion import fuse_concepts
     from balora_diffusion.generate import DEFAULT_GUIDANCE
+    from balora_diffusion.run_layout import FUSE_RECORD, RUN
     from balora_diffusion.train import library_versions
     from balora_diffusion.versions import installed_version
 
@@ -118,7 +119,7 @@ def write_fused(pipe, concepts: list, specs: list[tuple[str, float]], out: Path,
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         write_run_adapters(tmp, adapter)
-        write_json_atomic(tmp / "fuse.json", {
+        write_json_atomic(tmp / FUSE_RECORD, {
             "method": method, "rank": rank, "ridge": ridge if method == "gradient" else None,
             "adapters": [{"path": str(Path(p).expanduser().resolve()), "weight": w, "tokens": c.adapter.tokens,
                           "prompts": c.prompts} for (p, w), c in zip(specs, concepts)],
@@ -126,7 +127,7 @@ def write_fused(pipe, concepts: list, specs: list[tuple[str, float]], out: Path,
             "singular_layers": singular, "max_truncation_loss": max(losses), "seconds": seconds,
             "layers": report, "versions": library_versions()})
         # what the app lists a run by: its tokens, and one prompt per concept to draw it with
-        write_json_atomic(tmp / "run.json", {"method": info["method"], "config": {
+        write_json_atomic(tmp / RUN, {"method": info["method"], "config": {
             "token": adapter.tokens, "rank": adapter.info["rank"], "method": info["method"],
             "grid_prompts": [c.prompts[0] for c in concepts if c.prompts]}})
     return adapter, report, seconds

@@ -41,12 +41,13 @@ def _ensure(folder: Path, name: str, run) -> dict:
 
 
 def _sweep_page(args: argparse.Namespace) -> int:
-    from balora_diffusion.bench.results import read_sweep_summary, render_sweep_page
+    from balora_diffusion.experiments.results import read_sweep_summary, render_sweep_page
     from balora_diffusion.errors import UserError
+    from balora_diffusion.run_layout import GRID, SUMMARY
 
-    summary_file = args.sweep / "summary.json"
+    summary_file = args.sweep / SUMMARY
     if not summary_file.is_file():
-        raise UserError(f"--sweep {args.sweep}: no summary.json there (a `balora sweep` writes it when its cells are "
+        raise UserError(f"--sweep {args.sweep}: no {SUMMARY} there (a `balora sweep` writes it when its cells are "
                         "done; run the sweep, or rerun it to finish it)")
     if args.out.is_dir():
         raise UserError(f"--out {args.out} is a folder: with --sweep, --out is the page file, e.g. "
@@ -54,18 +55,18 @@ def _sweep_page(args: argparse.Namespace) -> int:
     try:
         summary = read_sweep_summary(summary_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise UserError(f"--sweep {args.sweep}: summary.json is not a sweep's summary ({exc})") from None
+        raise UserError(f"--sweep {args.sweep}: {SUMMARY} is not a sweep's summary ({exc})") from None
     methods = {c["labels"]["method"] for c in summary["cells"] if c}
     if "lora" not in methods:
         raise UserError(f"--sweep {args.sweep}: the verdicts compare each method with plain LoRA, and the sweep has "
                         f"no lora cells (methods: {', '.join(sorted(methods))}); add lora to its --methods")
     page, grid = args.out, args.out.with_name(f"{args.out.stem}-grid.png")
-    has_grid = (args.sweep / "grid.png").is_file()
+    has_grid = (args.sweep / GRID).is_file()
     claim([page, *([grid] if has_grid else [])], args.overwrite)
     command = f"balora results --sweep {args.sweep} --out {args.out}"
     if has_grid:
         with atomic_path(grid) as tmp:
-            shutil.copyfile(args.sweep / "grid.png", tmp)
+            shutil.copyfile(args.sweep / GRID, tmp)
     with atomic_path(page) as tmp:
         tmp.write_text(render_sweep_page(str(args.sweep), summary, command, grid.name if has_grid else None),
                        encoding="utf-8")
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from balora_diffusion.bench import concept as concept_bench
     from balora_diffusion.bench import synthetic as synthetic_bench
     from balora_diffusion.bench.methods import METHOD_SPECS
-    from balora_diffusion.bench.results import render_page
+    from balora_diffusion.experiments.results import render_page
 
     claim([args.out / PAGE, *(args.out / "img" / target for _, _, target in FIGURES)], args.overwrite)
     quick = " --quick" if args.quick else ""

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from balora_diffusion.bench.sweep import SweepConfig, run_sweep
+from balora_diffusion.experiments.sweep import SweepConfig, run_sweep
 from balora_diffusion.config import add_config_arguments, config_from_args
+from balora_diffusion.run_layout import GRID, SUMMARY, SUMMARY_TABLE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,6 @@ def run(args: argparse.Namespace) -> int:
     sweep = config_from_args(SweepConfig, args, file_flag="--sweep")
     records = run_sweep(sweep)
     diverged = sum(r["status"] == "diverged" for r in records)
-    grid = ", grid.png" if (Path(sweep.out) / "grid.png").is_file() else ""
-    print(f"{len(records)} cells ({diverged} diverged); wrote {sweep.out}/summary.json, summary.md{grid}")
+    grid = f", {GRID}" if (Path(sweep.out) / GRID).is_file() else ""
+    print(f"{len(records)} cells ({diverged} diverged); wrote {sweep.out}/{SUMMARY}, {SUMMARY_TABLE}{grid}")
     return 0

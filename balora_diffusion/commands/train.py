@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from balora_diffusion.config import add_config_arguments, config_from_args
+from balora_diffusion.run_layout import BEST, DIFFUSERS_FOLDER, GRID, METRICS, SCORES_PLOT
 from balora_diffusion.train_config import TrainConfig
 
 
@@ -27,15 +28,14 @@ def run(args: argparse.Namespace) -> int:
         from balora_diffusion.train import train
 
     out = train(cfg)
-    print(f"adapter written to {out / 'adapter'}; grid: {out / 'grid.png'}")
+    print(f"adapter written to {out / DIFFUSERS_FOLDER}; grid: {out / GRID}")
     if cfg.best_by:
         from balora_diffusion.checkpoint_scoring import read_best
-        from balora_diffusion.runfolder import BEST
 
         best = read_best(out)
         where = (f"step {best['step']} ({best['value']:.4f}), in every format in {out / BEST}" if best else
                  f"no scored step got a {cfg.best_by} score, so there is no {out / BEST}")
-        print(f"best by {cfg.best_by}: {where}; scores at each checkpoint: {out / 'scores.png'}")
+        print(f"best by {cfg.best_by}: {where}; scores at each checkpoint: {out / SCORES_PLOT}")
     elif cfg.eval_metrics:
-        print(f"scores at each checkpoint: {out / 'scores.png'} (and eval/* in {out / 'metrics.jsonl'})")
+        print(f"scores at each checkpoint: {out / SCORES_PLOT} (and eval/* in {out / METRICS})")
     return 0

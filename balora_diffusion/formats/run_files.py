@@ -24,10 +24,9 @@ from balora_diffusion.formats.diffusers_lora import write_diffusers
 from balora_diffusion.formats.embedding import write_embedding
 from balora_diffusion.formats.kohya_lora import write_kohya
 from balora_diffusion.formats.names import canonical_text_path
+from balora_diffusion.run_layout import DIFFUSERS_FOLDER, KOHYA_FOLDER
 from balora_diffusion.versions import installed_version
 
-DIFFUSERS_FOLDER = "adapter"
-KOHYA_FOLDER = "kohya"
 _TRAINABLE = re.compile(r"(unet|text_encoder_2|text_encoder)\.(.+)\.lora_([AB])\.default\.weight")
 _EMBEDDING = re.compile(r"(text_encoder|text_encoder_2)\.(?:text_model\.)?embeddings\.token_embedding\.extra")
 _CHECKPOINT_CONFIG = {"alpha", "text_alpha", "output_dir", "token"}

@@ -29,11 +29,12 @@ from balora_diffusion.rules.hilora import hard_imbalance_projection
 from balora_diffusion.rules.ilora import imbalance_step
 from balora_diffusion.rules.optimizer import RuleConfigError, RuleOptimizer
 from balora_diffusion.rules.pairs import LoRAPair
-from balora_diffusion.rules.registry import METHODS, MethodSpec, parse_method
+from balora_diffusion.rules.registry import METHODS, NAMED_METHODS, MethodSpec, parse_method
 from balora_diffusion.rules.scaled import precondition_grads
 
 __all__ = [
     "METHODS",
+    "NAMED_METHODS",
     "LoRAPair",
     "MethodSpec",
     "RuleConfigError",

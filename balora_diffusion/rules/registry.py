@@ -18,7 +18,12 @@ _PHRASES = {
     "scaled": "scaled LoRA: gradients preconditioned by (B^T B + reg I)^-1 and (A A^T + reg I)^-1",
     "loraplus": "LoRA+: B's learning rate = ratio x A's",
 }
-_ALIASES = {"pilora": ("ilora", "scaled"), "lora": ()}
+# The methods a user names, in the order menus and benchmarks list them, each with the components it
+# runs: every list of methods elsewhere (benchmarks, the app's help) is made from this one.
+NAMED_METHODS: dict[str, tuple[str, ...]] = {
+    "lora": (), "loraplus": ("loraplus",), "scaled": ("scaled",), "ilora": ("ilora",),
+    "pilora": ("ilora", "scaled"), "balora": ("balora",), "hilora": ("hilora",),
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,11 @@ class MethodSpec:
         return "+".join(head + (["loraplus"] if self.loraplus else [])) or "lora"
 
     @property
+    def uses_lambda(self) -> bool:
+        """Whether --ilora-lambda changes what the method does."""
+        return self.after == "ilora"
+
+    @property
     def description(self) -> str:
         parts = [c for c in (self.after, "scaled" if self.scaled else None, "loraplus" if self.loraplus else None) if c]
         return " + ".join(_PHRASES[c] for c in parts) or "plain LoRA: the base optimizer alone"
@@ -45,12 +55,10 @@ def parse_method(method: str) -> MethodSpec:
     tokens = [t.strip().lower() for t in str(method).split("+")]
     components: set[str] = set()
     for token in tokens:
-        if token in _ALIASES:
-            components.update(_ALIASES[token])
-        elif token in _PHRASES:
-            components.add(token)
+        if token in NAMED_METHODS:
+            components.update(NAMED_METHODS[token])
         else:
-            known = ", ".join(sorted([*_PHRASES, *_ALIASES]))
+            known = ", ".join(sorted(NAMED_METHODS))
             raise RuleConfigError(f"unknown method component {token!r} in {method!r}; known: {known}")
     afters = sorted(components.intersection(AFTER_RULES))
     if len(afters) > 1:

@@ -17,6 +17,7 @@ from balora_diffusion.formats.names import FAMILY_INFO
 from balora_diffusion.formats.run_files import adapter_from_models, training_info
 from balora_diffusion.generate import generate, write_grid
 from balora_diffusion.lora import balance_diagnostics
+from balora_diffusion.run_layout import BEST, BEST_TREE, SCORES_PLOT
 from balora_diffusion.runlog import RunLog
 from balora_diffusion.train.objective import denoising_loss, encode_latents
 from balora_diffusion.train.state import set_trainable, trainable_parameters
@@ -98,8 +99,6 @@ class ScoredCheckpoints:
     that a resumed run goes on from the best of the steps before its checkpoint, whatever RUN/best/
     held when the run was killed. The scoring runs on the main process only."""
 
-    BEST_TREE = "best_so_far"
-
     def __init__(self, cfg: TrainConfig, out: Path, models: dict, accelerator, unet, text: TextEncoders):
         self.cfg, self.out, self.models, self.accelerator = cfg, out, models, accelerator
         self.unet, self.text = unet, text  # as prepared
@@ -130,7 +129,7 @@ class ScoredCheckpoints:
         """Score the adapter as it is at `step`, log the scores and note a new best (exported by `export`
         once the step's checkpoint holds it)."""
         from balora_diffusion.checkpoint_scoring import better
-        from balora_diffusion.runlog import SCORE_PREFIX, SCORES_PLOT
+        from balora_diffusion.runlog import SCORE_PREFIX
 
         adapter = self._adapter(step)
         scores = self._scorer_of_run().score(adapter)["1"]
@@ -146,7 +145,7 @@ class ScoredCheckpoints:
             self._new_best = adapter
 
     def trees(self) -> dict:
-        return {self.BEST_TREE: self.best} if self.best else {}
+        return {BEST_TREE: self.best} if self.best else {}
 
     def export(self) -> None:
         if self._new_best is not None:
@@ -165,11 +164,10 @@ class ScoredCheckpoints:
         killed before exporting it, or after exporting a later step that it trains again)."""
         from balora_diffusion.atomic import temp_sibling
         from balora_diffusion.checkpoint_scoring import read_best
-        from balora_diffusion.runfolder import BEST
 
         if not self.cfg.best_by:
             return
-        self.best = ckpt.load_tree(folder, self.BEST_TREE) if (folder / f"{self.BEST_TREE}.json").is_file() else None
+        self.best = ckpt.load_tree(folder, BEST_TREE) if (folder / f"{BEST_TREE}.json").is_file() else None
         if not self.accelerator.is_main_process:
             return
         held = read_best(self.out)

@@ -23,6 +23,7 @@ from balora_diffusion.formats.run_files import write_run_adapters
 from balora_diffusion.latent_cache import LatentCache
 from balora_diffusion.lora import balance_diagnostics
 from balora_diffusion.prior import check_prior_prompt
+from balora_diffusion.run_layout import CONFIG, GRID, RUN, step_grid
 from balora_diffusion.runfolder import RunFolder
 from balora_diffusion.runlog import RunLog
 from balora_diffusion.stop_request import StopRequest
@@ -84,7 +85,7 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
 
     log = run_folder.closing(RunLog(out, enabled=accelerator.is_main_process, resume_step=start_step))
     if accelerator.is_main_process:
-        write_json_atomic(out / "config.json", asdict(cfg))
+        write_json_atomic(out / CONFIG, asdict(cfg))
     fixed = {"fit": fixed_triples(cfg, data, examples, vae, text, scheduler, device)}
     if held_out:
         fixed["holdout"] = fixed_triples(cfg, data, held_out, vae, text, scheduler, device)
@@ -125,7 +126,7 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
         if done % cfg.eval_every == 0 or done == cfg.steps:
             evaluate(log, done, fixed, accelerator, unet, text, scheduler, pairs)
         if cfg.grid_every and done % cfg.grid_every == 0 and done != cfg.steps and accelerator.is_main_process:
-            validation_grid(out / f"grid-step{done:06d}.png", cfg, pipe, accelerator)
+            validation_grid(out / step_grid(done), cfg, pipe, accelerator)
         scoring = scored is not None and scored.due(done)
         if scoring and accelerator.is_main_process:
             scored.score(log, done)
@@ -143,7 +144,7 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
     checksums = replica_checksums(accelerator, list(trained.values()))
     if accelerator.is_main_process:
         write_run_adapters(out, run_adapter(cfg, cfg.steps, out.name, accelerator, unet, text))
-        validation_grid(out / "grid.png", cfg, pipe, accelerator)
+        validation_grid(out / GRID, cfg, pipe, accelerator)
         log.plots()
         run = {
             "config": asdict(cfg), "method": cfg.method, "seed": cfg.seed,
@@ -157,5 +158,5 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
             "diagnostics": balance_diagnostics(pairs),
             "versions": library_versions(),
         }
-        write_json_atomic(out / "run.json", run)
+        write_json_atomic(out / RUN, run)
     return out

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from balora_diffusion import checkpoint as ckpt
+from balora_diffusion.run_layout import (CHECKPOINTS, CONFIG_TREE, META_TREE, OPTIMIZER_TREE, SCHEDULE_TREE,
+                                         TRAINABLE_TREE)
 from balora_diffusion.train_config import TrainConfig
 
 
@@ -35,15 +37,15 @@ def save_training_state(out: Path, step: int, accelerator, models, optimizer, lr
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    ckpt.write_checkpoint(out / "checkpoints", step, {
-        "trainable": trainable_parameters(accelerator, models), "optimizer": optimizer.state_dict(),
-        "schedule": lr_schedule.state_dict(), "meta": {"step": step},
-        "config": asdict(cfg), **(extra or {})})  # config: what a resume must not change (runfolder.check_resumable)
+    ckpt.write_checkpoint(out / CHECKPOINTS, step, {
+        TRAINABLE_TREE: trainable_parameters(accelerator, models), OPTIMIZER_TREE: optimizer.state_dict(),
+        SCHEDULE_TREE: lr_schedule.state_dict(), META_TREE: {"step": step},
+        CONFIG_TREE: asdict(cfg), **(extra or {})})  # config: what a resume must not change (runfolder.check_resumable)
 
 
 def drop_checkpoints_after(out: Path, step: int, accelerator) -> Path | None:
     """Delete checkpoints of >= `step` updates and return the newest one left."""
-    found = ckpt.list_checkpoints(out / "checkpoints")
+    found = ckpt.list_checkpoints(out / CHECKPOINTS)
     if accelerator.is_main_process:
         for folder in found:
             if ckpt.checkpoint_step(folder) >= step:
@@ -53,10 +55,10 @@ def drop_checkpoints_after(out: Path, step: int, accelerator) -> Path | None:
 
 
 def load_training_state(folder: Path, accelerator, models, optimizer, lr_schedule) -> int:
-    set_trainable(accelerator, models, ckpt.load_tree(folder, "trainable"))
-    optimizer.load_state_dict(ckpt.load_tree(folder, "optimizer"))
-    lr_schedule.load_state_dict(ckpt.load_tree(folder, "schedule"))
-    return int(ckpt.load_tree(folder, "meta")["step"])
+    set_trainable(accelerator, models, ckpt.load_tree(folder, TRAINABLE_TREE))
+    optimizer.load_state_dict(ckpt.load_tree(folder, OPTIMIZER_TREE))
+    lr_schedule.load_state_dict(ckpt.load_tree(folder, SCHEDULE_TREE))
+    return int(ckpt.load_tree(folder, META_TREE)["step"])
 
 
 def replica_checksums(accelerator, models) -> list[float]:

@@ -337,7 +337,7 @@ def _count(protocol: dict, kind: str) -> int:
 
 # --- the page of a user's own sweep (`balora results --sweep DIR`) --------------------------------
 
-# `balora sweep`'s scores of a cell's final adapter by CLIP / DINO (bench.cell_scores), besides the
+# `balora sweep`'s scores of a cell's final adapter by CLIP / DINO (experiments.cell_scores), besides the
 # world's pixel scores; each a cell record's {w: score}.
 SWEEP_METRICS = MODEL_METRICS
 # a cell's scores: CLIP's and DINO's cosines lie in [-1, 1], fidelity and adherence (shares) in [0, 1]

@@ -15,14 +15,12 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 from balora_diffusion.atomic import write_json_atomic
-
-CELL_FILE = "cell.json"
-LOG = "cell.log"
+from balora_diffusion.run_layout import CELL_LOG, CELL_RECORD, CHECKPOINTS, METRICS, RUN
 
 
 def cell_result(folder: Path) -> dict | None:
     """The finished cell's record, or None if the cell has not finished."""
-    path = Path(folder) / CELL_FILE
+    path = Path(folder) / CELL_RECORD
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -32,13 +30,13 @@ def _start_mode(out: Path) -> dict:
     from balora_diffusion import checkpoint as ckpt
     from balora_diffusion.runfolder import held_outputs
 
-    if ckpt.newest_intact(out / "checkpoints")[0] is not None:
+    if ckpt.newest_intact(out / CHECKPOINTS)[0] is not None:
         return {"resume": "latest"}
     return {"overwrite": bool(held_outputs(out))}
 
 
 def _curve(out: Path, name: str) -> list[list[float]]:
-    path = out / "metrics.jsonl"
+    path = out / METRICS
     if not path.is_file():
         return []
     records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
@@ -53,9 +51,9 @@ def run_cell(name: str, labels: dict, values: dict, scoring: dict | None) -> dic
     if (done := cell_result(out)) is not None:
         return done
     out.mkdir(parents=True, exist_ok=True)
-    with (out / LOG).open("a", encoding="utf-8") as log, redirect_stdout(log), redirect_stderr(log):
+    with (out / CELL_LOG).open("a", encoding="utf-8") as log, redirect_stdout(log), redirect_stderr(log):
         record = _train_and_score(name, labels, values, scoring)
-    write_json_atomic(out / CELL_FILE, record)
+    write_json_atomic(out / CELL_RECORD, record)
     return record
 
 
@@ -66,18 +64,18 @@ def _train_and_score(name: str, labels: dict, values: dict, scoring: dict | None
     out = Path(values["output_dir"])
     started, cpu_started = time.perf_counter(), time.process_time()
     record = {"name": name, "labels": labels, "status": "done", "error": None, "fidelity": None, "adherence": None}
-    if not (out / "run.json").is_file():
+    if not (out / RUN).is_file():
         try:
             train(TrainConfig(**values, **_start_mode(out)))
         except TrainingDiverged as exc:
             record.update(status="diverged", error=str(exc))
             print(f"balora sweep: cell {name} diverged: {exc}", file=sys.stderr)
-    run = json.loads((out / "run.json").read_text()) if record["status"] == "done" else {}
+    run = json.loads((out / RUN).read_text()) if record["status"] == "done" else {}
     curve = _curve(out, "heldout_loss")
     record.update(final_heldout_loss=run.get("final", {}).get("heldout_loss"), heldout_loss=curve,
                   steps=values.get("steps"), training_seconds=run.get("seconds"), resumed_from=run.get("resumed_from"))
     if scoring is not None and record["status"] == "done":
-        from balora_diffusion.bench.cell_scores import score_cell
+        from balora_diffusion.experiments.cell_scores import score_cell
 
         record.update(score_cell(out, values, scoring))
     # CPU time too: on a shared machine it says what the cell costs, whatever else was running

@@ -18,19 +18,19 @@ from pathlib import Path
 
 from balora_diffusion import paths
 from balora_diffusion.atomic import atomic_path, is_leftover, write_json_atomic
-from balora_diffusion.bench.cell import CELL_FILE, LOG, cell_result, run_cell
+from balora_diffusion.experiments.cell import cell_result, run_cell
 from balora_diffusion.checkpoint_scoring import MODEL_METRICS as SWEEP_METRICS
 from balora_diffusion.checkpoint_scoring import twice_problem
 from balora_diffusion.config import field, parse_flag, read_toml
 from balora_diffusion.errors import UserError
 from balora_diffusion.outputs import check_writable
+from balora_diffusion.run_layout import (CELL_LOG, CELL_RECORD, CELL_SAMPLE, GRID, SUBMITIT, SUMMARY, SUMMARY_TABLE,
+                                         SWEEP_FILES, cell_name)
 from balora_diffusion.train_config import SEED, TrainConfig
 
 # Set by the cell itself, never by --set.
 CELL_KEYS = ("method", "lr_unet", "lr_text", "seed", "output_dir", "resume", "overwrite")
 POLL_SECONDS = 1.0
-# What a sweep writes at the top of its folder besides the cells' run folders.
-SWEEP_FILES = ("summary.json", "summary.md", "grid.png", ".submitit")
 DEFAULT_FUSIONS = [0.7, 1.0]
 SORT_KEYS = ("heldout-loss", "fidelity", "adherence", *SWEEP_METRICS)
 
@@ -159,8 +159,7 @@ def expand(sweep: SweepConfig) -> list[Cell]:
         rates = (lr * lr_unet, lr * lr_text) if isinstance(lr, float) else lr
         lr_label = f"x{lr:g}" if isinstance(lr, float) else f"{rates[0]:g}:{rates[1]:g}"
         options = dict(zip(swept, combo))
-        name = "-".join([method, f"lr{lr_label.replace(':', '_')}", *(f"{k}{_label(v)}" for k, v in options.items()),
-                         f"s{seed}"])
+        name = cell_name(method, lr_label, {k: _label(v) for k, v in options.items()}, seed)
         values = {**base, **options, "method": method, "lr_unet": rates[0], "lr_text": rates[1], "seed": seed,
                   "output_dir": str(Path(sweep.out) / name)}
         TrainConfig(**values)  # every cell's problem before the first one trains
@@ -186,7 +185,7 @@ def check_sweep_folder(out: Path, cells: list[Cell]) -> None:
 
 
 def _is_cell(folder: Path) -> bool:
-    return folder.is_dir() and ((folder / CELL_FILE).is_file() or (folder / LOG).is_file())
+    return folder.is_dir() and ((folder / CELL_RECORD).is_file() or (folder / CELL_LOG).is_file())
 
 
 def scoring_settings(sweep: SweepConfig, cells: list[Cell]) -> dict | None:
@@ -258,7 +257,7 @@ def _submitit_executor(sweep: SweepConfig):
         import submitit
     except ImportError:
         raise UserError("--launcher submitit needs the submitit package: pip install 'balora-diffusion[slurm]'") from None
-    executor = submitit.AutoExecutor(folder=Path(sweep.out) / ".submitit",
+    executor = submitit.AutoExecutor(folder=Path(sweep.out) / SUBMITIT,
                                      cluster=None if sweep.cluster == "auto" else sweep.cluster)
     executor.update_parameters(name="balora-sweep", timeout_min=sweep.timeout_min, gpus_per_node=sweep.gpus_per_node,
                                cpus_per_task=sweep.cpus_per_task, mem_gb=sweep.mem_gb,
@@ -350,7 +349,7 @@ def run_cells(sweep: SweepConfig, cells: list[Cell], scoring: dict | None,
                 except Exception as exc:  # a cell's own failure: name it, the finished cells stay
                     first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
                     raise UserError(f"cell {cell.name} failed ({first}); its log: "
-                                    f"{Path(cell.values['output_dir']) / LOG}. Finished cells are kept: "
+                                    f"{Path(cell.values['output_dir']) / CELL_LOG}. Finished cells are kept: "
                                     "rerun the same command to continue") from None
                 bar.update()
                 bar.write(describe(results[_folder(cell)]))
@@ -418,16 +417,15 @@ def summary_markdown(records: list[dict], fusions: list[float], sort_by: str = "
 
 
 def sweep_grid(path: Path, cells: list[Cell], records: list[dict], prompt: str = "one prompt") -> Path | None:
-    """Fig.-1-style grid of one prompt (see cell_scores.SAMPLE): rows = learning rates, columns =
+    """Fig.-1-style grid of one prompt (see run_layout.CELL_SAMPLE): rows = learning rates, columns =
     methods (with any swept option), the first seed of each; None when no cell was scored."""
     from PIL import Image
 
-    from balora_diffusion.bench.cell_scores import SAMPLE
     from balora_diffusion.generate import write_grid
 
     first_seed = cells[0].labels["seed"]
     picked = [(c, r) for c, r in zip(cells, records) if c.labels["seed"] == first_seed]
-    samples = {c.name: Path(c.values["output_dir"]) / SAMPLE for c, _ in picked}
+    samples = {c.name: Path(c.values["output_dir"]) / CELL_SAMPLE for c, _ in picked}
     found = [p for p in samples.values() if p.is_file()]
     if not found:
         return None
@@ -447,17 +445,17 @@ def sweep_grid(path: Path, cells: list[Cell], records: list[dict], prompt: str =
 def write_summary(out: Path, protocol: dict, cells: list[Cell], records: list[dict], fusions: list[float],
                   sort_by: str = "") -> None:
     """OUT/summary.json (the protocol and every cell's record), summary.md (rows by `sort_by`) and grid.png."""
-    write_json_atomic(out / "summary.json", {"protocol": protocol, "cells": records})
-    with atomic_path(out / "summary.md") as tmp:
+    write_json_atomic(out / SUMMARY, {"protocol": protocol, "cells": records})
+    with atomic_path(out / SUMMARY_TABLE) as tmp:
         tmp.write_text(summary_markdown(records, fusions, sort_by), encoding="utf-8")
     scoring = protocol.get("scoring")
-    sweep_grid(out / "grid.png", cells, records, sample_prompt(scoring, cells))
+    sweep_grid(out / GRID, cells, records, sample_prompt(scoring, cells))
 
 
 def sample_prompt(scoring: dict | None, cells: list[Cell]) -> str:
-    """The prompt of the grid's images (cell_scores.SAMPLE), quoted: the world concept's first scored prompt,
+    """The prompt of the grid's images (run_layout.CELL_SAMPLE), quoted: the world concept's first scored prompt,
     else the first of the prompts eval's metrics scored the first cell with."""
-    from balora_diffusion.bench.cell_scores import concept_prompts
+    from balora_diffusion.experiments.cell_scores import concept_prompts
     from balora_diffusion.concept import load_concept
     from balora_diffusion.concept_eval import Entry, load_subject
 

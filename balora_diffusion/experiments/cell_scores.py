@@ -11,9 +11,7 @@ from pathlib import Path
 from balora_diffusion import scoring
 from balora_diffusion.concept import Concept, fidelity, load_concept
 from balora_diffusion.data import read_concept_folder
-
-# the sweep grid's image of this cell: the first prompt of concept_prompts, top fusion, first seed
-SAMPLE = "sample.png"
+from balora_diffusion.run_layout import CELL_SAMPLE, CELL_SCORED_IMAGES
 
 
 def concept_prompts(concept: Concept, unseen: int) -> tuple[list[tuple[str, str, scoring.Context]], scoring.Calibration]:
@@ -40,7 +38,7 @@ def summarise_checks(kinds: list[str], checks: list[dict[str, bool]]) -> dict:
 
 def score_cell(out: Path, values: dict, settings: dict) -> dict:
     """The scores of the adapter in `out` (a run folder trained with TrainConfig `values`) that `settings`
-    asks for (bench.sweep.scoring_settings): with a concept, {"fidelity": {w: mean}, "adherence": {w:
+    asks for (experiments.sweep.scoring_settings): with a concept, {"fidelity": {w: mean}, "adherence": {w:
     summarise_checks(...)}}; with metrics, {metric: {w: score}} by checkpoint_scoring, as balora eval
     scores the run."""
     scores = _pixel_scores(out, values, settings) if settings["concept"] else {}
@@ -65,7 +63,7 @@ def _metric_scores(out: Path, values: dict, settings: dict, sample: bool) -> dic
                                    values.get("base_model", ""), values.get("base_config", ""))
     by_fusion = scorer.score(read_adapter(out))
     if sample:
-        save_image(out / SAMPLE, scorer.drawn[-1][0][0])
+        save_image(out / CELL_SAMPLE, scorer.drawn[-1][0][0])
     return {metric: {w: scores[metric] for w, scores in by_fusion.items()} for metric in wanted["names"]}
 
 
@@ -95,8 +93,8 @@ def _pixel_scores(out: Path, values: dict, settings: dict) -> dict:
                                          [scoring.adherence(image, c, calibration) for _, c, image in flat])
         for row, drawn in zip(grid, images):
             row.extend(drawn)
-    save_image(out / SAMPLE, grid[0][-len(seeds)])
-    write_grid(out / "scores.png", grid, row_labels=[f"{'* ' if k == 'unseen' else ''}{p}" for p, k in zip(prompts, kinds)],
+    save_image(out / CELL_SAMPLE, grid[0][-len(seeds)])
+    write_grid(out / CELL_SCORED_IMAGES, grid, row_labels=[f"{'* ' if k == 'unseen' else ''}{p}" for p, k in zip(prompts, kinds)],
                col_labels=[f"w={w:g} seed {s}" for w in settings["fusions"] for s in seeds],
                title="images scored for fidelity and adherence; * = a context the concept never appeared in")
     return {"fidelity": fid, "adherence": adh}

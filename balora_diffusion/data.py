@@ -26,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from balora_diffusion import masks
 from balora_diffusion.buckets import nearest as bucket_nearest
 from balora_diffusion.errors import UserError
+from balora_diffusion.families import SizeCondition
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # The byte-order marks editors write (Notepad's "Unicode" is UTF-16-LE with one); without one a
@@ -212,6 +213,15 @@ def draw_view(image_size: tuple[int, int], size: tuple[int, int], gen: torch.Gen
     return View((rw, rh), (left, top, left + width, top + height), flipped, scale > 1)
 
 
+def size_condition(image_size: tuple[int, int], view: View) -> SizeCondition:
+    """The image's original (height, width), the crop's top-left corner in the resized image (of the
+    mirror image when flipped, which is what the model sees), and the (height, width) trained at."""
+    left, top, right, bottom = view.box
+    return SizeCondition(original=(image_size[1], image_size[0]),
+                         crop=(top, view.resized[0] - right if view.flipped else left),
+                         target=(bottom - top, right - left))
+
+
 def view_pixels(image: Image.Image, view: View) -> torch.Tensor:
     """(3, H, W) in [-1, 1]."""
     image = image.resize(view.resized, Image.BICUBIC if view.upscaled else Image.LANCZOS).crop(view.box)
@@ -310,11 +320,19 @@ class ConceptData:
     def _generator(self, position: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 7_919 + position)
 
+    def _view(self, position: int, index: int) -> View:
+        ex = self.examples[index]
+        return draw_view(ex.image.size, self.sizes[index], self._generator(position), self.random_crop, self.flip)
+
     def item(self, position: int, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Pixels and latent-resolution mask (None without masks) of example `index` at `position`."""
-        ex = self.examples[index]
-        view = draw_view(ex.image.size, self.sizes[index], self._generator(position), self.random_crop, self.flip)
-        return self._pixels_and_mask(ex, view)
+        return self._pixels_and_mask(self.examples[index], self._view(position, index))
+
+    def size_conditions(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[SizeCondition]:
+        """Where each image of batch(step, ...) came from: its original size and the crop (what SDXL's
+        UNet is told); the same draws as batch(), without the pixels."""
+        return [size_condition(self.examples[i].image.size, self._view(p, i))
+                for p, i in self._draws(step, batch_size, rank, world_size)]
 
     def _pixels_and_mask(self, ex: Example, view: View) -> tuple[torch.Tensor, torch.Tensor | None]:
         mask = view_mask(ex.mask, view, self.latent_factor) if self.masked else None
@@ -332,8 +350,14 @@ class ConceptData:
     def square_view(self, ex: Example) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The centre square crop at the training resolution, unflipped: what the fixed-noise
         evaluation losses see whatever the buckets, so runs with and without them compare."""
+        return self._pixels_and_mask(ex, self._square(ex))
+
+    def square_size_condition(self, ex: Example) -> SizeCondition:
+        return size_condition(ex.image.size, self._square(ex))
+
+    def _square(self, ex: Example) -> View:
         size = (self.resolution, self.resolution)
-        return self._pixels_and_mask(ex, draw_view(ex.image.size, size, torch.Generator(), False, False))
+        return draw_view(ex.image.size, size, torch.Generator(), False, False)
 
     # ---- the finite set of pixel tensors a run sees, for encoding each once (latent caching)
 

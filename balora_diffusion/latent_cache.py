@@ -43,3 +43,7 @@ class LatentCache:
         rows = torch.tensor([self.row[v][1] for v in variants], device=self.parameters[size].device)
         masks = self.masks[size].index_select(0, rows) if self.data.masked else None
         return DiagonalGaussianDistribution(self.parameters[size].index_select(0, rows)), captions, masks
+
+    def size_conditions(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        """ConceptData.size_conditions of the same batch."""
+        return self.data.size_conditions(step, batch_size, rank, world_size)

@@ -63,9 +63,9 @@ def balance_diagnostics(pairs: Iterable[LoRAPair]) -> dict[str, dict[str, float 
     return report
 
 
-def inject_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cfg) -> None:
-    """Add a trainable adapter ("default") of kind `cfg.adapter_kind` with peft to the UNet and, if
-    `cfg.train_text_encoder`, the text encoder; `cfg` carries rank / alpha / targets per part (see TrainConfig).
+def inject_lora(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module], cfg) -> None:
+    """Add a trainable adapter ("default") of kind `cfg.adapter_kind` with peft to the UNet and to each of `text_encoders`
+    (name -> model: those that train LoRA); `cfg` carries rank / alpha / targets per part (see TrainConfig).
 
     Parameters that were trainable before (the new token rows) stay trainable.
     peft's init (A kaiming-uniform, B = 0) keeps the model unchanged at step 0. A rank above a
@@ -78,8 +78,8 @@ def inject_lora(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, cfg
 
     options = get_kind(cfg.adapter_kind).peft_options
     parts = [(unet, cfg.rank, cfg.alpha, cfg.unet_targets, "UNet")]
-    if cfg.train_text_encoder and text_encoder is not None:
-        parts.append((text_encoder, cfg.text_rank, cfg.text_alpha, cfg.text_targets, "text encoder"))
+    parts += [(model, cfg.text_rank, cfg.text_alpha, cfg.text_targets, name.replace("_", " "))
+              for name, model in text_encoders.items()]
     for model, rank, alpha, targets, what in parts:
         if rank < 1:
             raise UserError(f"{what} LoRA rank must be >= 1, got {rank}")

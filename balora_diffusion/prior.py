@@ -11,14 +11,15 @@ prompt, which any prior preservation pays.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from balora_diffusion.errors import UserError
+from balora_diffusion.families import Conditioning
 from balora_diffusion.masks import per_sample_mse
-from balora_diffusion.text_encoding import encode_captions
 
 
 def check_prior_prompt(prompt: str, tokens: list[str]) -> None:
@@ -42,14 +43,16 @@ def adapters_off(*models: torch.nn.Module):
             layer.enable_adapters(not was_off)
 
 
-def prior_loss(unet, base_unet, text_encoder, base_text_encoder, ids: torch.Tensor, noisy: torch.Tensor,
-               timesteps: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """The adapted model's error against the base model's prediction for the class prompt `ids` on
-    the step's noisy latents. `base_*` are the same models unwrapped from DDP, for the forward
-    without gradients (with the adapters off and the token absent from `ids` they are the base)."""
-    device = noisy.device
-    with torch.no_grad(), adapters_off(base_unet, base_text_encoder):
-        target = base_unet(noisy, timesteps, encode_captions(base_text_encoder, ids, device)).sample.float()
-    pred = unet(noisy, timesteps, encode_captions(text_encoder, ids, device)).sample.float()
+def prior_loss(unet, base_unet, condition: Callable[[], Conditioning], base_condition: Callable[[], Conditioning],
+               base_text_encoders: list[torch.nn.Module], noisy: torch.Tensor, timesteps: torch.Tensor,
+               weights: torch.Tensor | None) -> torch.Tensor:
+    """The adapted model's error against the base model's prediction for the class prompt on the
+    step's noisy latents. `condition` encodes the class prompt with the adapted text encoders,
+    `base_condition` with `base_text_encoders`; `base_*` are the models unwrapped from DDP, for the
+    forward without gradients (with the adapters off and the token absent from the prompt they are
+    the base)."""
+    with torch.no_grad(), adapters_off(base_unet, *base_text_encoders):
+        target = base_condition().predict(base_unet, noisy, timesteps).sample.float()
+    pred = condition().predict(unet, noisy, timesteps).sample.float()
     per_sample = per_sample_mse(pred, target, None, 0.0)
     return (per_sample if weights is None else per_sample * weights).mean()

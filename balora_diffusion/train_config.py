@@ -103,7 +103,8 @@ class TrainConfig:
     base_model: str = field("", "diffusers folder or single-file .safetensors; empty = the shipped tiny model",
                             path=True)
     base_config: str = field("", "for a single-file base model: diffusers folder with its component configs "
-                                 "and tokenizer; empty = SD 1.5's, shipped in assets/sd15-config", path=True)
+                                 "and tokenizer; empty = the shipped ones of the file's model family "
+                                 "(SD 1.5's, SDXL base's)", path=True)
     adapter_kind: str = field("lora", "adapter kind: lora (B A added to each weight) or dora (LoRA's direction "
                                       "with a trained magnitude per output row, peft's use_dora)",
                               check=_kind_problem)
@@ -113,6 +114,8 @@ class TrainConfig:
                                     "UNet module names that get LoRA (e.g. add ff.net.0.proj ff.net.2 conv1 conv2)",
                                     nonempty=True)
     train_text_encoder: bool = field(True, "also put LoRA on the text encoder")
+    train_text_encoder_2: bool = field(True, "with train_text_encoder, also put LoRA on a second text encoder "
+                                             "(SDXL's); its new-token rows train either way")
     text_rank: int = field(4, "LoRA rank of the text encoder", ge=1)
     text_alpha: float = field(4.0, "LoRA alpha of the text encoder", gt=0)
     text_targets: list[str] = field(["q_proj", "k_proj", "v_proj", "out_proj"], "text-encoder module names that get LoRA",

@@ -282,3 +282,25 @@ def test_cli_exits_2_with_one_error_line(random_sd_dir, tmp_path, case):
     if case == "latin-1 caption":
         assert len(lines) == 1, lines  # refused before the model's loading progress bars
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_size_conditions_give_each_drawn_image_its_original_size_and_crop():
+    from balora_diffusion.data import View, size_condition
+    from balora_diffusion.families import SizeCondition
+
+    # an 80 x 48 image covering 32 x 32: resized to 53 x 32, the centre crop starts 10 px in from the left,
+    # and its mirror image 53 - 42 = 11 px in
+    view = View(resized=(53, 32), box=(10, 0, 42, 32), flipped=False, upscaled=False)
+    assert size_condition((80, 48), view) == SizeCondition(original=(48, 80), crop=(0, 10), target=(32, 32))
+    assert size_condition((80, 48), View((53, 32), (10, 0, 42, 32), True, False)).crop == (0, 11)
+
+
+def test_size_conditions_follow_the_batches_random_crops(folder):
+    examples = read_concept_folder(folder, ["<sks>"], "a {token}")
+    data = ConceptData(examples, resolution=24, seed=3, random_crop=True, flip=True)
+    sizes = [data.size_conditions(step, 2) for step in range(6)]
+    # every image is 40 x 30: resized to 32 x 24, a crop starts 0 to 8 px in from the left
+    assert all(len(s) == 2 and all(c.target == (24, 24) and c.original == (30, 40) for c in s) for s in sizes)
+    assert {c.crop[0] for s in sizes for c in s} == {0} and all(0 <= c.crop[1] <= 8 for s in sizes for c in s)
+    assert len({c.crop for s in sizes for c in s}) > 1, "random crops start at different corners"
+    assert sizes == [data.size_conditions(step, 2) for step in range(6)], "a pure function of the step"

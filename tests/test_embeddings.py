@@ -49,7 +49,7 @@ def test_injecting_lora_keeps_the_new_rows_trainable(random_sd_dir):
     pipe = load_pipeline(random_sd_dir, device="cpu")
     pipe.unet.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
     emb = add_placeholder_tokens(pipe.tokenizer, pipe.text_encoder, ["<zorb>"], "heart")
-    inject_lora(pipe.unet, pipe.text_encoder, TrainConfig())
+    inject_lora(pipe.unet, {"text_encoder": pipe.text_encoder}, TrainConfig())
     assert emb.extra.requires_grad
     others = [name for name, p in pipe.text_encoder.named_parameters() if p.requires_grad and p is not emb.extra]
     assert others and all("lora_" in name for name in others)

@@ -19,7 +19,7 @@ from balora_diffusion.formats.adapter import TEXT_ENCODER, TEXT_ENCODER_2, UNET,
 from balora_diffusion.formats.diffusers_lora import LORA_FILE, read_diffusers, write_diffusers
 from balora_diffusion.formats.fuse import Fused
 from balora_diffusion.formats.kohya_lora import kohya_key, read_kohya, write_kohya
-from balora_diffusion.formats.names import sd15_unet
+from balora_diffusion.formats.names import meta_unet
 from balora_diffusion.formats.read import read_adapter
 from balora_diffusion.formats.run_files import adapter_from_checkpoint
 from balora_diffusion.models import load_pipeline
@@ -141,7 +141,7 @@ def comfyui_key_map() -> set[str]:
                 "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
                 "self_attn.out_proj": "self_attn_out_proj"}
     keys = {f"lora_te_text_model_encoder_layers_{b}_{c}" for b in range(32) for c in clip_map.values()}
-    keys |= {"lora_unet_" + k.removesuffix(".weight").replace(".", "_") for k in sd15_unet().state_dict()
+    keys |= {"lora_unet_" + k.removesuffix(".weight").replace(".", "_") for k in meta_unet().state_dict()
              if k.endswith(".weight")}
     return keys
 
@@ -159,7 +159,7 @@ def sd15_ldm_modules() -> set[str]:
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(paths.SD15_CONFIG / "vae"))
     names = set()
-    for key in to_original_layout(sd15_unet(), vae, te):
+    for key in to_original_layout(meta_unet(), vae, te):
         module = key.removesuffix(".weight")
         if module.startswith("model.diffusion_model."):
             names.add(module.removeprefix("model.").replace(".", "_"))
@@ -172,7 +172,7 @@ def _sd15_lora_key_names() -> list[str]:
     """kohya names of every layer an SD 1.x LoRA trains: attention, feed-forward, proj_in / proj_out,
     resnet convolutions, and the text encoder's attention and MLP."""
     leaf = re.compile(r".*(to_[qkv]|to_out\.0|ff\.net\.0\.proj|ff\.net\.2|proj_in|proj_out|resnets\.\d+\.conv[12])")
-    unet = [kohya_key(UNET, p) for p, m in sd15_unet().named_modules() if leaf.fullmatch(p)]
+    unet = [kohya_key(UNET, p) for p, m in meta_unet().named_modules() if leaf.fullmatch(p)]
     text = [kohya_key(TEXT_ENCODER, f"encoder.layers.{i}.{layer}") for i in range(12)
             for layer in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                           "mlp.fc1", "mlp.fc2")]

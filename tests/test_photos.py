@@ -181,7 +181,7 @@ def test_the_prior_term_is_zero_at_a_zero_lora_and_its_gradient_enters_the_step(
     cfg = _config(random_sd_dir, "unused", prior_prompt="a heart", prior_weight=0.5, cache_latents=False)
     accelerator = Accelerator(cpu=True)
     examples = read_concept_folder(cfg.data_dir, cfg.token, cfg.caption_template)
-    pipe, data, _, pairs = load_models(cfg, accelerator, examples)
+    pipe, data, text, pairs = load_models(cfg, accelerator, examples)
     from diffusers import DDPMScheduler
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     unet, text_encoder = pipe.unet, pipe.text_encoder
@@ -190,20 +190,24 @@ def test_the_prior_term_is_zero_at_a_zero_lora_and_its_gradient_enters_the_step(
     timesteps = torch.tensor([100, 700])
     noisy = scheduler.add_noise(latents, noise, timesteps)
     ids = tokenize(pipe.tokenizer, ["a heart"] * 2)
+
+    def prior():
+        def condition():
+            return text.condition([ids], torch.device("cpu"), [])
+        return prior_loss(unet, unet, condition, condition, [text_encoder], noisy, timesteps, None)
     # peft starts B at zero: the adapted model is the base model, so the prior term is exactly 0
-    assert prior_loss(unet, unet, text_encoder, text_encoder, ids, noisy, timesteps, None).item() == 0.0
+    assert prior().item() == 0.0
     with torch.no_grad():
         for pair in pairs:
             pair.B.normal_(std=0.05)
-    prior = prior_loss(unet, unet, text_encoder, text_encoder, ids, noisy, timesteps, None)
-    assert prior.item() > 0
+    assert prior().item() > 0
     with adapters_off(unet, text_encoder):  # nested in prior_loss's own: both sides are the base model
-        assert prior_loss(unet, unet, text_encoder, text_encoder, ids, noisy, timesteps, None).item() == 0.0
+        assert prior().item() == 0.0
     assert all(pair.A.requires_grad and pair.B.requires_grad for pair in pairs), "adapters back on, trainable"
 
     def grads(c):
         unet.zero_grad(), text_encoder.zero_grad()
-        step_loss(c, 3, accelerator, data, pipe.vae, pipe.tokenizer, text_encoder, unet, scheduler).backward()
+        step_loss(c, 3, accelerator, data, pipe.vae, text, unet, scheduler).backward()
         return [p.grad.clone() for pair in pairs for p in (pair.A, pair.B)]
     # the loss is linear in the prior weight, so is its gradient: g(w) = g(0) + w (g(1) - g(0))
     half, none, full = grads(cfg), grads(replace(cfg, prior_prompt="")), grads(replace(cfg, prior_weight=1.0))

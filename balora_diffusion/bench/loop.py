@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -167,13 +167,15 @@ class LoopBench:
         self.accelerator = Accelerator(**self.accelerator_args)
         self.device = self.accelerator.device
         examples = read_concept_folder(self.cfg.data_dir, self.cfg.token, self.cfg.caption_template)
-        pipe, data, self.embedding, self.pairs = load_models(self.cfg, self.accelerator, examples)
-        self.vae, self.tokenizer = pipe.vae, pipe.tokenizer
+        pipe, data, text, self.pairs = load_models(self.cfg, self.accelerator, examples)
+        self.vae = pipe.vae
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.unet, self.text_encoder = self.accelerator.prepare(pipe.unet, pipe.text_encoder)
+        self.unet, *encoders = self.accelerator.prepare(pipe.unet, *text.models)
+        self.text = replace(text, models=encoders)
         self.batches = latent_batches(self.cfg, data, self.vae, self.device, quiet=True)
         self.unet.train()
-        self.text_encoder.train()
+        for encoder in encoders:
+            encoder.train()
         self.params: list[torch.Tensor] = []
         self.contenders = [self._contender(m) for m in args.methods]
         self.timer, self.memory = PhaseTimer(self.device), PeakMemory(self.device)
@@ -186,7 +188,7 @@ class LoopBench:
         from balora_diffusion.train import make_optimizer
 
         cfg = replace(self.cfg, method=method)
-        optimizer = make_optimizer(cfg, self.unet, self.text_encoder, self.embedding, self.pairs)
+        optimizer = make_optimizer(cfg, self.unet, self.text, self.pairs)
         if not self.params:
             self.params = [p for g in optimizer.param_groups for p in g["params"]]
         accelerator = Accelerator(**self.accelerator_args)
@@ -196,8 +198,8 @@ class LoopBench:
     def _one_step(self, c: Contender, mark) -> None:
         from balora_diffusion.train import step_loss, update
 
-        loss = step_loss(self.cfg, c.step, self.accelerator, self.batches, self.vae, self.tokenizer,
-                         self.text_encoder, self.unet, self.scheduler, mark)
+        loss = step_loss(self.cfg, c.step, self.accelerator, self.batches, self.vae, self.text, self.unet,
+                         self.scheduler, mark)
         update(self.cfg, c.accelerator, c.optimizer, loss, mark)
         c.step += 1
 

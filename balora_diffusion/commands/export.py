@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         write_diffusers(files[0].parent, adapter)
     if adapter.embedding is not None:
-        write_embedding(files[1].parent, adapter.tokens, adapter.embedding)
+        write_embedding(files[1].parent, adapter.tokens, adapter.embedding, adapter.embedding_2)
     print(f"{adapter.format} adapter ({len(adapter.modules())} modules) written as {args.format}: "
           + ", ".join(str(f) for f in files))
     return 0

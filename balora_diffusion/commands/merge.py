@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if single:
         dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype]
         save_single_file(pipe, out, dtype=dtype)
-        written += [write_embedding(out.parent, a.tokens, a.embedding) for a in with_tokens]
+        written += [write_embedding(out.parent, a.tokens, a.embedding, a.embedding_2) for a in with_tokens]
     else:
         with atomic_path(out) as tmp:
             save_pipeline(pipe, tmp)

@@ -3,7 +3,7 @@
 UNet: diffusers nests layers as `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`; an
 original (SGM) checkpoint and kohya's SDXL LoRA files use SGM's flat block lists,
 `input_blocks.4.1.transformer_blocks.0.attn1.to_q` (kohya: `lora_unet_input_blocks_4_1_...`).
-The renumbering is SD 1.x's (formats.ldm_checkpoint.unet_ldm_name, computed from the config);
+The renumbering is SD 1.x's (families.ldm_layout.unet_ldm_name, computed from the config);
 SDXL adds its size-and-crop conditioning, `add_embedding` -> `label_emb.0`.
 
 Text encoders: kohya names both after the transformers modules, `lora_te1_text_model_encoder_
@@ -20,8 +20,8 @@ from functools import cache
 
 import torch
 
-from balora_diffusion.formats.ldm_checkpoint import unet_ldm_name
-from balora_diffusion.formats.names import text_encoder_path
+from balora_diffusion.families.ldm_layout import unet_ldm_name
+from balora_diffusion.families.clip_names import text_encoder_path
 
 UNET_PREFIX = "model.diffusion_model."
 TEXT1_PREFIX = "conditioner.embedders.0.transformer.text_model."
@@ -141,3 +141,17 @@ def text2_original_name(name: str) -> tuple[str, int | None]:
     if layer in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
         return f"{block}.attn.in_proj_{leaf}", "qkv".index(layer[-6])
     return f"{block}.{_OPEN_CLIP_LAYER[layer]}.{leaf}", None
+
+
+def open_clip_tensors(text_encoder_2) -> dict[str, torch.Tensor]:
+    """The second text encoder's tensors under their original names (OpenCLIP's layout, the q/k/v
+    projections fused)."""
+    tensors, thirds = {}, {}
+    for name, tensor in text_encoder_2.state_dict().items():
+        key, third = text2_original_name(name)
+        if third is not None:
+            thirds.setdefault(key, [None] * 3)[third] = tensor
+        else:
+            tensors[TEXT2_PREFIX + key] = tensor.T if key == "text_projection" else tensor
+    tensors.update({TEXT2_PREFIX + key: torch.cat(parts) for key, parts in thirds.items()})
+    return tensors

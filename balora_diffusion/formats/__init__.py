@@ -2,9 +2,9 @@
 differs between adapter kinds (LoRA, DoRA) is the kind's, in balora_diffusion.adapters.
 
 diffusers_lora  diffusers / peft LoRA (pipe.load_lora_weights)
-kohya_lora      kohya LoRA (A1111, ComfyUI, Forge, sd-scripts)
+kohya_lora      kohya LoRA for SD 1.x and SDXL (A1111, ComfyUI, Forge, sd-scripts)
 embedding       new-token embeddings (A1111, ComfyUI, load_textual_inversion)
-ldm_checkpoint  whole SD 1.x models as one original-layout file
+ldm_checkpoint  whole models as one original-layout file
 run_files       a training run's adapter, from its models or checkpoints, into the run folder
 read            any of the above from a path; fuse applies them to a pipeline
 """

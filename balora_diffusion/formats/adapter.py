@@ -115,6 +115,7 @@ class Adapter:
     kind: str = "lora"  # one of balora_diffusion.adapters.KINDS, the same for every module
     tokens: list[str] = field(default_factory=list)
     embedding: torch.Tensor | None = None  # (len(tokens), hidden) rows of the new tokens
+    embedding_2: torch.Tensor | None = None  # their rows in a second text encoder's table (SDXL's)
     info: dict[str, object] = field(default_factory=dict)  # training facts (method, rank, lrs, steps, ...)
     format: str = ""
     source: str = ""
@@ -132,14 +133,23 @@ class Adapter:
                 raise UserError(f"{where} holds the extras {sorted(module.extras)}, where a {self.kind} module "
                                 f"holds {sorted(kind.extras)}")
             kind.check_extras(module, where)
-        if self.embedding is None:
-            return
-        shape = list(self.embedding.shape)
+        if self.embedding is None and self.embedding_2 is not None:
+            raise UserError(f"{self.source}: token rows for a second text encoder only")
+        self.embedding, self.embedding_2 = (None if rows is None else self._checked(rows)
+                                            for rows in (self.embedding, self.embedding_2))
+
+    def _checked(self, rows: torch.Tensor) -> torch.Tensor:
+        shape = list(rows.shape)
         if len(shape) != 2 or shape[0] != len(self.tokens) or shape[1] == 0:
             raise UserError(f"{self.source}: an embedding of shape {shape} for the {len(self.tokens)} token(s) "
                             f"{self.tokens}")
-        check_values(f"{self.source}: the embedding of {' '.join(self.tokens)}", self.embedding)
-        self.embedding = self.embedding.float()
+        check_values(f"{self.source}: the embedding of {' '.join(self.tokens)}", rows)
+        return rows.float()
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """The new tokens' rows per text-encoder part that has them."""
+        rows = {TEXT_ENCODER: self.embedding, TEXT_ENCODER_2: self.embedding_2}
+        return {part: r for part, r in rows.items() if r is not None}
 
     def parts(self) -> dict[str, dict[str, LoraModule]]:
         """Every part in PARTS order, each a (possibly empty) {module path: module}."""

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from balora_diffusion import families
 from balora_diffusion.adapters import LoRA, get_kind
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.adapter import TEXT_PARTS, UNET, Adapter, LoraModule
@@ -47,11 +48,30 @@ def fit(pipe, adapter: Adapter) -> list[tuple[torch.nn.Module, LoraModule]]:
                             f"base model's {part} layer {path} has shape {list(have)}")
         fitted.append((layer, module))
     if adapter.embedding is not None:
-        hidden = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-        if adapter.embedding.shape[1] != hidden:
-            raise UserError(f"{adapter.source}: token embedding of width {adapter.embedding.shape[1]}, but the base "
-                            f"model's text encoder has width {hidden}")
+        _token_rows(pipe, adapter)
     return fitted
+
+
+def _token_rows(pipe, adapter: Adapter) -> list[tuple[object, torch.nn.Module, torch.Tensor]]:
+    """(tokenizer, text encoder, rows) for each of the base model's text encoders; UserError where the
+    adapter's embedding has no rows for one of them, or rows of another width."""
+    family, rows = families.of_pipeline(pipe), adapter.embeddings()
+    extra = sorted(set(rows) - set(family.text_encoders))
+    if extra:
+        raise UserError(f"{adapter.source}: its token embedding has rows for a {' and '.join(extra)}, which a "
+                        f"{family.title} model does not have")
+    found = []
+    for name, tokenizer in zip(family.text_encoders, family.tokenizers_of(pipe)):
+        encoder = getattr(pipe, name)
+        if name not in rows:
+            raise UserError(f"{adapter.source}: its token embedding has no rows for the base model's {name} "
+                            f"(an embedding for another model family?)")
+        hidden = encoder.get_input_embeddings().weight.shape[1]
+        if rows[name].shape[1] != hidden:
+            raise UserError(f"{adapter.source}: token embedding of width {rows[name].shape[1]}, but the base "
+                            f"model's {name.replace('_', ' ')} has width {hidden}")
+        found.append((tokenizer, encoder, rows[name]))
+    return found
 
 
 class Fused:
@@ -83,11 +103,11 @@ class Fused:
     def _load_tokens(self, adapters: list[Adapter]) -> None:
         from balora_diffusion.models import quiet_diffusers
 
-        te = self.pipe.text_encoder
         for adapter in adapters:
-            with quiet_diffusers():
-                self.pipe.load_textual_inversion(adapter.embedding.to(te.device, te.dtype), token=adapter.tokens,
-                                                 tokenizer=self.pipe.tokenizer, text_encoder=te)
+            for tokenizer, encoder, rows in _token_rows(self.pipe, adapter):
+                with quiet_diffusers():
+                    self.pipe.load_textual_inversion(rows.to(encoder.device, encoder.dtype), token=adapter.tokens,
+                                                     tokenizer=tokenizer, text_encoder=encoder)
             self.tokens.extend(adapter.tokens)
 
     @torch.no_grad()
@@ -103,8 +123,9 @@ class Fused:
         for layer, weight in self.base.items():
             layer.weight.copy_(weight)
         if self.tokens:
-            self.pipe.unload_textual_inversion(self.tokens, tokenizer=self.pipe.tokenizer,
-                                               text_encoder=self.pipe.text_encoder)
+            family = families.of_pipeline(self.pipe)
+            for tokenizer, encoder in zip(family.tokenizers_of(self.pipe), family.encoders(self.pipe)):
+                self.pipe.unload_textual_inversion(self.tokens, tokenizer=tokenizer, text_encoder=encoder)
             self.tokens = []
 
     def __enter__(self) -> "Fused":

@@ -4,7 +4,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from balora_diffusion.formats.adapter import TEXT_ENCODER_2, Adapter
+from balora_diffusion.formats.adapter import Adapter
+from balora_diffusion.formats.names import adapter_family
 from balora_diffusion.lora import balance_diagnostics
 from balora_diffusion.rules.pairs import LoRAPair
 
@@ -34,8 +35,8 @@ def summary(adapter: Adapter) -> dict:
                 "alpha": _spread([m.alpha for m in modules.values()]),
             }
     return {
-        "source": adapter.source, "format": adapter.format,
-        "architecture": "SDXL" if adapter.parts()[TEXT_ENCODER_2] else "Stable Diffusion 1.x", "kind": adapter.kind,
+        "source": adapter.source, "format": adapter.format, "architecture": adapter_family(adapter).title,
+        "kind": adapter.kind,
         "parts": parts, "tokens": adapter.tokens,
         "embedding_norms": [] if adapter.embedding is None else adapter.embedding.norm(dim=1).tolist(),
         "training": adapter.info,

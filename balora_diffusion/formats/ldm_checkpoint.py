@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x as ONE original-layout (CompVis / LDM key names) .safetensors file.
+"""A whole base model as ONE original-layout (CompVis / LDM key names) .safetensors file.
 
 Writing is our own diffusers -> LDM key mapping, the reverse of what diffusers' `from_single_file`
 does, so a pipeline (e.g. with a LoRA merged in) can go to A1111 / ComfyUI. Reading checks that a
@@ -7,61 +7,27 @@ Pickled checkpoints (.ckpt, .pt, .bin) are never opened: unpickling runs arbitra
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from balora_diffusion import paths
+from balora_diffusion import families
 from balora_diffusion.errors import UserError
+from balora_diffusion.families import Family
 from balora_diffusion.formats.safetensors_io import checked_file, read_header, write_file
 
-DEFAULT_CONFIG_DIR = paths.SD15_CONFIG
+DEFAULT_CONFIG_DIR = families.DEFAULT.config_dir
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 
-_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
-                "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
                "conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
 # --- diffusers -> LDM names ------------------------------------------------------------------
-
-def unet_ldm_name(name: str, config) -> str:
-    """LDM's UNet is flat lists of modules: `input_blocks` has, per level, one slot per resnet (with
-    its attention at index 1) plus a slot for the downsampler; `output_blocks` has one slot per resnet
-    (attention at 1, the upsampler after them in the level's last slot)."""
-    module, leaf = name.rsplit(".", 1)
-    if module in _UNET_FIXED:
-        return f"{_UNET_FIXED[module]}.{leaf}"
-    parts = module.split(".")
-    slots = int(config["layers_per_block"]) + 1
-
-    def inner(kind: str, sub: list[str]) -> str:
-        return ".".join([_UNET_RESNET[sub[0]], *sub[1:]] if kind == "resnets" else sub)
-
-    if parts[0] == "mid_block":
-        kind, index, sub = parts[1], int(parts[2]), parts[3:]
-        return f"middle_block.{2 * index if kind == 'resnets' else 1}.{inner(kind, sub)}.{leaf}"
-    side, block, kind, index, sub = parts[0], int(parts[1]), parts[2], int(parts[3]), parts[4:]
-    if side == "down_blocks":
-        first = 1 + block * slots
-        if kind == "downsamplers":
-            return f"input_blocks.{first + slots - 1}.0.op.{leaf}"
-        return f"input_blocks.{first + index}.{0 if kind == 'resnets' else 1}.{inner(kind, sub)}.{leaf}"
-    if side != "up_blocks":
-        raise KeyError(name)
-    first = block * slots
-    if kind == "upsamplers":
-        after_attention = "CrossAttn" in config["up_block_types"][block]
-        return f"output_blocks.{first + slots - 1}.{2 if after_attention else 1}.conv.{leaf}"
-    return f"output_blocks.{first + index}.{0 if kind == 'resnets' else 1}.{inner(kind, sub)}.{leaf}"
-
 
 def _vae_name(name: str, config) -> str:
     """LDM numbers the decoder's levels from the lowest resolution up, diffusers in call order."""
@@ -89,62 +55,68 @@ def _vae_name(name: str, config) -> str:
     return f"{side}.{level}.block.{parts[3]}.{_VAE_RESNET[parts[4]]}.{leaf}"
 
 
-def _mapped(module: torch.nn.Module, prefix: str, rename) -> dict[str, torch.Tensor]:
+def _mapped(module: torch.nn.Module, prefix: str, rename, family: Family) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in module.state_dict().items():
         try:
             out[prefix + rename(name)] = tensor
         except (KeyError, IndexError, ValueError):
-            raise UserError(f"{type(module).__name__} weight {name!r} has no place in an SD 1.x checkpoint "
-                            "(not a Stable Diffusion 1.x architecture?)") from None
+            raise UserError(f"{type(module).__name__} weight {name!r} has no place in a {family.title} checkpoint "
+                            f"(not a {family.title} architecture?)") from None
     return out
 
 
-def to_original_layout(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """The pipeline's weights under their original SD 1.x names (tensors shared, not copied).
+def to_original_layout(unet, vae, *text_encoders, family: Family = families.DEFAULT) -> dict[str, torch.Tensor]:
+    """The weights of `unet`, `vae` and the family's text encoders (in its order) under their original
+    names (tensors shared where the layouts agree, not copied).
 
     Works on meta-device models too, which is how `load_single_file` knows the names and shapes a
     config expects without building real weights."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for model in (unet, vae, text_encoder):
+    for model in (unet, vae, *text_encoders):
         if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
             raise UserError(f"the {type(model).__name__} still holds LoRA layers: fuse them into the weights "
                             "(pipe.fuse_lora(); pipe.unload_lora_weights()) before saving a checkpoint")
-    tensors = _mapped(unet, UNET_PREFIX, lambda n: unet_ldm_name(n, unet.config))
-    for key, tensor in _mapped(vae, VAE_PREFIX, lambda n: _vae_name(n, vae.config)).items():
+    tensors = _mapped(unet, UNET_PREFIX, lambda n: family.unet_ldm_name(n, unet.config), family)
+    for key, tensor in _mapped(vae, VAE_PREFIX, lambda n: _vae_name(n, vae.config), family).items():
         # the VAE's attention projections are 1x1 convolutions in LDM, linear layers in diffusers
         is_projection = ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2
         tensors[key] = tensor[:, :, None, None] if is_projection else tensor
-    # transformers >= 5.6 dropped CLIPTextModel's `.text_model` child; older versions still have it
-    tensors.update(_mapped(getattr(text_encoder, "text_model", text_encoder), TEXT_PREFIX, lambda n: n))
+    for layout, text_encoder in zip(family.single_file_text.values(), text_encoders, strict=True):
+        tensors.update(layout(text_encoder))
     return tensors
 
 
 # --- writing ---------------------------------------------------------------------------------
 
 def save_single_file(pipe, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-    """Write the pipeline's UNet, VAE and text encoder as one original-layout SD 1.x .safetensors file
+    """Write the pipeline's UNet, VAE and text encoder(s) as one original-layout .safetensors file
     (floating-point tensors cast to `dtype`), atomically."""
+    family = families.of_pipeline(pipe)
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: a single-file checkpoint is written as .safetensors")
+    text_encoders = family.encoders(pipe)
     tensors = {key: t.to("cpu", dtype) if t.is_floating_point() else t
-               for key, t in to_original_layout(pipe.unet, pipe.vae, pipe.text_encoder).items()}
+               for key, t in to_original_layout(pipe.unet, pipe.vae, *text_encoders, family=family).items()}
     return write_file(path, tensors, {})
 
 
 # --- reading ---------------------------------------------------------------------------------
 
-def _expected_shapes(config_dir: Path) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(config_dir: Path, family: Family) -> dict[str, tuple[int, ...]]:
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
+    listed = json.loads((config_dir / "model_index.json").read_text(encoding="utf-8"))
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
-    return {key: tuple(t.shape) for key, t in to_original_layout(unet, vae, text_encoder).items()}
+        text_encoders = [getattr(transformers, listed[name][1])(transformers.CLIPTextConfig.from_pretrained(
+            config_dir / name)) for name in family.text_encoders]
+    layout = to_original_layout(unet, vae, *text_encoders, family=family)
+    return {key: tuple(t.shape) for key, t in layout.items()}
 
 
 def _as_linear(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -152,15 +124,16 @@ def _as_linear(shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
 
 
-def check_fits(path: Path, config_dir: Path) -> None:
+def check_fits(path: Path, config_dir: Path, family: Family = families.DEFAULT) -> None:
     """UserError unless every tensor the config's models need is in the file with the right shape.
 
     diffusers would otherwise leave missing weights uninitialised on the meta device and only warn."""
-    found, expected = read_header(checked_file(path, "checkpoint"))[0], _expected_shapes(config_dir)
+    found, expected = read_header(checked_file(path, "checkpoint"))[0], _expected_shapes(config_dir, family)
     missing = [key for key in expected if key not in found]
     if len(missing) == len(expected):
-        raise UserError(f"{path} holds no Stable Diffusion 1.x model: none of the {len(found)} tensors has an "
-                        f"original SD 1.x name such as {UNET_PREFIX}..., {VAE_PREFIX}..., {TEXT_PREFIX}...")
+        names = ", ".join(f"{prefix}..." for prefix in (UNET_PREFIX, VAE_PREFIX, family.single_file_marker))
+        raise UserError(f"{path} holds no {family.title} model: none of the {len(found)} tensors has an "
+                        f"original {family.title} name such as {names}")
     wrong = [key for key in expected if key in found and _as_linear(found[key]) != _as_linear(expected[key])]
     if missing or wrong:
         details = []
@@ -171,4 +144,4 @@ def check_fits(path: Path, config_dir: Path) -> None:
             details.append(f"{len(wrong)} of another shape, e.g. {key} is {list(found[key])}, "
                            f"expected {list(expected[key])}")
         raise UserError(f"{path} does not fit the model config in {config_dir} ({'; '.join(details)}); "
-                        "is it a Stable Diffusion 1.x checkpoint?")
+                        f"is it a {family.title} checkpoint?")

@@ -8,7 +8,7 @@ from balora_diffusion import checkpoint as ckpt
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.adapter import INFO_PREFIX, Adapter
 from balora_diffusion.formats.diffusers_lora import LORA_FILE, PEFT_FILE, read_diffusers
-from balora_diffusion.formats.embedding import embedding_file_name, is_embedding, read_embedding
+from balora_diffusion.formats.embedding import embedding_file_name, is_embedding, read_embeddings
 from balora_diffusion.formats.kohya_lora import is_kohya, read_kohya
 from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER, adapter_from_checkpoint
 from balora_diffusion.formats.safetensors_io import checked_file, read_header
@@ -21,8 +21,9 @@ def read_adapter(path: str | Path) -> Adapter:
         return _read_folder(path)
     shapes, _ = read_header(checked_file(path, "adapter file"))
     if is_embedding(shapes):
-        tokens, vectors = read_embedding(path)
-        return Adapter(tokens=tokens, embedding=vectors, format="token embedding", source=str(path))
+        tokens, vectors, vectors_2 = read_embeddings(path)
+        return Adapter(tokens=tokens, embedding=vectors, embedding_2=vectors_2, format="token embedding",
+                       source=str(path))
     adapter = read_kohya(path) if is_kohya(shapes) else read_diffusers(path)
     tokens = _trained_tokens(adapter)
     if tokens and (beside := path.parent / embedding_file_name(tokens)).is_file():
@@ -39,8 +40,7 @@ def _trained_tokens(adapter: Adapter) -> list[str]:
 
 
 def _attach(adapter: Adapter, embedding_file: Path) -> None:
-    tokens, vectors = read_embedding(embedding_file)
-    adapter.tokens, adapter.embedding = tokens, vectors
+    adapter.tokens, adapter.embedding, adapter.embedding_2 = read_embeddings(embedding_file)
     adapter.__post_init__()
 
 

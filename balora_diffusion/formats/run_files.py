@@ -29,7 +29,7 @@ from balora_diffusion.run_layout import DIFFUSERS_FOLDER, KOHYA_FOLDER
 from balora_diffusion.versions import installed_version
 
 _PART_KEY = re.compile(rf"({'|'.join(sorted(PARTS, key=len, reverse=True))})\.(.+)")
-_EMBEDDING = re.compile(r"text_encoder\.(?:text_model\.)?embeddings\.token_embedding\.extra")
+_EMBEDDING = re.compile(r"(text_encoder|text_encoder_2)\.(?:text_model\.)?embeddings\.token_embedding\.extra")
 _CHECKPOINT_CONFIG = {"alpha", "text_alpha", "output_dir", "token"}
 
 
@@ -70,7 +70,7 @@ def training_info(cfg: dict, step: int, name: str) -> dict[str, object]:
 
 
 def adapter_from_models(unet, text_encoder, embedding, tokens: list[str], info: dict,
-                        text_encoder_2=None) -> Adapter:
+                        text_encoder_2=None, embedding_2=None) -> Adapter:
     """The peft LoRA layers ("default" adapter) of the trained models (None: a model not adapted) and the
     new tokens' rows."""
     from peft.tuners.lora import LoraLayer
@@ -92,7 +92,8 @@ def adapter_from_models(unet, text_encoder, embedding, tokens: list[str], info: 
     if len(kinds) > 1:
         raise ValueError(f"the models hold adapters of several kinds ({', '.join(sorted(kinds))})")
     return Adapter(parts, kind=kinds.pop() if kinds else "lora", tokens=list(tokens), info=info, format="balora run",
-                   embedding=None if embedding is None else embedding.extra.detach().float().cpu())
+                   embedding=None if embedding is None else embedding.extra.detach().float().cpu(),
+                   embedding_2=None if embedding_2 is None else embedding_2.extra.detach().float().cpu())
 
 
 def adapter_from_checkpoint(folder: Path) -> Adapter:
@@ -106,10 +107,10 @@ def adapter_from_checkpoint(folder: Path) -> Adapter:
               **{part: alpha_number(f"{where}: config text_alpha", cfg["text_alpha"]) for part in TEXT_PARTS}}
     slots = slot_of_suffix("checkpoint")
     factors: Factors = {}
-    embedding = None
+    rows: dict[str, torch.Tensor] = {}
     for key, tensor in trainable.items():
-        if _EMBEDDING.fullmatch(key):
-            embedding = tensor
+        if found := _EMBEDDING.fullmatch(key):
+            rows[found.group(1)] = tensor
             continue
         match = _PART_KEY.fullmatch(key)
         suffix = match and next((s for s in slots if match.group(2).endswith("." + s)), None)
@@ -117,7 +118,8 @@ def adapter_from_checkpoint(folder: Path) -> Adapter:
             raise UserError(f"{where}: {key!r} is no tensor of any adapter kind, nor the token embedding")
         module = (match.group(1), _canonical(match.group(1), match.group(2)[:-len(suffix) - 1]))
         add_factor(factors, module, slots[suffix], key, tensor, where)
-    adapter = Adapter(tokens=list(cfg["token"]) if embedding is not None else [], embedding=embedding,
+    adapter = Adapter(tokens=list(cfg["token"]) if rows else [], embedding=rows.get(TEXT_ENCODER),
+                      embedding_2=rows.get(TEXT_ENCODER_2),
                       info=training_info(cfg, step, Path(cfg["output_dir"]).name),
                       format=f"balora checkpoint (step {step})", source=str(folder))
     return assemble(adapter, factors, lambda part, path, rank: alphas[part], "checkpoint")
@@ -155,7 +157,7 @@ def write_run_adapters(out: Path, adapter: Adapter) -> None:
         tmp.mkdir(parents=True)
         write_diffusers(tmp, adapter)
         if adapter.embedding is not None:
-            write_embedding(tmp, adapter.tokens, adapter.embedding)
+            write_embedding(tmp, adapter.tokens, adapter.embedding, adapter.embedding_2)
     with atomic_path(out / KOHYA_FOLDER) as tmp:
         tmp.mkdir(parents=True)
         lora_name = kohya_file_name(name)
@@ -163,4 +165,4 @@ def write_run_adapters(out: Path, adapter: Adapter) -> None:
             lora_name = kohya_file_name(f"{name}-lora")  # the two files must not share the prompt word
         write_kohya(tmp / lora_name, adapter)
         if adapter.embedding is not None:
-            write_embedding(tmp, adapter.tokens, adapter.embedding)
+            write_embedding(tmp, adapter.tokens, adapter.embedding, adapter.embedding_2)

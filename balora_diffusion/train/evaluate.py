@@ -11,18 +11,33 @@ from pathlib import Path
 import torch
 
 from balora_diffusion import checkpoint as ckpt
+from balora_diffusion import families
 from balora_diffusion.data import ConceptData
+from balora_diffusion.formats.names import FAMILY_INFO
 from balora_diffusion.formats.run_files import adapter_from_models, training_info
 from balora_diffusion.generate import write_grid
 from balora_diffusion.lora import balance_diagnostics
 from balora_diffusion.run_layout import BEST, BEST_TREE, SCORES_PLOT
 from balora_diffusion.runlog import RunLog
-from balora_diffusion.train.objective import denoising_loss, encode_latents, tokenize
+from balora_diffusion.train.objective import denoising_loss, encode_latents
 from balora_diffusion.train.state import set_trainable, trainable_parameters
+from balora_diffusion.train.text import TextEncoders
 from balora_diffusion.train_config import TrainConfig
 
 
-def fixed_triples(cfg: TrainConfig, data: ConceptData, examples, vae, tokenizer, scheduler, device) -> dict:
+def run_adapter(cfg: TrainConfig, step: int, name: str, accelerator, unet, text: TextEncoders):
+    """The adapter of the trained models as they are at `step` (formats.Adapter): the LoRA of the UNet
+    and of the adapted text encoders, the new tokens' rows."""
+    encoders = [m if adapted else None for m, adapted in zip(text.unwrapped(accelerator).models, text.adapted)]
+    second = (encoders[1], text.embeddings[1]) if len(encoders) > 1 else ()
+    info = training_info(asdict(cfg), step, name)
+    if text.family is not families.DEFAULT:  # the default family's files say nothing, as they always did
+        info[FAMILY_INFO] = text.family.name
+    return adapter_from_models(accelerator.unwrap_model(unet), encoders[0], text.embeddings[0], cfg.token, info,
+                               *second)
+
+
+def fixed_triples(cfg: TrainConfig, data: ConceptData, examples, vae, text: TextEncoders, scheduler, device) -> dict:
     """Fixed (image, noise, timestep) triples of `examples` from `cfg.heldout_seed`, the same for
     every method and run seed, with timesteps stratified over the schedule so one draw does not
     dominate. The images are data.square_view's, masked as training is."""
@@ -35,31 +50,34 @@ def fixed_triples(cfg: TrainConfig, data: ConceptData, examples, vae, tokenizer,
     T = scheduler.config.num_train_timesteps
     timesteps = ((torch.arange(n) + torch.rand(n, generator=gen)) * T / n).long().clamp(max=T - 1)
     noise = torch.randn(latents.shape, generator=gen).to(device)
-    ids = tokenize(tokenizer, [examples[i % len(examples)].caption for i in range(n)])
+    ids = text.ids([examples[i % len(examples)].caption for i in range(n)])
+    sizes = [data.square_size_condition(examples[i % len(examples)]) for i in range(n)]
     masks = torch.stack([m for _, m in views]).to(device) if data.masked else None
-    return {"latents": latents, "noise": noise, "timesteps": timesteps.to(device), "ids": ids.to(device),
-            "masks": masks, "unmasked_weight": cfg.unmasked_weight, "batch": cfg.batch_size}
+    return {"latents": latents, "noise": noise, "timesteps": timesteps.to(device), "ids": [t.to(device) for t in ids],
+            "sizes": sizes, "masks": masks, "unmasked_weight": cfg.unmasked_weight, "batch": cfg.batch_size}
 
 
 @torch.no_grad()
-def fixed_noise_loss(heldout: dict, accelerator, unet, text_encoder, scheduler) -> float:
+def fixed_noise_loss(heldout: dict, accelerator, unet, text: TextEncoders, scheduler) -> float:
     total, n = 0.0, heldout["latents"].shape[0]
     for i in range(0, n, heldout["batch"]):
         sl = slice(i, i + heldout["batch"])
         masks = None if heldout["masks"] is None else heldout["masks"][sl]
         with accelerator.autocast():
-            loss = denoising_loss(unet, text_encoder, scheduler, heldout["latents"][sl], heldout["noise"][sl],
-                                  heldout["timesteps"][sl], heldout["ids"][sl], masks, heldout["unmasked_weight"])
+            cond = text.condition([ids[sl] for ids in heldout["ids"]], heldout["latents"].device,
+                                  heldout["sizes"][sl], distinct=False)
+            loss = denoising_loss(unet, cond, scheduler, heldout["latents"][sl], heldout["noise"][sl],
+                                  heldout["timesteps"][sl], masks, heldout["unmasked_weight"])
         total += loss.item() * heldout["latents"][sl].shape[0]
     return total / n
 
 
-def evaluate(log: RunLog, step: int, fixed: dict[str, dict], accelerator, unet, text_encoder, scheduler,
+def evaluate(log: RunLog, step: int, fixed: dict[str, dict], accelerator, unet, text: TextEncoders, scheduler,
              pairs) -> None:
     """`fixed`: the fixed triples of the training images ("fit") and of the held-out ones ("holdout",
     with --holdout). `heldout_loss` repeats fit_loss, the value it always held, for its readers."""
     for name, triples in fixed.items():
-        value = fixed_noise_loss(triples, accelerator, unet, text_encoder, scheduler)
+        value = fixed_noise_loss(triples, accelerator, unet, text, scheduler)
         log.scalar(step, f"{name}_loss", value)
         if name == "fit":
             log.scalar(step, "heldout_loss", value)
@@ -81,9 +99,10 @@ class ScoredCheckpoints:
     that a resumed run goes on from the best of the steps before its checkpoint, whatever RUN/best/
     held when the run was killed. The scoring runs on the main process only."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, models: dict, accelerator, trained, embedding):
+    def __init__(self, cfg: TrainConfig, out: Path, models: dict, accelerator, unet, text: TextEncoders):
         self.cfg, self.out, self.models, self.accelerator = cfg, out, models, accelerator
-        self.trained, self.embedding = trained, embedding  # (unet, text_encoder) as prepared
+        self.unet, self.text = unet, text  # as prepared
+        self.trained = {"unet": unet, **text.named()}
         self.every = cfg.eval_metrics_every or cfg.checkpoint_every
         self.best: dict | None = None
         self._scorer = None
@@ -93,7 +112,7 @@ class ScoredCheckpoints:
         return step % self.every == 0 or step == self.cfg.steps
 
     def _adapter(self, step: int):
-        return trained_adapter(self.cfg, self.out, self.accelerator, self.trained, self.embedding, step)
+        return run_adapter(self.cfg, step, self.out.name, self.accelerator, self.unet, self.text)
 
     def _scorer_of_run(self):
         if self._scorer is None:
@@ -170,21 +189,15 @@ class ScoredCheckpoints:
         return None if self.best is None else {k: v for k, v in self.best.items() if k != "trainable"}
 
 
-def trained_adapter(cfg: TrainConfig, out: Path, accelerator, trained, embedding, step: int):
-    """The formats Adapter the trained (unet, text_encoder) and token `embedding` hold at `step`."""
-    unet, te = (accelerator.unwrap_model(m) for m in trained)
-    return adapter_from_models(unet, te if cfg.train_text_encoder else None, embedding, cfg.token,
-                               training_info(asdict(cfg), step, out.name))
-
 
 class ValidationGrids:
     """Prompts x (fusion coefficient, seed) of the adapter as it is at a step, drawn by draw.Drawer on
     a copy of the base model of the grids' own (loaded at the first grid, in the training's dtype):
     the images the run's files draw at each strength, as `balora generate` draws them."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, accelerator, trained, embedding, dtype: torch.dtype):
+    def __init__(self, cfg: TrainConfig, out: Path, accelerator, unet, text: TextEncoders, dtype: torch.dtype):
         self.cfg, self.out, self.accelerator = cfg, out, accelerator
-        self.trained, self.embedding, self.dtype = trained, embedding, dtype
+        self.unet, self.text, self.dtype = unet, text, dtype
         self._drawer = None
 
     def _drawing(self):
@@ -200,7 +213,7 @@ class ValidationGrids:
     def write(self, path: Path, step: int) -> None:
         cfg = self.cfg
         prompts = cfg.grid_prompts or [cfg.caption_template.format(token=" ".join(cfg.token))]
-        adapter = trained_adapter(cfg, self.out, self.accelerator, self.trained, self.embedding, step)
+        adapter = run_adapter(cfg, step, self.out.name, self.accelerator, self.unet, self.text)
         with self._drawing().hold([(adapter, 1.0)]) as drawer:
             images = drawer.draw_strengths(prompts, cfg.grid_seeds, cfg.fusion, progress=False)
         columns = [[image for at_strength in images for image in at_strength[i]] for i in range(len(prompts))]

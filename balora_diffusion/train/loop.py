@@ -8,7 +8,7 @@ then sees identical factors and gradients on every replica, so replicas stay ide
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from balora_diffusion.atomic import write_json_atomic
 from balora_diffusion.data import read_concept_folder, split_holdout
 from balora_diffusion.errors import UserError
-from balora_diffusion.formats.run_files import adapter_from_models, training_info, write_run_adapters
+from balora_diffusion.formats.run_files import write_run_adapters
 from balora_diffusion.latent_cache import LatentCache
 from balora_diffusion.lora import balance_diagnostics
 from balora_diffusion.prior import check_prior_prompt
@@ -27,7 +27,7 @@ from balora_diffusion.run_layout import CONFIG, GRID, RUN, step_grid
 from balora_diffusion.runfolder import RunFolder
 from balora_diffusion.runlog import RunLog
 from balora_diffusion.stop_request import StopRequest
-from balora_diffusion.train.evaluate import ScoredCheckpoints, ValidationGrids, evaluate, fixed_triples
+from balora_diffusion.train.evaluate import ScoredCheckpoints, ValidationGrids, evaluate, fixed_triples, run_adapter
 from balora_diffusion.train.measure import GpuPeaks
 from balora_diffusion.train.objective import step_loss, update
 from balora_diffusion.train.setup import (get_lr_schedule, latent_batches, library_versions, load_models,
@@ -63,21 +63,21 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
     out = Path(cfg.output_dir)
 
     # ---- base model, placeholder tokens, LoRA
-    pipe, data, embedding, pairs = load_models(cfg, accelerator, examples)
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    pipe, data, text, pairs = load_models(cfg, accelerator, examples)
+    unet, vae = pipe.unet, pipe.vae
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    optimizer = make_optimizer(cfg, unet, text_encoder, embedding, pairs)
+    optimizer = make_optimizer(cfg, unet, text, pairs)
     lr_schedule = get_lr_schedule(cfg, optimizer)
-    unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    scored = None if score_models is None else ScoredCheckpoints(cfg, out, score_models, accelerator,
-                                                                 (unet, text_encoder), embedding)
-    grids = ValidationGrids(cfg, out, accelerator, (unet, text_encoder), embedding, dtype=vae.dtype)
+    unet, *encoders, optimizer = accelerator.prepare(unet, *text.models, optimizer)
+    text = replace(text, models=encoders)
+    trained = {"unet": unet, **text.named()}  # the checkpoint's parts
+    scored = None if score_models is None else ScoredCheckpoints(cfg, out, score_models, accelerator, unet, text)
+    grids = ValidationGrids(cfg, out, accelerator, unet, text, dtype=vae.dtype)
 
     # ---- resume
     start_step = 0
     if run_folder.resume_from:
-        start_step = load_training_state(run_folder.resume_from, accelerator, [unet, text_encoder], optimizer,
-                                         lr_schedule)
+        start_step = load_training_state(run_folder.resume_from, accelerator, trained, optimizer, lr_schedule)
         # later checkpoints hold steps that this run does again; left, `--resume latest` would pick them
         drop_checkpoints_after(out, start_step + 1, accelerator)
         if scored:
@@ -87,15 +87,15 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
     log = run_folder.closing(RunLog(out, enabled=accelerator.is_main_process, resume_step=start_step))
     if accelerator.is_main_process:
         write_json_atomic(out / CONFIG, asdict(cfg))
-    fixed = {"fit": fixed_triples(cfg, data, examples, vae, tokenizer, scheduler, device)}
+    fixed = {"fit": fixed_triples(cfg, data, examples, vae, text, scheduler, device)}
     if held_out:
-        fixed["holdout"] = fixed_triples(cfg, data, held_out, vae, tokenizer, scheduler, device)
+        fixed["holdout"] = fixed_triples(cfg, data, held_out, vae, text, scheduler, device)
     batches = latent_batches(cfg, data, vae, device, quiet=not accelerator.is_main_process)
 
     # ---- loop
     if start_step == 0:
-        evaluate(log, 0, fixed, accelerator, unet, text_encoder, scheduler, pairs)
-    text_encoder.train(cfg.train_text_encoder)
+        evaluate(log, 0, fixed, accelerator, unet, text, scheduler, pairs)
+    text.train()
     unet.train()
     bar = run_folder.closing(tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="train",
                                   disable=not accelerator.is_local_main_process))
@@ -105,7 +105,7 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
     for step in bar:
         memory.step_begins()
         step_started = time.perf_counter()
-        loss = step_loss(cfg, step, accelerator, batches, vae, tokenizer, text_encoder, unet, scheduler)
+        loss = step_loss(cfg, step, accelerator, batches, vae, text, unet, scheduler)
         if not torch.isfinite(loss):
             raise TrainingDiverged(  # the checkpoints from `step` on hold the weights that gave this loss
                 f"loss became {loss.item()} at step {step}; stopped. Last good checkpoint: "
@@ -125,7 +125,7 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
         for group in optimizer.param_groups:
             log.scalar(done, f"lr/{group.get('name', 'group')}", group["lr"])
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            evaluate(log, done, fixed, accelerator, unet, text_encoder, scheduler, pairs)
+            evaluate(log, done, fixed, accelerator, unet, text, scheduler, pairs)
         if cfg.grid_every and done % cfg.grid_every == 0 and done != cfg.steps and accelerator.is_main_process:
             grids.write(out / step_grid(done), done)
         scoring = scored is not None and scored.due(done)
@@ -133,7 +133,7 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
             scored.score(log, done)
         log.flush()  # before a checkpoint can name this step
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.asked or scoring:
-            save_training_state(out, done, accelerator, [unet, text_encoder], optimizer, lr_schedule, cfg,
+            save_training_state(out, done, accelerator, trained, optimizer, lr_schedule, cfg,
                                 scored.trees() if scored else None)
         if scoring and accelerator.is_main_process:
             scored.export()  # after the checkpoint that holds it: a kill in between is mended on resume
@@ -142,12 +142,9 @@ def _train(cfg: TrainConfig, accelerator, examples, held_out, run_folder: RunFol
     elapsed = time.perf_counter() - started
 
     # ---- outputs
-    checksums = replica_checksums(accelerator, [unet, text_encoder])
+    checksums = replica_checksums(accelerator, list(trained.values()))
     if accelerator.is_main_process:
-        unet_u, te_u = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-        write_run_adapters(out, adapter_from_models(
-            unet_u, te_u if cfg.train_text_encoder else None, embedding, cfg.token,
-            training_info(asdict(cfg), cfg.steps, out.name)))
+        write_run_adapters(out, run_adapter(cfg, cfg.steps, out.name, accelerator, unet, text))
         grids.write(out / GRID, cfg.steps)
         log.plots()
         run = {

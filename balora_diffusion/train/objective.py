@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from balora_diffusion.errors import UserError
+from balora_diffusion.families import Conditioning
 from balora_diffusion.latent_cache import LatentCache
 from balora_diffusion.masks import per_sample_mse
 from balora_diffusion.prior import prior_loss
-from balora_diffusion.text_encoding import encode_captions
+from balora_diffusion.train.text import TextEncoders
 from balora_diffusion.train_config import TrainConfig
 
 
@@ -38,17 +39,16 @@ def loss_weights(scheduler, timesteps, gamma: float) -> torch.Tensor | None:
     return clipped / snr.clamp(min=1e-8)
 
 
-def denoising_loss(unet, text_encoder, scheduler, latents, noise, timesteps, input_ids, masks=None,
-                   unmasked_weight=0.0):
+def denoising_loss(unet, cond: Conditioning, scheduler, latents, noise, timesteps, masks=None, unmasked_weight=0.0):
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    return unet_loss(unet, scheduler, latents, noise, noisy, timesteps, text_encoder(input_ids)[0], None, masks,
-                     unmasked_weight)
+    return unet_loss(unet, scheduler, latents, noise, noisy, timesteps, cond, None, masks, unmasked_weight)
 
 
-def unet_loss(unet, scheduler, latents, noise, noisy, timesteps, cond, weights=None, masks=None, unmasked_weight=0.0):
+def unet_loss(unet, scheduler, latents, noise, noisy, timesteps, cond: Conditioning, weights=None, masks=None,
+              unmasked_weight=0.0):
     """The denoising loss of `noisy` (= scheduler.add_noise(latents, noise, timesteps)): with `masks`
     (B, 1, h, w) at latent resolution, weighted as masks.per_sample_mse says; `weights` per sample."""
-    pred = unet(noisy, timesteps, cond).sample.float()
+    pred = cond.predict(unet, noisy, timesteps).sample.float()
     target = diffusion_target(scheduler, latents, noise, timesteps).float()
     per_sample = per_sample_mse(pred, target, None if masks is None else masks.to(pred.device), unmasked_weight)
     if weights is not None:
@@ -75,28 +75,22 @@ def sample_latents(vae, dist, gen: torch.Generator | None) -> torch.Tensor:
     return (latents.float() - shift) * vae.config.scaling_factor
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
 def _no_mark(phase: str) -> None:
     pass
 
 
-def step_loss(cfg: TrainConfig, step: int, accelerator, batches, vae, tokenizer, text_encoder, unet, scheduler,
+def step_loss(cfg: TrainConfig, step: int, accelerator, batches, vae, text: TextEncoders, unet, scheduler,
               mark=_no_mark) -> torch.Tensor:
     """The loss of training step `step`. `batches` is the LatentCache or the ConceptData; `mark(phase)`
     is called as each phase ends (the loop benchmark times them)."""
     device = accelerator.device
     gen = _step_generator(cfg.seed, step, accelerator.process_index, device)
+    share = (step, cfg.batch_size, accelerator.process_index, accelerator.num_processes)
     if isinstance(batches, LatentCache):
-        dist, captions, masks = batches.batch(step, cfg.batch_size, accelerator.process_index,
-                                              accelerator.num_processes)
+        dist, captions, masks = batches.batch(*share)
         mark("data")
     else:
-        pixels, captions, masks = batches.batch(step, cfg.batch_size, accelerator.process_index,
-                                                accelerator.num_processes)
+        pixels, captions, masks = batches.batch(*share)
         mark("data")
         with torch.no_grad():
             dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
@@ -105,18 +99,20 @@ def step_loss(cfg: TrainConfig, step: int, accelerator, batches, vae, tokenizer,
     noise = make_noise(latents, gen, cfg.noise_offset)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                               generator=gen, device=device)
-    ids = tokenize(tokenizer, captions)
+    ids = text.ids(captions)
+    sizes = batches.size_conditions(*share)
     weights = loss_weights(scheduler, timesteps, cfg.min_snr_gamma)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     with accelerator.autocast():
-        cond = encode_captions(text_encoder, ids, device)
+        cond = text.condition(ids, device, sizes)
         mark("text_encoder")
         loss = unet_loss(unet, scheduler, latents, noise, noisy, timesteps, cond, weights, masks, cfg.unmasked_weight)
         if cfg.prior_prompt and cfg.prior_weight > 0:
-            prior_ids = tokenize(tokenizer, [cfg.prior_prompt] * len(captions))
+            prior_ids = text.ids([cfg.prior_prompt] * len(captions))
+            base_text = text.unwrapped(accelerator)
             loss = loss + cfg.prior_weight * prior_loss(
-                unet, accelerator.unwrap_model(unet), text_encoder, accelerator.unwrap_model(text_encoder),
-                prior_ids, noisy, timesteps, weights)
+                unet, accelerator.unwrap_model(unet), lambda: text.condition(prior_ids, device, sizes),
+                lambda: base_text.condition(prior_ids, device, sizes), base_text.models, noisy, timesteps, weights)
     mark("unet_forward")
     return loss
 

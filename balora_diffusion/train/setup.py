@@ -10,6 +10,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
 from balora_diffusion import buckets as bucketing
+from balora_diffusion import families
 from balora_diffusion.data import ConceptData, check_caption_tokens, check_image_sizes
 from balora_diffusion.embeddings import add_placeholder_tokens
 from balora_diffusion.errors import UserError
@@ -19,21 +20,23 @@ from balora_diffusion.lora_node import use_single_node_forward
 from balora_diffusion.models import load_pipeline
 from balora_diffusion.rules import build_optimizer
 from balora_diffusion.threads import use_cpu_threads
+from balora_diffusion.train.text import TextEncoders
 from balora_diffusion.train_config import TrainConfig
 from balora_diffusion.versions import installed_version
 
 
 def load_models(cfg: TrainConfig, accelerator, examples):
     """The base pipeline with the placeholder tokens and LoRA in, its frozen parts frozen, the
-    dataset at the training resolution, the token embedding and the LoRA pairs."""
+    dataset at the training resolution, the text side (train.text.TextEncoders) and the LoRA pairs."""
     device = accelerator.device
     base_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     if device.type != "cuda":
         base_dtype = torch.float32
     pipe = load_pipeline(cfg.base_model or None, device=device, dtype=base_dtype,
                          single_file_config=cfg.base_config or None)
-    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
-    use_cpu_threads(cfg.cpu_threads, [unet, text_encoder, vae])
+    family = families.of_pipeline(pipe)
+    tokenizers, encoders, unet, vae = family.tokenizers_of(pipe), family.encoders(pipe), pipe.unet, pipe.vae
+    use_cpu_threads(cfg.cpu_threads, [unet, *encoders, vae])
     resolution = cfg.resolution or unet.config.sample_size * pipe.vae_scale_factor
     check_resolution(resolution, pipe)
     check_sample_steps(cfg, pipe)
@@ -43,20 +46,25 @@ def load_models(cfg: TrainConfig, accelerator, examples):
                        random_crop=cfg.random_crop, flip=cfg.flip, buckets=sizes, latent_factor=pipe.vae_scale_factor)
     if sizes and accelerator.is_main_process:
         print(f"buckets (width x height: images): {bucketing.describe(data.bucket_counts())}")
-    for module in (vae, unet, text_encoder):
+    for module in (vae, unet, *encoders):
         module.requires_grad_(False)
-    embedding = add_placeholder_tokens(tokenizer, text_encoder, cfg.token, cfg.init_word)
-    check_caption_tokens(examples, tokenizer, cfg.token)
+    embeddings = [add_placeholder_tokens(tokenizer, encoder, cfg.token, cfg.init_word)
+                  for tokenizer, encoder in zip(tokenizers, encoders)]
+    check_caption_tokens(examples, tokenizers[0], cfg.token)
+    # the second encoder's LoRA is optional on its own; neither encoder has one without train_text_encoder
+    adapted = [cfg.train_text_encoder and (i == 0 or cfg.train_text_encoder_2) for i in range(len(encoders))]
+    text = TextEncoders(family, tokenizers, encoders, embeddings, adapted)
     torch.manual_seed(cfg.seed)
-    inject_lora(unet, text_encoder, cfg)
-    use_single_node_forward(unet)
-    use_single_node_forward(text_encoder)
+    inject_lora(unet, {name: m for (name, m), a in zip(text.named().items(), adapted) if a}, cfg)
+    for model in (unet, *encoders):
+        use_single_node_forward(model)
     # peft creates the factors in the base's dtype; fp16 factors cannot take AdamW's small steps.
-    cast_training_params([unet, text_encoder], dtype=torch.float32)
+    cast_training_params([unet, *encoders], dtype=torch.float32)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable()
-    return pipe, data, embedding, find_lora_pairs(unet) + find_lora_pairs(text_encoder)
+        for encoder in encoders:
+            encoder.gradient_checkpointing_enable()
+    return pipe, data, text, find_lora_pairs(unet) + [p for m in encoders for p in find_lora_pairs(m)]
 
 
 def resolution_step(pipe) -> int:
@@ -90,14 +98,17 @@ def _trainable(module: torch.nn.Module, skip: torch.nn.Module | None = None) -> 
     return [p for p in module.parameters() if p.requires_grad and id(p) not in skipped]
 
 
-def make_optimizer(cfg: TrainConfig, unet, text_encoder, embedding, pairs):
+def make_optimizer(cfg: TrainConfig, unet, text: TextEncoders, pairs):
     groups = [{"name": "unet", "lr": cfg.lr_unet, "params": _trainable(unet)}]
-    if cfg.train_text_encoder:
-        groups.append({"name": "text_encoder", "lr": cfg.lr_text, "params": _trainable(text_encoder, skip=embedding)})
+    for name, model, embedding, adapted in zip(text.names, text.models, text.embeddings, text.adapted):
+        if adapted:
+            groups.append({"name": name, "lr": cfg.lr_text, "params": _trainable(model, skip=embedding)})
+    rows = [embedding.extra for embedding in text.embeddings]
     if cfg.lr_embedding > 0:
-        groups.append({"name": "token_embedding", "lr": cfg.lr_embedding, "params": [embedding.extra]})
+        groups.append({"name": "token_embedding", "lr": cfg.lr_embedding, "params": rows})
     else:
-        embedding.extra.requires_grad_(False)
+        for row in rows:
+            row.requires_grad_(False)
     base_kwargs = {"weight_decay": cfg.weight_decay}
     if cfg.optimizer != "sgd":
         base_kwargs["betas"] = (cfg.adam_beta1, cfg.adam_beta2)

@@ -14,10 +14,11 @@ from balora_diffusion.run_layout import (CHECKPOINTS, CONFIG_TREE, META_TREE, OP
 from balora_diffusion.train_config import TrainConfig
 
 
-def trainable_parameters(accelerator, models) -> dict[str, torch.nn.Parameter]:
-    """The trainable parameters of (unet, text_encoder) by checkpoint key ("unet.NAME", "text_encoder.NAME")."""
+def trainable_parameters(accelerator, models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters of the models (part name -> model: unet, text_encoder, ...) by checkpoint
+    key ("unet.NAME", "text_encoder.NAME", ...)."""
     trainable = {}
-    for prefix, model in zip(("unet", "text_encoder"), models):
+    for prefix, model in models.items():
         for name, p in accelerator.unwrap_model(model).named_parameters():
             if p.requires_grad:
                 trainable[f"{prefix}.{name}"] = p

@@ -10,6 +10,7 @@ from balora_diffusion import checkpoint as ckpt
 from balora_diffusion import paths
 from balora_diffusion.experiments import cell as cell_module
 from balora_diffusion.experiments.sweep import SweepConfig, expand, parse_lr, parse_set
+from balora_diffusion.checkpoint_scoring import SCORING_SCHEDULER
 from balora_diffusion.cli import main
 from balora_diffusion.commands.sweep import add_arguments
 from balora_diffusion.config import config_from_args
@@ -217,11 +218,12 @@ def test_a_concept_without_concept_toml_is_scored_with_clip_as_balora_eval_score
         assert c["fidelity"] is None and set(c["clip-t"]) == set(c["clip-i"]) == {"0.7", "1"}
         assert (clip_swept / c["name"] / "sample.png").is_file()
     assert (clip_swept / "grid.png").is_file()
-    # the same adapter scored by balora eval with the sweep's sampling: the same numbers
+    # the same adapter scored by balora eval with the sweep's sampling (and scored images' sampler): the same numbers
     cell = cells[1]
     out = tmp_path / "eval"
     assert main(["eval", str(clip_swept / cell["name"]), "--clip", str(tiny_clip_dir), "--metrics", "clip-t", "clip-i",
-                 "--seeds", "1", "--steps", "1", "--guidance", "5", "--fusion", "0.7", "1", "--out", str(out)]) == 0
+                 "--seeds", "1", "--steps", "1", "--guidance", "5", "--scheduler", SCORING_SCHEDULER,
+                 "--fusion", "0.7", "1", "--out", str(out)]) == 0
     final = [r for r in json.loads((out / "eval.json").read_text())["results"] if r["label"].endswith(" final")]
     for r in final:
         for metric in ("clip-t", "clip-i"):

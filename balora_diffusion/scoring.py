@@ -115,7 +115,7 @@ def read_context(image: Image.Image | np.ndarray) -> Reading:
     pixels = world.as_pixels(image)
     background = world.border_colour(pixels)
     mask = np.linalg.norm(pixels - background, axis=-1) > world.OBJECT_DISTANCE
-    name = world._nearest(background, world.BACKGROUNDS)
+    name = world.nearest_colour(background, world.BACKGROUNDS)
     if mask.sum() < MIN_OBJECT_PIXELS:
         return Reading(name, 0.0, None)
     rows, cols = np.nonzero(mask)

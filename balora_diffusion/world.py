@@ -298,7 +298,8 @@ def border_colour(pixels: np.ndarray) -> np.ndarray:
     return np.median(np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]]), axis=0)
 
 
-def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
+def nearest_colour(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
+    """The name of the palette colour closest to `rgb` (squared RGB distance)."""
     return min(palette, key=lambda name: float(np.sum((np.asarray(palette[name], dtype=np.float64) - rgb) ** 2)))
 
 
@@ -351,7 +352,7 @@ def classify(image: Image.Image | np.ndarray) -> dict:
     """
     pixels = as_pixels(image)
     background_rgb = border_colour(pixels)
-    result = {"background": _nearest(background_rgb, BACKGROUNDS), "object": None,
+    result = {"background": nearest_colour(background_rgb, BACKGROUNDS), "object": None,
               "object_fraction": 0.0, "shape": None}
     object_pixels = np.linalg.norm(pixels - background_rgb, axis=-1) > OBJECT_DISTANCE
     if object_pixels.sum() < _MIN_OBJECT_PIXELS:

@@ -9,7 +9,7 @@ from balora_diffusion.errors import UserError
 from balora_diffusion.formats.adapter import INFO_PREFIX, Adapter
 from balora_diffusion.formats.diffusers_lora import LORA_FILE, PEFT_FILE, read_diffusers
 from balora_diffusion.formats.embedding import embedding_file_name, is_embedding, read_embeddings
-from balora_diffusion.formats.kohya_lora import is_kohya, read_kohya
+from balora_diffusion.formats.registry import format_of
 from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER, adapter_from_checkpoint
 from balora_diffusion.formats.safetensors_io import checked_file, read_header
 
@@ -24,7 +24,7 @@ def read_adapter(path: str | Path) -> Adapter:
         tokens, vectors, vectors_2 = read_embeddings(path)
         return Adapter(tokens=tokens, embedding=vectors, embedding_2=vectors_2, format="token embedding",
                        source=str(path))
-    adapter = read_kohya(path) if is_kohya(shapes) else read_diffusers(path)
+    adapter = format_of(shapes).read(path)
     tokens = _trained_tokens(adapter)
     if tokens and (beside := path.parent / embedding_file_name(tokens)).is_file():
         _attach(adapter, beside)

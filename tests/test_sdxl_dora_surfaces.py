@@ -2,6 +2,7 @@
 the SDXL base model) and a DoRA run draw the image `balora generate` draws, and a sweep runs on an SDXL
 base model."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -57,13 +58,16 @@ def test_compare_draws_what_generate_draws_and_not_the_base_models_image(name, m
     assert drawn is not None, "the grid's cell is the engine's image of the run"
     drawn = np.asarray(drawn)
     assert np.array_equal(drawn, _generated(runs / name, model, tmp_path / "gen"))
-    base = np.asarray(app.engine.draw(None, None, Sampling("a heart", seed=SEED, steps=STEPS, guidance=5.0)))
-    assert np.abs(drawn.astype(int) - base.astype(int)).mean() > 0.5, "the adapter changes the image"
+    # the grid's base-model cell draws the init word for the token
+    base = app.engine.cached(app.engine.image_key(None, None, replace(sampling, prompt="a heart")))
+    assert base is not None and np.abs(drawn.astype(int) - np.asarray(base).astype(int)).mean() > 0.5
+    # and the adapter's weights, not only its token, draw the run's image
+    assert not np.array_equal(drawn, np.asarray(app.engine.draw(runs / name, 0.0, sampling)))
 
 
 def test_a_run_of_another_family_than_the_apps_base_model_is_one_error(runs, random_sd_dir):
     app = App(runs, str(random_sd_dir), device="cpu", cpu_threads=1)
-    with pytest.raises(UserError, match="xl"):
+    with pytest.raises(UserError, match="names no layer of the base model"):
         app.compare(["xl"], "run", "fusion", PROMPT, "", str(SEED), STEPS, 5.0, str(STRENGTH))
 
 
@@ -78,4 +82,6 @@ def test_a_sweep_runs_on_an_sdxl_base_model(tiny_sdxl, tmp_path):
     for c in cells:
         assert c["status"] == "done", c
         assert (out / c["name"] / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+        assert [s for s, _ in c["heldout_loss"]] == [0, 1, 2]
+        assert 0 <= c["fidelity"]["1"] <= 1 and 0 <= c["adherence"]["1"]["all"] <= 1  # scored on SDXL too
     assert (out / "summary.md").is_file()

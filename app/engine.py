@@ -17,12 +17,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from balora_diffusion import checkpoint as ckpt
 from balora_diffusion.atomic import atomic_path
 from balora_diffusion.draw import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from balora_diffusion.errors import UserError
 from balora_diffusion.formats.diffusers_lora import LORA_FILE
 from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER
+from balora_diffusion.run_layout import CHECKPOINTS, checkpoint_name
 from balora_diffusion.runs import inside, own_file
 
 CACHE = ".app-cache"   # under the runs folder; hidden, so no listing takes it for runs
@@ -49,7 +49,7 @@ def _file_digest(path: Path, memo: dict) -> str:
 
 def checkpoint_folder(run: Path, step: int) -> Path:
     """Run `run`'s checkpoint of step `step`, if it is a folder inside the run; else a UserError."""
-    folder = inside(run, run / "checkpoints" / f"{ckpt.PREFIX}{step:07d}")
+    folder = inside(run, run / CHECKPOINTS / checkpoint_name(step))
     if not folder.is_dir():
         raise UserError(f"run {run.name} has no checkpoint of step {step}")
     return folder

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from balora_diffusion import paths
 from balora_diffusion.config import flag_values, parse_flag, read_toml
+from balora_diffusion.run_layout import CHECKPOINTS, DEMO_GRID, DEMO_RECORD, RUN
 from balora_diffusion.train_config import TrainConfig
 
 SEEDS = [1, 2, 3]
@@ -82,13 +83,13 @@ def run(args: argparse.Namespace) -> int:
         scores[w] = [fidelity(img, concept) for row in images for img in row]
         rows.extend(images)
         labels.extend(f"w={w:g}: {p}" for p in prompts)
-    grid = write_grid(out / "demo.png", rows, row_labels=labels, col_labels=[f"seed {s}" for s in seeds],
+    grid = write_grid(out / DEMO_GRID, rows, row_labels=labels, col_labels=[f"seed {s}" for s in seeds],
                       title=f"{concept.token} ({cfg.method}, {cfg.steps} steps): top LoRA off (w=0, the learned token "
                             "kept), bottom LoRA on (w=1)")
     means = {w: sum(vals) / len(vals) for w, vals in scores.items()}
     for w, vals in scores.items():
         print(f"fidelity at w={w:g}: mean {means[w]:.3f} over {len(vals)} images")
-    write_json_atomic(out / "demo.json", {
+    write_json_atomic(out / DEMO_RECORD, {
         "method": cfg.method, "steps": cfg.steps, "prompts": prompts, "seeds": list(seeds),
         "fidelity_mean": {f"{w:g}": m for w, m in means.items()},
         "fidelity": {f"{w:g}": vals for w, vals in scores.items()}})
@@ -110,7 +111,7 @@ def finished(cfg: TrainConfig) -> bool:
     from balora_diffusion.errors import UserError
     from balora_diffusion.runfolder import check_resumable
 
-    path = Path(cfg.output_dir) / "run.json"
+    path = Path(cfg.output_dir) / RUN
     if not path.is_file():
         return False
     try:
@@ -130,7 +131,7 @@ def train_or_reuse(cfg: TrainConfig) -> str:
 
     if not cfg.overwrite and finished(cfg):
         return "reused"
-    resume = not cfg.overwrite and ckpt.newest_intact(Path(cfg.output_dir) / "checkpoints")[0] is not None
+    resume = not cfg.overwrite and ckpt.newest_intact(Path(cfg.output_dir) / CHECKPOINTS)[0] is not None
     train(replace(cfg, resume="latest" if resume else ""))
     return "continued" if resume else "trained"
 

@@ -62,7 +62,7 @@ class DrawConfig:
     base_model: str = field("", "diffusers folder or single-file .safetensors; empty = the shipped tiny model",
                             path=True)
     base_config: str = field("", "for a single-file base model: diffusers folder with its component configs; "
-                                 "empty = SD 1.5's", path=True)
+                                 "empty = the shipped ones of the file's model family", path=True)
     device: str = field("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = field("auto", "dtype of the model: auto = fp16 on CUDA, fp32 on the CPU",
                        choices=["auto", "fp32", "fp16", "bf16"])

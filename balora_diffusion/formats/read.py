@@ -12,6 +12,7 @@ from balora_diffusion.formats.embedding import embedding_file_name, is_embedding
 from balora_diffusion.formats.registry import format_of
 from balora_diffusion.formats.run_files import DIFFUSERS_FOLDER, adapter_from_checkpoint
 from balora_diffusion.formats.safetensors_io import checked_file, read_header
+from balora_diffusion.run_layout import CHECKPOINTS
 
 
 def read_adapter(path: str | Path) -> Adapter:
@@ -51,8 +52,8 @@ def _read_folder(folder: Path) -> Adapter:
         adapter = _read_folder(folder / DIFFUSERS_FOLDER)
         adapter.format = "balora run"
         return adapter
-    if (folder / "checkpoints").is_dir():
-        newest, _ = ckpt.newest_intact(folder / "checkpoints")
+    if (folder / CHECKPOINTS).is_dir():
+        newest, _ = ckpt.newest_intact(folder / CHECKPOINTS)
         if newest is None:
             raise UserError(f"run {folder} has neither a finished adapter nor an intact checkpoint")
         return adapter_from_checkpoint(newest)

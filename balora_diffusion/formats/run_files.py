@@ -25,7 +25,7 @@ from balora_diffusion.formats.diffusers_lora import write_diffusers
 from balora_diffusion.formats.embedding import write_embedding
 from balora_diffusion.formats.kohya_lora import write_kohya
 from balora_diffusion.formats.names import canonical_text_path
-from balora_diffusion.run_layout import DIFFUSERS_FOLDER, KOHYA_FOLDER
+from balora_diffusion.run_layout import CONFIG_TREE, DIFFUSERS_FOLDER, KOHYA_FOLDER, META_TREE, TRAINABLE_TREE
 from balora_diffusion.versions import installed_version
 
 _PART_KEY = re.compile(rf"({'|'.join(sorted(PARTS, key=len, reverse=True))})\.(.+)")
@@ -131,8 +131,8 @@ def _checkpoint_trees(folder: Path) -> tuple[dict, dict, int]:
     from safetensors import SafetensorError
 
     try:
-        trainable, cfg = ckpt.load_tree(folder, "trainable"), ckpt.load_tree(folder, "config")
-        step = int(ckpt.load_tree(folder, "meta")["step"])
+        trainable, cfg = ckpt.load_tree(folder, TRAINABLE_TREE), ckpt.load_tree(folder, CONFIG_TREE)
+        step = int(ckpt.load_tree(folder, META_TREE)["step"])
     except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"checkpoint {folder} is not readable ({type(exc).__name__}: {exc})") from None
     tensors = isinstance(trainable, dict) and all(isinstance(key, str) and isinstance(value, torch.Tensor)
